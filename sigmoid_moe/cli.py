@@ -1,0 +1,119 @@
+"""Command line: ``sigmoid-moe <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sigmoid_moe import (
+        RouterConfig,
+        expert_load,
+        load_stats,
+        route,
+        uniform_maxvio_floor,
+        update_bias,
+    )
+
+    config = RouterConfig(
+        num_experts=args.experts,
+        top_k=args.top_k,
+        num_groups=args.groups,
+        topk_groups=args.topk_groups,
+        route_scale=args.route_scale,
+    )
+    key_x, key_w, key_pref = jax.random.split(jax.random.key(args.seed), 3)
+    # A skewed router: some experts are preferred by every token, as early in training.
+    x_td = jax.random.normal(key_x, (args.tokens, args.d_model))
+    w_de = jax.random.normal(key_w, (args.d_model, args.experts)) / np.sqrt(args.d_model)
+    preference_e = args.skew * jax.random.normal(key_pref, (args.experts,))
+    logits_te = x_td @ w_de + preference_e
+
+    step = jax.jit(
+        lambda bias: (lambda r: (r, expert_load(r.expert_ids, config.num_experts)))(
+            route(logits_te, bias, config)
+        )
+    )
+    bias = jnp.zeros((config.num_experts,), jnp.float32)
+    routing, load = step(bias)
+
+    print(
+        f"Routing {args.tokens} tokens to {config.num_experts} experts, top-{config.top_k}", end=""
+    )
+    if config.group_limited:
+        print(f", {config.topk_groups} of {config.num_groups} groups", end="")
+    print(f", route_scale {config.route_scale}.\n")
+    print("token | experts (weight)")
+    for t in range(min(args.show, args.tokens)):
+        pairs = ", ".join(
+            f"{int(e):3d} ({float(w):.3f})"
+            for e, w in zip(routing.expert_ids[t], routing.weights[t], strict=True)
+        )
+        print(f"{t:5d} | {pairs}")
+
+    floor = uniform_maxvio_floor(args.tokens, config.num_experts, config.top_k)
+    initial_load = load
+    initial = load_stats(load)
+    for _ in range(args.steps):
+        bias = update_bias(bias, load, rate=args.rate)
+        routing, load = step(bias)
+    final = load_stats(load)
+    print(f"\nload per expert, bias 0:        {np.asarray(initial_load).tolist()}")
+    print(f"load per expert, {args.steps} updates: {np.asarray(load).tolist()}")
+    print(f"\n{'':28s}{'MaxVio':>8s}{'CV':>8s}{'idle':>6s}")
+    rows = [("bias 0", initial), (f"after {args.steps} sign updates", final)]
+    for name, stats in rows:
+        print(
+            f"{name:28s}{float(stats.max_violation):8.3f}"
+            f"{float(stats.coefficient_of_variation):8.3f}{int(stats.idle_experts):6d}"
+        )
+    print(f"{'uniform random routing':28s}{floor:8.3f}")
+    print(f"\nbias range after updates: [{float(bias.min()):+.4f}, {float(bias.max()):+.4f}]")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sigmoid-moe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="route random tokens and balance them with the bias")
+    demo.add_argument("--tokens", type=int, default=4096)
+    demo.add_argument("--d-model", type=int, default=64)
+    demo.add_argument("--experts", type=int, default=16)
+    demo.add_argument("--top-k", type=int, default=2)
+    demo.add_argument("--groups", type=int, default=4)
+    demo.add_argument("--topk-groups", type=int, default=2)
+    demo.add_argument("--route-scale", type=float, default=1.0)
+    demo.add_argument(
+        "--skew", type=float, default=1.0, help="std of a fixed per-expert preference"
+    )
+    demo.add_argument("--rate", type=float, default=1e-3)
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--show", type=int, default=8, help="rows of the routing table to print")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    from sigmoid_moe.lab.cli import add_simulate_parser
+
+    add_simulate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        parser.exit(2, f"sigmoid-moe {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Dispatch and combine: send each token to its chosen experts, run them, sum back.
+
+Pure array functions; no Flax. Every path has the same positional signature::
+
+    y_td, dropped = dispatch(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+
+and returns :class:`Dispatched`. Paths differ only in how token copies reach the expert
+weights; the routing (``expert_ids_tk``, ``weights_tk``) comes from
+:func:`sigmoid_moe.route` and is never recomputed here. The output is, for token ``t``,
+
+.. math::  y_t = \\sum_{j<k} w_{tj}\\, \\mathrm{FFN}_{e_{tj}}(x_t)
+
+summed over the assignments that were not dropped (all of them in the dropless path).
+Masked tokens (``token_mask_t`` False: padding) take no expert slot and get ``y_t = 0``.
+
+Both paths sort token copies by expert with a counting sort (a cumulative sum of a
+``[T*k, E]`` one-hot: O(T k E) integer adds, no O(T k log) argsort) and move rows with
+gathers and scatter-adds of indices; no dense ``[T, E, capacity]`` dispatch tensor.
+
+References:
+  GShard (arXiv 2006.16668), Switch Transformer (arXiv 2101.03961): capacity dispatch.
+  MegaBlocks (arXiv 2211.15841): dropless MoE with block-sparse grouped matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sigmoid_moe.experts import swiglu
+
+__all__ = [
+    "Dispatched",
+    "GroupedKernel",
+    "blocked_grouped_matmul",
+    "capacity",
+    "capacity_moe",
+    "dropless_moe",
+]
+
+GroupedKernel = Literal["auto", "ragged_dot", "blocked"]
+
+
+class Dispatched(NamedTuple):
+    """What a dispatch path returns."""
+
+    y_td: jax.Array  # [T, d_model] combined expert outputs, x_td's dtype
+    dropped: jax.Array  # [] int32 token-expert assignments dropped (always 0 when dropless)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert, ``ceil(capacity_factor * T * k / E)`` (GShard/Switch).
+
+    ``T`` is the static token count, padding included, so the buffer shape is static.
+    A factor of ``E / k`` gives ``T`` slots: no expert can overflow, since a token picks
+    an expert at most once.
+    """
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a float, got {capacity_factor!r}.")
+    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(
+            f"capacity_factor must be a finite float > 0, got {capacity_factor}; "
+            "1.25 is the usual choice, num_experts / top_k drops nothing."
+        )
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t) -> None:
+    if not jnp.issubdtype(jnp.result_type(x_td), jnp.floating):
+        raise TypeError(f"x_td must be floating, got dtype {jnp.result_type(x_td)}.")
+    if jnp.ndim(x_td) != 2:
+        raise ValueError(f"x_td must be [tokens, d_model], got shape {jnp.shape(x_td)}.")
+    num_tokens, d_model = jnp.shape(x_td)
+    if jnp.ndim(expert_ids_tk) != 2 or jnp.shape(expert_ids_tk)[0] != num_tokens:
+        raise ValueError(
+            f"expert_ids_tk must be [tokens={num_tokens}, k], got {jnp.shape(expert_ids_tk)}."
+        )
+    if not jnp.issubdtype(jnp.result_type(expert_ids_tk), jnp.integer):
+        raise TypeError(f"expert_ids_tk must be integer, got {jnp.result_type(expert_ids_tk)}.")
+    if jnp.shape(weights_tk) != jnp.shape(expert_ids_tk):
+        raise ValueError(
+            f"weights_tk {jnp.shape(weights_tk)} must match expert_ids_tk "
+            f"{jnp.shape(expert_ids_tk)}."
+        )
+    if jnp.ndim(w_in_edf) != 3 or jnp.shape(w_in_edf)[1] != d_model or jnp.shape(w_in_edf)[2] % 2:
+        raise ValueError(
+            f"w_in_edf must be [E, d_model={d_model}, 2*d_ff], got {jnp.shape(w_in_edf)}."
+        )
+    num_experts, _, two_ff = jnp.shape(w_in_edf)
+    if jnp.shape(w_out_efd) != (num_experts, two_ff // 2, d_model):
+        raise ValueError(
+            f"w_out_efd must be [E, d_ff, d_model] = {(num_experts, two_ff // 2, d_model)}, "
+            f"got {jnp.shape(w_out_efd)}."
+        )
+    if token_mask_t is not None and jnp.shape(token_mask_t) != (num_tokens,):
+        raise ValueError(
+            f"token_mask_t must be [tokens] = ({num_tokens},), got {jnp.shape(token_mask_t)}."
+        )
+
+
+def _valid_a(expert_ids_tk: jax.Array, token_mask_t: jax.Array | None) -> jax.Array:
+    """``[T, k]`` bool: which assignments belong to real (unmasked) tokens."""
+    if token_mask_t is None:
+        return jnp.ones(expert_ids_tk.shape, bool)
+    return jnp.broadcast_to(jnp.asarray(token_mask_t).astype(bool)[:, None], expert_ids_tk.shape)
+
+
+def _rank_within_expert(
+    expert_a: jax.Array, valid_a: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array]:
+    """Counting sort: each assignment's rank among earlier ones of its expert.
+
+    Args:
+      expert_a: ``[A]`` int32 expert per assignment, in priority order.
+      valid_a: ``[A]`` bool; invalid assignments take no rank and are not counted.
+
+    Returns:
+      ``rank_a [A]`` int32 (``-1`` where invalid) and ``count_e [E]`` int32.
+    """
+    one_hot_ae = (expert_a[:, None] == jnp.arange(num_experts, dtype=jnp.int32)) & valid_a[:, None]
+    one_hot_ae = one_hot_ae.astype(jnp.int32)
+    running_ae = jnp.cumsum(one_hot_ae, axis=0)  # [A, E] inclusive count so far
+    rank_a = jnp.sum(running_ae * one_hot_ae, axis=1) - 1  # [A]
+    return rank_a, running_ae[-1]
+
+
+def _gather_rows(x_td: jax.Array, src_p: jax.Array) -> jax.Array:
+    """``x_td[src_p]`` with index ``T`` (and beyond) reading a zero row."""
+    return jnp.take(x_td, src_p, axis=0, mode="fill", fill_value=0)
+
+
+def _combine(y_ad: jax.Array, weights_tk: jax.Array, kept_tk: jax.Array, dtype) -> jax.Array:
+    """``y_t = sum_j w_tj * y_(t,j)`` over kept assignments, accumulated in float32."""
+    num_tokens, k = weights_tk.shape
+    y_tkd = y_ad.reshape(num_tokens, k, -1)
+    # where, not multiply: a dropped row must contribute exactly 0 whatever it holds.
+    w_tk = jnp.where(kept_tk, weights_tk.astype(jnp.float32), 0.0)
+    y_td = jnp.einsum("tkd,tk->td", y_tkd, w_tk, preferred_element_type=jnp.float32)
+    return y_td.astype(dtype)
+
+
+# --------------------------------------------------------------------------- capacity
+
+
+def capacity_moe(
+    x_td: jax.Array,
+    expert_ids_tk: jax.Array,
+    weights_tk: jax.Array,
+    w_in_edf: jax.Array,
+    w_out_efd: jax.Array,
+    token_mask_t: jax.Array | None = None,
+    *,
+    capacity_factor: float = 1.25,
+) -> Dispatched:
+    """Capacity dispatch (GShard/Switch): a dense ``[E, C, d_model]`` buffer per step.
+
+    Every expert has ``C = capacity(T, k, E, capacity_factor)`` slots. Overflow is dropped
+    by priority *choice rank first, then token order*: all first choices are placed
+    before any second choice (GShard), and within one rank earlier tokens win. The number
+    of dropped (unmasked) assignments is returned; a dropped assignment contributes 0
+    (its weight is not renormalised over the survivors).
+
+    Cost: ``E * C`` rows through the experts, ``capacity_factor`` times the useful work.
+    """
+    _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    num_tokens, k = expert_ids_tk.shape
+    num_experts, d_model, _ = w_in_edf.shape
+    slots = capacity(num_tokens, k, num_experts, capacity_factor)
+
+    # Priority order is rank-major: a = j * T + t.
+    expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # [k*T]
+    valid_a = _valid_a(expert_ids_tk, token_mask_t).T.reshape(-1)  # [k*T]
+    token_a = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)  # [k*T]
+    rank_a, _ = _rank_within_expert(expert_a, valid_a, num_experts)
+    kept_a = valid_a & (rank_a < slots)
+    dropped = jnp.sum(valid_a & ~kept_a, dtype=jnp.int32)
+
+    out_of_range = num_experts * slots
+    slot_a = jnp.where(kept_a, expert_a * slots + rank_a, out_of_range)  # [k*T]
+    # Inverse map slot -> token; empty slots read the zero row (index T).
+    src_s = jnp.full((out_of_range,), num_tokens, jnp.int32).at[slot_a].set(token_a, mode="drop")
+    x_ecd = _gather_rows(x_td, src_s).reshape(num_experts, slots, d_model)
+
+    h_ecf2 = jnp.einsum("ecd,edf->ecf", x_ecd, w_in_edf.astype(x_td.dtype))
+    o_ecd = jnp.einsum("ecf,efd->ecd", swiglu(h_ecf2), w_out_efd.astype(x_td.dtype))
+
+    y_ad = _gather_rows(o_ecd.reshape(out_of_range, d_model), slot_a)  # [k*T, d]
+    # Back to token-major [T, k] order for the combine.
+    y_ad = y_ad.reshape(k, num_tokens, d_model).transpose(1, 0, 2).reshape(-1, d_model)
+    kept_tk = kept_a.reshape(k, num_tokens).T
+    return Dispatched(_combine(y_ad, weights_tk, kept_tk, x_td.dtype), dropped)
+
+
+# --------------------------------------------------------------------------- dropless
+
+
+def _block_matmul_fwd_scan(lhs_bmk, rhs_ekn, block_expert_b):
+    def body(_, inputs):
+        x_mk, expert = inputs
+
+        def run():
+            w_kn = jax.lax.dynamic_index_in_dim(rhs_ekn, expert, keepdims=False)
+            return jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32).astype(x_mk.dtype)
+
+        def skip():
+            return jnp.zeros((x_mk.shape[0], rhs_ekn.shape[2]), x_mk.dtype)
+
+        # Blocks past the last used one (expert -1) cost nothing.
+        return None, jax.lax.cond(expert >= 0, run, skip)
+
+    _, out_bmn = jax.lax.scan(body, None, (lhs_bmk, block_expert_b))
+    return out_bmn
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_matmul(lhs_pk, rhs_ekn, block_expert_b, block_size):
+    num_blocks = block_expert_b.shape[0]
+    lhs_bmk = lhs_pk.reshape(num_blocks, block_size, -1)
+    return _block_matmul_fwd_scan(lhs_bmk, rhs_ekn, block_expert_b).reshape(
+        num_blocks * block_size, -1
+    )
+
+
+def _blocked_matmul_fwd(lhs_pk, rhs_ekn, block_expert_b, block_size):
+    out = _blocked_matmul(lhs_pk, rhs_ekn, block_expert_b, block_size)
+    return out, (lhs_pk, rhs_ekn, block_expert_b)
+
+
+def _blocked_matmul_bwd(block_size, residuals, g_pn):
+    # A hand-written backward: autodiff of the forward scan would add a full [E, K, N]
+    # zero-padded cotangent per block; here each block adds into its expert's slice of
+    # a float32 accumulator carried through one scan (updated in place).
+    lhs_pk, rhs_ekn, block_expert_b = residuals
+    num_blocks = block_expert_b.shape[0]
+    lhs_bmk = lhs_pk.reshape(num_blocks, block_size, -1)
+    g_bmn = g_pn.reshape(num_blocks, block_size, -1)
+
+    def body(drhs_ekn, inputs):
+        x_mk, g_mn, expert = inputs
+
+        def run(drhs_ekn):
+            w_kn = jax.lax.dynamic_index_in_dim(rhs_ekn, expert, keepdims=False)
+            dx_mk = jnp.dot(g_mn, w_kn.T, preferred_element_type=jnp.float32).astype(x_mk.dtype)
+            dw_kn = jnp.dot(x_mk.T, g_mn, preferred_element_type=jnp.float32)
+            old = jax.lax.dynamic_index_in_dim(drhs_ekn, expert, keepdims=True)
+            drhs_ekn = jax.lax.dynamic_update_index_in_dim(drhs_ekn, old + dw_kn[None], expert, 0)
+            return drhs_ekn, dx_mk
+
+        def skip(drhs_ekn):
+            return drhs_ekn, jnp.zeros_like(x_mk)
+
+        return jax.lax.cond(expert >= 0, run, skip, drhs_ekn)
+
+    drhs_ekn, dlhs_bmk = jax.lax.scan(
+        body, jnp.zeros(rhs_ekn.shape, jnp.float32), (lhs_bmk, g_bmn, block_expert_b)
+    )
+    return dlhs_bmk.reshape(lhs_pk.shape), drhs_ekn.astype(rhs_ekn.dtype), None
+
+
+_blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
+
+
+def blocked_grouped_matmul(
+    lhs_pk: jax.Array, rhs_ekn: jax.Array, block_expert_b: jax.Array, *, block_size: int
+) -> jax.Array:
+    """Grouped matmul on a block-padded layout: block ``b`` of rows times ``rhs[e_b]``.
+
+    ``lhs_pk`` has ``P = num_blocks * block_size`` rows; rows of one expert are
+    contiguous and start on a block boundary. Blocks with ``e_b = -1`` are skipped and
+    give zeros. Only the used blocks are multiplied, so the work is the true rows plus at
+    most ``block_size - 1`` padding rows per expert. Forward and backward are each one
+    ``lax.scan`` over blocks; the backward is custom (see the code).
+
+    Args:
+      lhs_pk: ``[P, K]``.
+      rhs_ekn: ``[E, K, N]``.
+      block_expert_b: ``[num_blocks]`` int32 expert per block, ``-1`` for unused.
+      block_size: rows per block (static).
+
+    Returns:
+      ``[P, N]`` in ``lhs_pk``'s dtype.
+    """
+    return _blocked_matmul(lhs_pk, rhs_ekn, block_expert_b.astype(jnp.int32), block_size)
+
+
+def _resolve_kernel(kernel: GroupedKernel) -> str:
+    if kernel not in ("auto", "ragged_dot", "blocked"):
+        raise ValueError(
+            f"kernel={kernel!r} is not supported; choose 'auto', 'ragged_dot' or 'blocked'."
+        )
+    if kernel != "auto":
+        return kernel
+    # XLA:CPU lowers ragged_dot to a dense masked matmul over all E experts (E times the
+    # FLOPs, and its gradient at T8192/E64 asked for 38 GB), so CPU uses the blocked scan.
+    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def dropless_moe(
+    x_td: jax.Array,
+    expert_ids_tk: jax.Array,
+    weights_tk: jax.Array,
+    w_in_edf: jax.Array,
+    w_out_efd: jax.Array,
+    token_mask_t: jax.Array | None = None,
+    *,
+    kernel: GroupedKernel = "auto",
+    block_size: int = 128,
+) -> Dispatched:
+    """Dropless dispatch (MegaBlocks-style): sort copies by expert, grouped matmul, unsort.
+
+    1. Counting-sort the ``T*k`` token copies by expert (token order within an expert).
+    2. Run both SwiGLU matmuls as grouped matmuls: ``jax.lax.ragged_dot`` on GPU/TPU,
+       :func:`blocked_grouped_matmul` on CPU (``kernel="auto"``); both give the same
+       numbers. Experts with zero tokens simply own zero rows / blocks.
+    3. Gather each copy's output back and combine with the routing weights.
+
+    No assignment is ever dropped; ``dropped`` is 0. Masked tokens are sorted out of the
+    computed rows entirely.
+    """
+    _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+    kernel = _resolve_kernel(kernel)
+    num_tokens, k = expert_ids_tk.shape
+    num_experts, d_model, _ = w_in_edf.shape
+    num_assign = num_tokens * k
+
+    expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
+    valid_tk = _valid_a(expert_ids_tk, token_mask_t)
+    valid_a = valid_tk.reshape(-1)
+    token_a = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
+    w_in = w_in_edf.astype(x_td.dtype)
+    w_out = w_out_efd.astype(x_td.dtype)
+
+    if kernel == "ragged_dot":
+        num_rows = num_assign
+        start_e = jnp.cumsum(count_e) - count_e  # exclusive
+        pos_a = jnp.where(valid_a, start_e[expert_a] + rank_a, num_rows)
+        src_p = jnp.full((num_rows,), num_tokens, jnp.int32).at[pos_a].set(token_a, mode="drop")
+        x_pd = _gather_rows(x_td, src_p)
+        # Rows past sum(count_e) (masked tokens' share) belong to no group.
+        h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
+        o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
+    else:
+        # At most one partly filled block per expert: sum_e ceil(n_e/B) <= (A + E(B-1)) // B.
+        num_blocks = (num_assign + num_experts * (block_size - 1)) // block_size
+        num_rows = num_blocks * block_size
+        blocks_e = (count_e + block_size - 1) // block_size
+        block_end_e = jnp.cumsum(blocks_e)
+        block_start_e = block_end_e - blocks_e
+        pos_a = jnp.where(valid_a, block_start_e[expert_a] * block_size + rank_a, num_rows)
+        src_p = jnp.full((num_rows,), num_tokens, jnp.int32).at[pos_a].set(token_a, mode="drop")
+        x_pd = _gather_rows(x_td, src_p)
+        block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
+        block_expert_b = jnp.searchsorted(block_end_e, block_ids, side="right").astype(jnp.int32)
+        block_expert_b = jnp.where(block_expert_b < num_experts, block_expert_b, -1)
+        h_pf2 = blocked_grouped_matmul(x_pd, w_in, block_expert_b, block_size=block_size)
+        o_pd = blocked_grouped_matmul(swiglu(h_pf2), w_out, block_expert_b, block_size=block_size)
+
+    y_ad = _gather_rows(o_pd, pos_a)  # [T*k, d]
+    return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), jnp.zeros((), jnp.int32))

@@ -1,0 +1,307 @@
+"""The MoE layer: a Flax NNX module that wraps routing, dispatch and the expert math.
+
+Per token ``x`` (DeepSeekMoE, arXiv 2401.06066; DeepSeek-V3, arXiv 2412.19437 eq. 12)::
+
+    logits = x @ W_router                     # float32
+    ids, w = route(logits, bias, router)      # sigmoid gate, bias for selection only
+    y = sum_j w_j * FFN_{ids_j}(x) + FFN_shared(x)
+
+Everything but the parameters and the dispatch choice lives in pure functions
+(:mod:`sigmoid_moe.routing`, :mod:`sigmoid_moe.dispatch`, :mod:`sigmoid_moe.experts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sigmoid_moe.balancing import expert_load
+from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.dispatch import capacity_moe, dropless_moe
+from sigmoid_moe.experts import swiglu_ffn
+from sigmoid_moe.losses import (
+    load_balancing_loss,
+    router_probs,
+    router_z_loss,
+    sequence_balance_loss,
+)
+from sigmoid_moe.routing import route
+from sigmoid_moe.routing_bias import RoutingBias
+
+__all__ = ["PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
+
+DispatchKind = Literal["dropless", "capacity"]
+
+# Logical axis names per parameter, for whoever adds sharding rules (out_sharding=...).
+PARAM_AXES = {
+    "router_w_de": ("embed", "exp"),
+    "w_in_edf": ("exp", "embed", "mlp"),
+    "w_out_efd": ("exp", "mlp", "embed"),
+    "shared_w_in_df": ("embed", "mlp"),
+    "shared_w_out_fd": ("mlp", "embed"),
+    "bias_e": ("exp",),
+}
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+def _coef(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}.")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float >= 0 (0 turns the loss off), got {value}.")
+
+
+def _float_dtype(name: str, value: Any) -> None:
+    try:
+        floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """One MoE FFN layer.
+
+    Attributes:
+      d_model: model width (HF ``hidden_size``).
+      d_ff: hidden width of one routed expert (HF ``moe_intermediate_size``).
+      router: how tokens pick experts (:class:`RouterConfig`).
+      num_shared_experts: always-active experts (HF ``n_shared_experts``); they run as
+        one SwiGLU of width ``shared_d_ff``.
+      shared_d_ff: that width; default ``num_shared_experts * d_ff`` (as HF does).
+      dispatch: ``"dropless"`` (no token dropped) or ``"capacity"`` (GShard/Switch).
+      capacity_factor: slots per expert ``= ceil(factor * T * k / E)`` (capacity only).
+      kernel: dropless grouped-matmul kernel: ``"auto"`` (ragged_dot on GPU/TPU, the
+        blocked scan on CPU), ``"ragged_dot"`` or ``"blocked"``.
+      block_size: rows per block of the blocked kernel.
+      dtype: activation / expert-matmul dtype. Router math is always float32.
+      param_dtype: storage dtype of the weights. The bias is always float32.
+      balance_loss_coef: Switch load-balancing loss coefficient (1e-2 in Switch).
+      seq_balance_loss_coef: DeepSeek-V3 sequence-wise loss (1e-4); needs ``x [B, S, d]``.
+      z_loss_coef: ST-MoE router z-loss (1e-3).
+    """
+
+    d_model: int
+    d_ff: int
+    router: RouterConfig
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    dispatch: DispatchKind = "dropless"
+    capacity_factor: float = 1.25
+    kernel: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    block_size: int = 128
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    balance_loss_coef: float = 0.0
+    seq_balance_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_int("d_model", self.d_model)
+        _positive_int("d_ff", self.d_ff)
+        if not isinstance(self.router, RouterConfig):
+            raise TypeError(
+                f"router must be a RouterConfig, got {type(self.router).__name__}; "
+                "e.g. RouterConfig(num_experts=64, top_k=6)."
+            )
+        if isinstance(self.num_shared_experts, bool) or not isinstance(
+            self.num_shared_experts, int
+        ):
+            raise TypeError(f"num_shared_experts must be an int, got {self.num_shared_experts!r}.")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}.")
+        if self.shared_d_ff is not None:
+            _positive_int("shared_d_ff", self.shared_d_ff)
+            if self.num_shared_experts == 0:
+                raise ValueError(
+                    f"shared_d_ff={self.shared_d_ff} is set but num_shared_experts=0; "
+                    "set num_shared_experts >= 1 or leave shared_d_ff=None."
+                )
+        if self.dispatch not in ("dropless", "capacity"):
+            raise ValueError(
+                f"dispatch={self.dispatch!r} is not supported; choose 'dropless' or 'capacity'."
+            )
+        if isinstance(self.capacity_factor, bool) or not isinstance(
+            self.capacity_factor, (int, float)
+        ):
+            raise TypeError(f"capacity_factor must be a float, got {self.capacity_factor!r}.")
+        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise ValueError(
+                f"capacity_factor must be a finite float > 0, got {self.capacity_factor}; "
+                "1.25 is usual, num_experts / top_k drops nothing."
+            )
+        if self.kernel not in ("auto", "ragged_dot", "blocked"):
+            raise ValueError(
+                f"kernel={self.kernel!r} is not supported; "
+                "choose 'auto', 'ragged_dot' or 'blocked'."
+            )
+        _positive_int("block_size", self.block_size)
+        _float_dtype("dtype", self.dtype)
+        _float_dtype("param_dtype", self.param_dtype)
+        _coef("balance_loss_coef", self.balance_loss_coef)
+        _coef("seq_balance_loss_coef", self.seq_balance_loss_coef)
+        _coef("z_loss_coef", self.z_loss_coef)
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared SwiGLU (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return (
+            self.shared_d_ff
+            if self.shared_d_ff is not None
+            else self.num_shared_experts * self.d_ff
+        )
+
+
+class MoEAux(NamedTuple):
+    """What the layer reports besides its output. Sum or stack it over layers."""
+
+    expert_load: jax.Array  # [E] int32 assignments per expert, padding not counted
+    dropped: jax.Array  # [] int32 assignments dropped by capacity (0 when dropless)
+    balance_loss: jax.Array  # [] float32 Switch loss, unscaled (0 when its coef is 0)
+    seq_balance_loss: jax.Array  # [] float32 DeepSeek-V3 sequence loss, unscaled
+    z_loss: jax.Array  # [] float32 router z-loss, unscaled
+    aux_loss: jax.Array  # [] float32 sum of coef * loss: add this to the training loss
+
+
+def _dispatch_fn(config: MoEConfig):
+    if config.dispatch == "capacity":
+        return functools.partial(capacity_moe, capacity_factor=config.capacity_factor)
+    return functools.partial(dropless_moe, kernel=config.kernel, block_size=config.block_size)
+
+
+class MoELayer(nnx.Module):
+    """Routed SwiGLU experts plus optional shared experts.
+
+    ``y, aux = layer(x, token_mask=None)`` for ``x [..., d_model]``; ``token_mask [...]``
+    marks real tokens (False: padding, excluded from loads, losses and expert slots,
+    and given zero routed output).
+
+    Parameters (``nnx.Param``, ``param_dtype``): ``router_w_de [d, E]``, ``w_in_edf
+    [E, d, 2 d_ff]`` (gate then up), ``w_out_efd [E, d_ff, d]``, and with shared experts
+    ``shared_w_in_df``, ``shared_w_out_fd``. State: ``bias_e`` (:class:`RoutingBias`,
+    float32 ``[E]``, zeros), never touched by the optimizer.
+    """
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}.")
+        self.config = config
+        self._dispatch = _dispatch_fn(config)
+        d, f, e = config.d_model, config.d_ff, config.num_experts
+        init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        dense_init = nnx.initializers.lecun_normal()
+
+        def param(initializer, shape):
+            return nnx.Param(initializer(rngs.params(), shape, config.param_dtype))
+
+        self.router_w_de = param(dense_init, (d, e))
+        self.w_in_edf = param(init, (e, d, 2 * f))
+        self.w_out_efd = param(init, (e, f, d))
+        if config.shared_width:
+            self.shared_w_in_df = param(dense_init, (d, 2 * config.shared_width))
+            self.shared_w_out_fd = param(dense_init, (config.shared_width, d))
+        else:
+            self.shared_w_in_df = None
+            self.shared_w_out_fd = None
+        # float32 whatever param_dtype is: a 1e-3 step near 0.5 rounds away in bf16.
+        self.bias_e = RoutingBias(jnp.zeros((e,), jnp.float32))
+
+    def _check(self, x: jax.Array, token_mask: jax.Array | None) -> None:
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"x must be a floating array, got dtype {dtype}; embed token ids first or cast, "
+                "e.g. x.astype(jnp.float32)."
+            )
+        if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != self.config.d_model:
+            raise ValueError(
+                f"x must have shape [..., d_model={self.config.d_model}], got {jnp.shape(x)}."
+            )
+        if token_mask is not None and jnp.shape(token_mask) != jnp.shape(x)[:-1]:
+            raise ValueError(
+                f"token_mask must have x's token shape {jnp.shape(x)[:-1]}, "
+                f"got {jnp.shape(token_mask)}."
+            )
+        if self.config.seq_balance_loss_coef > 0 and jnp.ndim(x) != 3:
+            raise ValueError(
+                f"seq_balance_loss_coef > 0 needs x as [batch, seq, d_model], got {jnp.shape(x)}; "
+                "reshape x or set seq_balance_loss_coef=0."
+            )
+
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, MoEAux]:
+        self._check(x, token_mask)
+        cfg = self.config
+        lead = jnp.shape(x)[:-1]
+        x_td = jnp.reshape(x, (-1, cfg.d_model)).astype(cfg.dtype)
+        mask_t = None if token_mask is None else jnp.reshape(token_mask, (-1,)).astype(bool)
+
+        logits_te = jnp.dot(x_td.astype(jnp.float32), self.router_w_de[...].astype(jnp.float32))
+        routing = route(logits_te, self.bias_e[...], cfg.router)
+        y_td, dropped = self._dispatch(
+            x_td,
+            routing.expert_ids,
+            routing.weights,
+            self.w_in_edf[...].astype(cfg.dtype),
+            self.w_out_efd[...].astype(cfg.dtype),
+            mask_t,
+        )
+        if self.shared_w_in_df is not None:
+            shared_td = swiglu_ffn(
+                x_td,
+                self.shared_w_in_df[...].astype(cfg.dtype),
+                self.shared_w_out_fd[...].astype(cfg.dtype),
+            )
+            y_td = y_td + shared_td
+        aux = self._aux(logits_te, routing, mask_t, lead, dropped)
+        return y_td.reshape(*lead, cfg.d_model), aux
+
+    def _aux(self, logits_te, routing, mask_t, lead, dropped) -> MoEAux:
+        cfg = self.config
+        zero = jnp.zeros((), jnp.float32)
+        load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
+        balance = seq_balance = z = zero
+        if cfg.balance_loss_coef > 0:
+            balance = load_balancing_loss(router_probs(routing.scores), routing.expert_ids, mask_t)
+        if cfg.seq_balance_loss_coef > 0:
+            shape = lambda a: a.reshape(*lead, a.shape[-1])  # noqa: E731
+            seq_mask = None if mask_t is None else mask_t.reshape(lead)
+            seq_balance = sequence_balance_loss(
+                shape(router_probs(routing.scores)), shape(routing.expert_ids), seq_mask
+            )
+        if cfg.z_loss_coef > 0:
+            z = router_z_loss(logits_te, mask_t)
+        total = (
+            cfg.balance_loss_coef * balance
+            + cfg.seq_balance_loss_coef * seq_balance
+            + cfg.z_loss_coef * z
+        )
+        return MoEAux(
+            expert_load=load,
+            dropped=dropped,
+            balance_loss=balance,
+            seq_balance_loss=seq_balance,
+            z_loss=z,
+            aux_loss=jnp.asarray(total, jnp.float32),
+        )

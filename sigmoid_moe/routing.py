@@ -1,0 +1,191 @@
+"""Token-to-expert routing: sigmoid (or softmax) gate, bias correction, group limiting.
+
+Pure array functions; no Flax. The data flow is
+``logits -> scores -> selection scores (+bias, group mask) -> top-k -> weights``.
+
+References:
+  DeepSeek-V3 Technical Report, eq. 12-16 (arXiv 2412.19437).
+  Wang et al., Auxiliary-Loss-Free Load Balancing Strategy for MoE (arXiv 2408.15664).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.topk import top_k
+
+__all__ = ["Routing", "route", "sigmoid_moe_router"]
+
+
+class Routing(NamedTuple):
+    """The router's decision for every token (leading dims ``...`` as in the logits)."""
+
+    expert_ids: jax.Array  # [..., k] int32, descending by selection score, ties to lower id
+    weights: jax.Array  # [..., k] float32 combine weights, aligned with expert_ids
+    scores: jax.Array  # [..., E] float32 gate scores the weights are taken from
+    selection_scores: jax.Array  # [..., E] float32 what top-k ranked (-inf: group-excluded)
+
+
+def _check_inputs(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> None:
+    if not isinstance(config, RouterConfig):
+        raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}.")
+    shape = jnp.shape(logits)
+    dtype = jnp.result_type(logits)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"logits must be a floating array, got dtype {dtype}; cast them, e.g. "
+            "logits.astype(jnp.float32)."
+        )
+    if len(shape) < 1 or shape[-1] != config.num_experts:
+        raise ValueError(
+            f"logits must have shape [..., num_experts={config.num_experts}], got {shape}."
+        )
+    if bias is not None:
+        bias_shape = jnp.shape(bias)
+        if bias_shape != (config.num_experts,):
+            raise ValueError(
+                f"bias must have shape (num_experts,) = ({config.num_experts},), got {bias_shape}."
+            )
+        if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+            raise TypeError(f"bias must be floating (float32), got {jnp.result_type(bias)}.")
+
+
+def _group_limit(selection: jax.Array, group_source: jax.Array, config: RouterConfig) -> jax.Array:
+    """Masks every expert outside the token's ``topk_groups`` best groups with ``-inf``.
+
+    ``-inf``, never 0: with a negative bias a 0 would outrank the real selection scores.
+    """
+    groups, per_group = config.num_groups, config.experts_per_group
+    grouped = group_source.reshape(*group_source.shape[:-1], groups, per_group)  # [..., G, E/G]
+    summed = config.experts_summed_per_group
+    if summed == 1:
+        group_scores = jnp.max(grouped, axis=-1)  # [..., G]
+    else:
+        group_scores = jnp.sum(top_k(grouped, summed)[0], axis=-1)  # [..., G]
+    _, kept_groups = top_k(group_scores, config.topk_groups)  # [..., topk_groups]
+    group_ids = jnp.arange(groups, dtype=jnp.int32)
+    keep_group = jnp.any(kept_groups[..., :, None] == group_ids, axis=-2)  # [..., G]
+    keep_expert = jnp.repeat(keep_group, per_group, axis=-1)  # [..., E]
+    return jnp.where(keep_expert, selection, -jnp.inf)
+
+
+def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Routing:
+    """Routes every token to ``top_k`` experts.
+
+    With ``bias_mode="selection"`` (DeepSeek-V3) and ``s = score_fn(logits)``::
+
+        chosen  = top_k(s + bias)                         # selection only
+        weights = route_scale * s[chosen] / sum(s[chosen])  # unbiased; no division if not normalize
+
+    With ``bias_mode="logit"`` (the reference problem) ``s = score_fn(logits + bias)``,
+    ``chosen = top_k(s)`` and the weights are those biased scores, normalised.
+
+    Group-limited routing first keeps the ``topk_groups`` groups with the largest group
+    score (computed from ``s + bias``) and masks the other experts with ``-inf``.
+
+    Everything is computed in float32 whatever the input dtype. Normalised weights are a
+    softmax of the chosen log-scores (``log_sigmoid``), so they sum to 1 even when every
+    chosen sigmoid underflows. The bias gets no gradient; the logits get theirs through
+    the weights.
+
+    Args:
+      logits: ``[..., E]`` router logits, any floating dtype.
+      bias: ``[E]`` per-expert bias (float32), or ``None`` for zeros.
+      config: the routing rules.
+
+    Returns:
+      A :class:`Routing`.
+    """
+    _check_inputs(logits, bias, config)
+    logits = jnp.asarray(logits, jnp.float32)
+    if bias is None:
+        bias = jnp.zeros((config.num_experts,), jnp.float32)
+    bias = jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
+
+    if config.bias_mode == "logit":
+        logits = logits + bias
+    if config.score_fn == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        log_scores = None  # log_sigmoid only of the k chosen logits, below
+    else:
+        log_scores = jax.nn.log_softmax(logits, axis=-1)
+        scores = jnp.exp(log_scores)
+
+    if config.bias_mode == "selection":
+        selection = scores + bias
+        group_source = selection
+    else:
+        # The score function is strictly increasing in the logit, so ranking the biased
+        # logits ranks the scores, without the ties a saturated float32 sigmoid creates.
+        selection = logits
+        group_source = scores
+    if config.group_limited:
+        selection = _group_limit(selection, group_source, config)
+
+    _, expert_ids = top_k(selection, config.top_k)  # [..., k]
+    if config.normalize:
+        if log_scores is None:  # elementwise, so the same bits as gathering log_sigmoid
+            chosen_log = jax.nn.log_sigmoid(jnp.take_along_axis(logits, expert_ids, axis=-1))
+        else:
+            chosen_log = jnp.take_along_axis(log_scores, expert_ids, axis=-1)  # [..., k]
+        weights = jax.nn.softmax(chosen_log, axis=-1)
+    else:
+        weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    weights = weights * jnp.float32(config.route_scale)
+    return Routing(
+        expert_ids=expert_ids,
+        weights=weights,
+        scores=scores,
+        selection_scores=selection,
+    )
+
+
+def sigmoid_moe_router(
+    token_embeddings: list[list[float]],
+    expert_weights: list[list[float]],
+    expert_bias: list[float],
+    top_k: int,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Drop-in for the reference problem's router: lists in, lists out.
+
+    ``logit_be = expert_bias[e] + token_embeddings[b] . expert_weights[e]``; each token
+    keeps the ``top_k`` largest ``sigmoid(logit)`` (ties to the lower expert index) and
+    their scores normalised to sum 1. Backed by :func:`route` with ``bias_mode="logit"``.
+
+    Args:
+      token_embeddings: ``[B][d]``.
+      expert_weights: ``[E][d]``.
+      expert_bias: ``[E]``.
+      top_k: experts per token.
+
+    Returns:
+      ``(indices [B][top_k], weights [B][top_k])`` as Python lists.
+    """
+    x_bd = np.asarray(token_embeddings, dtype=np.float64)
+    w_ed = np.asarray(expert_weights, dtype=np.float64)
+    bias_e = np.asarray(expert_bias, dtype=np.float64)
+    if x_bd.ndim != 2 or w_ed.ndim != 2 or x_bd.shape[1] != w_ed.shape[1]:
+        raise ValueError(
+            "token_embeddings must be [B][d] and expert_weights [E][d] with the same d; got "
+            f"shapes {x_bd.shape} and {w_ed.shape}."
+        )
+    if bias_e.shape != (w_ed.shape[0],):
+        raise ValueError(
+            f"expert_bias must have one entry per expert ({w_ed.shape[0]}), got shape "
+            f"{bias_e.shape}."
+        )
+    if x_bd.shape[0] == 0:
+        return [], []
+    config = RouterConfig(num_experts=w_ed.shape[0], top_k=top_k, bias_mode="logit")
+    # The dot product in float64 as the reference does; routing itself is float32.
+    logits_be = (x_bd @ w_ed.T).astype(np.float32)
+    routing = route(logits_be, bias_e.astype(np.float32), config)
+    return (
+        np.asarray(routing.expert_ids).tolist(),
+        np.asarray(routing.weights, dtype=np.float64).tolist(),
+    )
