@@ -24,6 +24,7 @@ from flax import nnx
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe
+from sigmoid_moe.expert_parallel import expert_parallel_moe
 from sigmoid_moe.experts import swiglu_ffn
 from sigmoid_moe.losses import (
     load_balancing_loss,
@@ -38,14 +39,18 @@ __all__ = ["PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
 
 DispatchKind = Literal["dropless", "capacity"]
 
-# Logical axis names per parameter, for whoever adds sharding rules (out_sharding=...).
+# Logical axis names per parameter, attached as flax ``out_sharding=`` metadata and mapped
+# onto mesh axes by sigmoid_moe.sharding.DEFAULT_RULES. The router's expert axis has its own
+# name ("router_exp", replicated by default): top-k needs all E scores of a token on one
+# device and every replica must hold the same bias, while "exp" (stacked expert weights)
+# is split over the expert mesh axis.
 PARAM_AXES = {
-    "router_w_de": ("embed", "exp"),
+    "router_w_de": ("embed", "router_exp"),
     "w_in_edf": ("exp", "embed", "mlp"),
     "w_out_efd": ("exp", "mlp", "embed"),
     "shared_w_in_df": ("embed", "mlp"),
     "shared_w_out_fd": ("mlp", "embed"),
-    "bias_e": ("exp",),
+    "bias_e": ("router_exp",),
 }
 
 
@@ -93,6 +98,11 @@ class MoEConfig:
       balance_loss_coef: Switch load-balancing loss coefficient (1e-2 in Switch).
       seq_balance_loss_coef: DeepSeek-V3 sequence-wise loss (1e-4); needs ``x [B, S, d]``.
       z_loss_coef: ST-MoE router z-loss (1e-3).
+      expert_axis: mesh axis for expert parallelism (:mod:`sigmoid_moe.expert_parallel`):
+        ``None`` runs every expert on each device (single-device dispatch); a name such as
+        ``"expert"`` splits the experts over that axis of the mesh set by ``jax.set_mesh``
+        and moves tokens with all-to-alls. There ``"capacity"`` uses ``capacity_factor``
+        per (sending device, expert) and ``"dropless"`` uses drop-free ``T_local`` slots.
     """
 
     d_model: int
@@ -109,6 +119,7 @@ class MoEConfig:
     balance_loss_coef: float = 0.0
     seq_balance_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    expert_axis: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("d_model", self.d_model)
@@ -155,6 +166,12 @@ class MoEConfig:
         _coef("balance_loss_coef", self.balance_loss_coef)
         _coef("seq_balance_loss_coef", self.seq_balance_loss_coef)
         _coef("z_loss_coef", self.z_loss_coef)
+        if self.expert_axis is not None and (
+            not isinstance(self.expert_axis, str) or not self.expert_axis
+        ):
+            raise TypeError(
+                f"expert_axis must be a mesh axis name (str) or None, got {self.expert_axis!r}."
+            )
 
     @property
     def num_experts(self) -> int:
@@ -211,20 +228,27 @@ class MoELayer(nnx.Module):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         dense_init = nnx.initializers.lecun_normal()
 
-        def param(initializer, shape):
-            return nnx.Param(initializer(rngs.params(), shape, config.param_dtype))
+        # The logical axes always travel as metadata; values are placed (eager sharding)
+        # only under a mesh, so the single-device path is untouched.
+        placed = not jax.sharding.get_abstract_mesh().empty
 
-        self.router_w_de = param(dense_init, (d, e))
-        self.w_in_edf = param(init, (e, d, 2 * f))
-        self.w_out_efd = param(init, (e, f, d))
+        def param(name, initializer, shape):
+            value = initializer(rngs.params(), shape, config.param_dtype)
+            return nnx.Param(value, out_sharding=PARAM_AXES[name], eager_sharding=placed)
+
+        self.router_w_de = param("router_w_de", dense_init, (d, e))
+        self.w_in_edf = param("w_in_edf", init, (e, d, 2 * f))
+        self.w_out_efd = param("w_out_efd", init, (e, f, d))
         if config.shared_width:
-            self.shared_w_in_df = param(dense_init, (d, 2 * config.shared_width))
-            self.shared_w_out_fd = param(dense_init, (config.shared_width, d))
+            self.shared_w_in_df = param("shared_w_in_df", dense_init, (d, 2 * config.shared_width))
+            self.shared_w_out_fd = param("shared_w_out_fd", dense_init, (config.shared_width, d))
         else:
             self.shared_w_in_df = None
             self.shared_w_out_fd = None
         # float32 whatever param_dtype is: a 1e-3 step near 0.5 rounds away in bf16.
-        self.bias_e = RoutingBias(jnp.zeros((e,), jnp.float32))
+        self.bias_e = RoutingBias(
+            jnp.zeros((e,), jnp.float32), out_sharding=PARAM_AXES["bias_e"], eager_sharding=placed
+        )
 
     def _check(self, x: jax.Array, token_mask: jax.Array | None) -> None:
         dtype = jnp.result_type(x)
@@ -259,14 +283,28 @@ class MoELayer(nnx.Module):
 
         logits_te = jnp.dot(x_td.astype(jnp.float32), self.router_w_de[...].astype(jnp.float32))
         routing = route(logits_te, self.bias_e[...], cfg.router)
-        y_td, dropped = self._dispatch(
-            x_td,
-            routing.expert_ids,
-            routing.weights,
-            self.w_in_edf[...].astype(cfg.dtype),
-            self.w_out_efd[...].astype(cfg.dtype),
-            mask_t,
-        )
+        if cfg.expert_axis is not None:
+            ep = expert_parallel_moe(
+                x_td,
+                routing.expert_ids,
+                routing.weights,
+                self.w_in_edf[...].astype(cfg.dtype),
+                self.w_out_efd[...].astype(cfg.dtype),
+                mask_t,
+                expert_axis=cfg.expert_axis,
+                capacity_factor=cfg.capacity_factor if cfg.dispatch == "capacity" else None,
+            )
+            y_td, dropped, load = ep
+        else:
+            load = None
+            y_td, dropped = self._dispatch(
+                x_td,
+                routing.expert_ids,
+                routing.weights,
+                self.w_in_edf[...].astype(cfg.dtype),
+                self.w_out_efd[...].astype(cfg.dtype),
+                mask_t,
+            )
         if self.shared_w_in_df is not None:
             shared_td = swiglu_ffn(
                 x_td,
@@ -274,13 +312,14 @@ class MoELayer(nnx.Module):
                 self.shared_w_out_fd[...].astype(cfg.dtype),
             )
             y_td = y_td + shared_td
-        aux = self._aux(logits_te, routing, mask_t, lead, dropped)
+        aux = self._aux(logits_te, routing, mask_t, lead, dropped, load)
         return y_td.reshape(*lead, cfg.d_model), aux
 
-    def _aux(self, logits_te, routing, mask_t, lead, dropped) -> MoEAux:
+    def _aux(self, logits_te, routing, mask_t, lead, dropped, load=None) -> MoEAux:
         cfg = self.config
         zero = jnp.zeros((), jnp.float32)
-        load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
+        if load is None:  # expert-parallel dispatch hands in its psum-ed global load
+            load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
         balance = seq_balance = z = zero
         if cfg.balance_loss_coef > 0:
             balance = load_balancing_loss(router_probs(routing.scores), routing.expert_ids, mask_t)
