@@ -10,6 +10,7 @@ from sigmoid_moe.balancing import (
 )
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.dispatch import Dispatched, blocked_grouped_matmul, capacity_moe, dropless_moe
+from sigmoid_moe.expert_parallel import ExpertParallelOut, expert_parallel_moe
 from sigmoid_moe.interop import from_hf_deepseek_v3_moe, to_hf_deepseek_v3_moe
 from sigmoid_moe.layer import PARAM_AXES, MoEAux, MoEConfig, MoELayer
 from sigmoid_moe.losses import (
@@ -31,6 +32,13 @@ from sigmoid_moe.metrics import (
 )
 from sigmoid_moe.routing import Routing, route, sigmoid_moe_router
 from sigmoid_moe.routing_bias import RoutingBias, apply_routing_bias_update, routing_bias_update
+from sigmoid_moe.sharding import (
+    DEFAULT_RULES,
+    logical_sharding,
+    make_mesh,
+    rules_for_mesh,
+    validate_mesh,
+)
 from sigmoid_moe.topk import top_k
 
 __version__ = "0.1.0"
@@ -39,7 +47,9 @@ __all__ = [
     "BIAS_RULES",
     "BiasCorrection",
     "BiasState",
+    "DEFAULT_RULES",
     "Dispatched",
+    "ExpertParallelOut",
     "LoadStats",
     "MoEAux",
     "MoEConfig",
@@ -55,17 +65,21 @@ __all__ = [
     "coefficient_of_variation",
     "dropless_moe",
     "expert_load",
+    "expert_parallel_moe",
     "from_hf_deepseek_v3_moe",
     "global_batch_balance_loss",
     "idle_experts",
     "load_balancing_loss",
     "load_fraction",
     "load_stats",
+    "logical_sharding",
+    "make_mesh",
     "max_violation",
     "route",
     "router_probs",
     "router_z_loss",
     "routing_bias_update",
+    "rules_for_mesh",
     "sequence_balance_loss",
     "sigmoid_moe_router",
     "to_hf_deepseek_v3_moe",
@@ -73,4 +87,5 @@ __all__ = [
     "uniform_maxvio_approx",
     "uniform_maxvio_floor",
     "update_bias",
+    "validate_mesh",
 ]
