@@ -103,6 +103,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from sigmoid_moe.lab.cli import add_simulate_parser
 
     add_simulate_parser(sub)
+
+    from sigmoid_moe.harness.cli import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

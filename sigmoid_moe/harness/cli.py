@@ -1,0 +1,100 @@
+"""``sigmoid-moe compare``: the main job's command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+
+__all__ = ["add_compare_parser"]
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 1e-3,1e-2, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sigmoid_moe.harness.compare import compare, default_strategies
+    from sigmoid_moe.harness.presets import PRESETS
+    from sigmoid_moe.harness.report import results_table
+
+    preset = PRESETS[args.preset]
+    base = preset.base
+    changes = {
+        k: v
+        for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed))
+        if v is not None
+    }
+    if "steps" in changes:
+        changes["warmup_steps"] = min(base.warmup_steps, max(0, changes["steps"] // 10))
+    if args.data:
+        changes["data"] = dataclasses.replace(base.data, paths=tuple(args.data))
+    base = dataclasses.replace(base, **changes)
+    strategies = default_strategies(
+        bias_rates=args.bias_rates or preset.bias_rates,
+        rules=args.rules or preset.rules,
+        aux_coefs=args.aux_coefs or preset.aux_coefs,
+    )
+    out = pathlib.Path(args.out or f"runs/compare-{args.preset}")
+    results = compare(
+        base, strategies, out, resume=not args.no_resume, progress=not args.quiet, report=True
+    )
+    print()
+    print(results_table(results))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def add_compare_parser(sub) -> argparse.ArgumentParser:
+    """Adds ``compare`` to the ``sigmoid-moe`` subparsers."""
+    from sigmoid_moe.balancing import BIAS_RULES
+    from sigmoid_moe.harness.presets import PRESETS
+
+    def rules(text: str) -> tuple[str, ...]:
+        values = _str_list(text)
+        bad = [v for v in values if v not in BIAS_RULES]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"unknown rule(s) {bad or text!r}; choose from {', '.join(BIAS_RULES)}"
+            )
+        return values
+
+    p = sub.add_parser(
+        "compare",
+        help="train a small MoE LM under each balancing strategy and report balance and loss",
+        description=(
+            "Trains one small byte-level MoE LM per strategy (softmax+aux, sigmoid+aux, "
+            "sigmoid+loss-free bias, no balancing) and writes report.md, plots and "
+            "results.json to --out."
+        ),
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--out", help="output folder (default runs/compare-<preset>)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="[DOMAIN=]PATH",
+        help="text files or folders instead of the built-in corpus (default domain: user)",
+    )
+    p.add_argument("--steps", type=int, help="override the preset's training steps")
+    p.add_argument("--batch-size", type=int, help="override the preset's sequences per step")
+    p.add_argument("--seed", type=int, help="override the preset's seed")
+    p.add_argument("--bias-rates", type=_float_list, help="loss-free rates, e.g. 1e-3,1e-2")
+    p.add_argument("--rules", type=rules, help=f"bias rules, from {', '.join(BIAS_RULES)}")
+    p.add_argument("--aux-coefs", type=_float_list, help="aux-loss coefficients, e.g. 1e-3,1e-2")
+    p.add_argument("--no-resume", action="store_true", help="retrain runs that have checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_compare)
+    return p

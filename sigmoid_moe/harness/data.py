@@ -1,0 +1,218 @@
+"""Byte-level text data: a built-in two-domain corpus, user files, a fixed split.
+
+The default corpus needs no download. It is built from files every CPython install has:
+
+- ``code``: the standard library's top-level ``*.py`` modules, in name order, up to a
+  byte budget;
+- ``prose``: the English help texts stored as strings in ``pydoc_data/topics.py``.
+
+Every source file is recorded with its size and sha256 (:attr:`Corpus.manifest`), so a
+run states exactly what it trained on (the files differ between Python versions).
+
+Each domain's bytes are concatenated and split once: the first ``1 - val_fraction`` for
+training, the rest for validation. Both are cut into non-overlapping windows of
+``seq_len + 1`` bytes. Training batches are drawn from a fresh permutation of the
+windows per epoch, seeded by ``(seed, epoch)``, so the batch at any step is a pure
+function of the config and the *data position* (windows consumed): resuming needs only
+that integer.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import pathlib
+import sysconfig
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["Corpus", "DataConfig", "build_corpus", "default_sources", "train_batch"]
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ".c", ".h")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is cut.
+
+    Attributes:
+      paths: user text files or folders, each with its domain name as
+        ``"domain=path"`` (or a bare path: domain ``"user"``). Empty: built-in corpus.
+      code_bytes: byte budget of the built-in ``code`` domain.
+      prose_bytes: byte budget of the built-in ``prose`` domain.
+      val_fraction: share of each domain held out for validation.
+    """
+
+    paths: tuple[str, ...] = ()
+    code_bytes: int = 600_000
+    prose_bytes: int = 600_000
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, (str, pathlib.Path)) or not all(
+            isinstance(p, (str, pathlib.Path)) for p in self.paths
+        ):
+            raise TypeError(
+                f"paths must be a tuple of strings such as ('prose=books/',), got {self.paths!r}."
+            )
+        for name in ("code_bytes", "prose_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if not (isinstance(self.val_fraction, float) and 0 < self.val_fraction < 0.5):
+            raise ValueError(
+                f"val_fraction must be a float in (0, 0.5), got {self.val_fraction!r}; e.g. 0.05."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Windows of ``seq_len + 1`` bytes.
+
+    Attributes:
+      train: ``[N_train, seq_len + 1]`` uint8.
+      val: ``[N_val, seq_len + 1]`` uint8, domains in order.
+      val_domain: ``[N_val]`` int32 index into ``domains``.
+      domains: domain names.
+      manifest: one dict per source file: ``domain``, ``path``, ``bytes``, ``sha256``.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    val_domain: np.ndarray
+    domains: tuple[str, ...]
+    manifest: tuple[dict, ...]
+
+    def summary(self) -> dict:
+        return {
+            "train_windows": int(self.train.shape[0]),
+            "val_windows": int(self.val.shape[0]),
+            "window": int(self.train.shape[1]),
+            "domains": list(self.domains),
+            "files": list(self.manifest),
+        }
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _prose_from_topics(path: pathlib.Path) -> bytes:
+    """The string values of the ``topics`` dict in ``pydoc_data/topics.py``, key order."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "topics" for t in node.targets
+        ):
+            topics = ast.literal_eval(node.value)
+            return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    raise ValueError(f"{path} has no 'topics' dict; cannot build the prose domain.")
+
+
+def default_sources(code_bytes: int, prose_bytes: int) -> list[tuple[str, str, bytes]]:
+    """``(domain, path, text)`` of the built-in corpus (see the module docstring)."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    sources, used = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        if used >= code_bytes:
+            break
+        data = path.read_bytes()[: code_bytes - used]
+        sources.append(("code", str(path), data))
+        used += len(data)
+    topics = stdlib / "pydoc_data" / "topics.py"
+    if not topics.is_file():
+        raise FileNotFoundError(f"{topics} is missing; pass your own text with --data.")
+    sources.append(("prose", str(topics), _prose_from_topics(topics)[:prose_bytes]))
+    return sources
+
+
+def _user_sources(paths: Sequence[str]) -> list[tuple[str, str, bytes]]:
+    sources = []
+    for spec in paths:
+        domain, sep, raw = str(spec).partition("=")
+        if not sep:
+            domain, raw = "user", str(spec)
+        path = pathlib.Path(raw).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"data path {str(path)!r} does not exist; pass existing text files or folders "
+                "(as PATH or DOMAIN=PATH), or leave --data out for the built-in corpus."
+            )
+        files = (
+            sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if path.is_dir()
+            else [path]
+        )
+        if not files:
+            raise ValueError(f"folder {str(path)!r} holds no text file ({TEXT_SUFFIXES}).")
+        sources.extend((domain, str(f), f.read_bytes()) for f in files)
+    return sources
+
+
+def _windows(data: bytes, width: int) -> np.ndarray:
+    n = len(data) // width
+    return np.frombuffer(data[: n * width], np.uint8).reshape(n, width)
+
+
+def build_corpus(config: DataConfig, seq_len: int) -> Corpus:
+    """Reads the sources and cuts them into train/validation windows (deterministic)."""
+    if not isinstance(config, DataConfig):
+        raise TypeError(f"config must be a DataConfig, got {type(config).__name__}.")
+    if config.paths:
+        sources = _user_sources(config.paths)
+    else:
+        sources = default_sources(config.code_bytes, config.prose_bytes)
+    domains = tuple(dict.fromkeys(domain for domain, _, _ in sources))
+    width = seq_len + 1
+    train, val, val_domain = [], [], []
+    for index, domain in enumerate(domains):
+        data = b"\n".join(text for d, _, text in sources if d == domain)
+        cut = int(len(data) * (1 - config.val_fraction))
+        train_w, val_w = _windows(data[:cut], width), _windows(data[cut:], width)
+        if len(train_w) < 1 or len(val_w) < 1:
+            raise ValueError(
+                f"domain {domain!r} has {len(data)} bytes, too few for one training and one "
+                f"validation window of {width} bytes; add text or lower seq_len."
+            )
+        train.append(train_w)
+        val.append(val_w)
+        val_domain.append(np.full(len(val_w), index, np.int32))
+    manifest = tuple(
+        {"domain": d, "path": p, "bytes": len(t), "sha256": _sha256(t)} for d, p, t in sources
+    )
+    return Corpus(
+        train=np.concatenate(train),
+        val=np.concatenate(val),
+        val_domain=np.concatenate(val_domain),
+        domains=domains,
+        manifest=manifest,
+    )
+
+
+def train_batch(corpus: Corpus, position: int, batch_size: int, seed: int) -> np.ndarray:
+    """The ``[batch_size, seq_len + 1]`` uint8 batch starting at data ``position``.
+
+    Window ``position + i`` of the endless stream that visits the training windows in a
+    permutation seeded by ``(seed, epoch)`` per epoch.
+    """
+    n = corpus.train.shape[0]
+    rows = []
+    for p in range(position, position + batch_size):
+        epoch, offset = divmod(p, n)
+        perm = _permutation(n, seed, epoch)
+        rows.append(perm[offset])
+    return corpus.train[np.asarray(rows)]
+
+
+_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 8:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERM_CACHE[key]

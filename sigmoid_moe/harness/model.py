@@ -1,0 +1,195 @@
+"""A small decoder-only byte-level transformer whose FFNs are :class:`MoELayer` s.
+
+Pre-norm blocks (RMSNorm, causal multi-head attention with learned absolute positions,
+RMSNorm, MoE FFN), as in DeepSeek-V3 (arXiv 2412.19437) minus MLA and multi-token
+prediction, and sized so that a few hundred steps run on two CPU cores. The routing
+bias of every layer is a :class:`~sigmoid_moe.routing_bias.RoutingBias` variable, so
+``nnx.split(model, nnx.Param, RoutingBias)`` separates it from the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.layer import MoEAux, MoEConfig, MoELayer
+from sigmoid_moe.routing import route
+
+__all__ = ["ModelConfig", "ModelOutput", "TransformerLM"]
+
+VOCAB_SIZE = 256  # bytes
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+def _nonneg_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}.")
+    if not (0 <= value < float("inf")):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the language model.
+
+    Attributes:
+      num_layers: transformer blocks, each with one MoE FFN.
+      d_model: residual width.
+      num_heads: attention heads (must divide ``d_model``).
+      seq_len: context length in bytes.
+      num_experts, top_k: routed experts per layer and experts per token.
+      d_ff: hidden width of one routed expert.
+      num_shared_experts: always-active experts (DeepSeekMoE); 0 for none.
+      score_fn: ``"sigmoid"`` (DeepSeek-V3) or ``"softmax"`` gate.
+      balance_loss_coef: Switch auxiliary loss coefficient per layer (0: off).
+      router_init_scale: multiplies the router weights at init. Values > 1 make the
+        initial routing more confident and so more skewed (used by tests).
+      kernel: dropless grouped-matmul kernel of the MoE layer.
+    """
+
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    seq_len: int = 64
+    num_experts: int = 8
+    top_k: int = 2
+    d_ff: int = 64
+    num_shared_experts: int = 0
+    score_fn: str = "sigmoid"
+    balance_loss_coef: float = 0.0
+    router_init_scale: float = 1.0
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "d_model", "num_heads", "seq_len", "num_experts", "top_k"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("d_ff", self.d_ff)
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide d_model={self.d_model}; "
+                "choose e.g. num_heads=4 with d_model=64."
+            )
+        _nonneg_float("balance_loss_coef", self.balance_loss_coef)
+        _nonneg_float("router_init_scale", self.router_init_scale)
+        self.moe_config()  # validates top_k, score_fn, num_shared_experts, kernel
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(self.num_experts, self.top_k, score_fn=self.score_fn)
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            router=self.router_config(),
+            num_shared_experts=self.num_shared_experts,
+            balance_loss_coef=float(self.balance_loss_coef),
+            kernel=self.kernel,
+        )
+
+
+class ModelOutput(NamedTuple):
+    """``logits [B, S, 256]``; ``aux``: :class:`MoEAux` with a leading layer axis
+    (``expert_load [L, E]`` int32, losses ``[L]``); ``expert_ids [L, B, S, k]`` int32 when
+    asked for (the routing decisions, for evaluation), else None."""
+
+    logits: jax.Array
+    aux: MoEAux
+    expert_ids: jax.Array | None
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` over the last axis (float32 statistics)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * rms * self.scale[...]).astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head causal attention, ``x [B, S, d] -> [B, S, d]``."""
+
+    def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.num_heads = num_heads
+        self.qkv_d3d = nnx.Param(init(rngs.params(), (d_model, 3 * d_model), jnp.float32))
+        self.out_dd = nnx.Param(init(rngs.params(), (d_model, d_model), jnp.float32))
+
+    def __call__(self, x_bsd: jax.Array) -> jax.Array:
+        b, s, d = x_bsd.shape
+        h = self.num_heads
+        qkv = (x_bsd @ self.qkv_d3d[...]).reshape(b, s, 3, h, d // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, S, H, Dh]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // h).astype(x_bsd.dtype)
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        attn = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, s, d)
+        return out @ self.out_dd[...]
+
+
+class Block(nnx.Module):
+    """``x + attn(norm(x))``, then ``x + moe(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = CausalSelfAttention(config.d_model, config.num_heads, rngs=rngs)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.moe = MoELayer(config.moe_config(), rngs=rngs)
+        if config.router_init_scale != 1.0:
+            self.moe.router_w_de[...] = self.moe.router_w_de[...] * config.router_init_scale
+
+    def __call__(self, x_bsd: jax.Array, return_ids: bool):
+        x_bsd = x_bsd + self.attn(self.attn_norm(x_bsd))
+        h_bsd = self.ffn_norm(x_bsd)
+        y_bsd, aux = self.moe(h_bsd)
+        ids = None
+        if return_ids:  # the same routing the layer did, kept per token for evaluation
+            logits = h_bsd.astype(jnp.float32) @ self.moe.router_w_de[...].astype(jnp.float32)
+            ids = route(logits, self.moe.bias_e[...], self.moe.config.router).expert_ids
+        return x_bsd + y_bsd, aux, ids
+
+
+class TransformerLM(nnx.Module):
+    """Byte-level decoder-only LM: ``model(tokens [B, S] int32) -> ModelOutput``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}.")
+        self.config = config
+        d = config.d_model
+        self.embed_vd = nnx.Param(jax.random.normal(rngs.params(), (VOCAB_SIZE, d)) * 0.02)
+        self.pos_sd = nnx.Param(jax.random.normal(rngs.params(), (config.seq_len, d)) * 0.02)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(d)
+        init = nnx.initializers.lecun_normal()
+        self.unembed_dv = nnx.Param(init(rngs.params(), (d, VOCAB_SIZE), jnp.float32))
+
+    def __call__(self, tokens_bs: jax.Array, *, return_ids: bool = False) -> ModelOutput:
+        s = tokens_bs.shape[-1]
+        if s > self.config.seq_len:
+            raise ValueError(f"tokens have length {s} > seq_len={self.config.seq_len}.")
+        x = self.embed_vd[...][tokens_bs] + self.pos_sd[...][:s]
+        auxes, ids = [], []
+        for block in self.blocks:
+            x, aux, layer_ids = block(x, return_ids)
+            auxes.append(aux)
+            ids.append(layer_ids)
+        logits = self.final_norm(x) @ self.unembed_dv[...]
+        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        return ModelOutput(logits, aux, jnp.stack(ids) if return_ids else None)

@@ -1,0 +1,354 @@
+"""Training loop: AdamW + warmup/cosine, jitted step, bias update after every step.
+
+Per step (Loss-Free Balancing, arXiv 2408.15664 Algorithm 1; DeepSeek-V3,
+arXiv 2412.19437 section 2.1.2)::
+
+    loss = cross_entropy + sum_l aux_loss_l          # aux is 0 unless a coef is set
+    params, opt_state = adamw(grads)                 # the bias is not a parameter
+    bias_l += u(step) * rule(load_l)                 # global load of this batch, per layer
+
+Everything that decides the numbers is in :class:`TrainConfig` and the seed, the batch
+at a step is a pure function of the data position, and the checkpoint holds the whole
+state, so a rerun and a resumed run reproduce the uninterrupted run's metrics bit for bit.
+
+Outputs under ``out_dir``: ``config.json``, ``data.json`` (source files and sha256),
+``metrics.jsonl`` (one line per step: loss, per-layer load, MaxVio, bias, aux losses),
+``eval.jsonl`` (validation loss every ``eval_every`` steps) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sigmoid_moe.balancing import BIAS_RULES
+from sigmoid_moe.harness.checkpoint import Checkpointer
+from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_batch
+from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
+from sigmoid_moe.harness.model import ModelConfig, TransformerLM
+from sigmoid_moe.metrics import max_violation
+from sigmoid_moe.routing_bias import RoutingBias, routing_bias_update
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+RATE_SCHEDULES = ("constant", "cosine")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def _check_float(name: str, value: Any, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}.")
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(
+            f"{name} must be a finite float {'>' if positive else '>='} 0, got {value}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+      model: the language model (its ``score_fn`` and ``balance_loss_coef`` pick the gate
+        and the auxiliary loss).
+      data: the corpus.
+      steps: optimizer steps (also the length of the cosine schedule).
+      batch_size: sequences per step (``batch_size * seq_len`` tokens: the global batch
+        whose load drives the bias update).
+      learning_rate: AdamW peak learning rate, reached after ``warmup_steps``, then cosine
+        decay to ``learning_rate * final_lr_fraction``.
+      weight_decay: AdamW decoupled decay on matrices (not norms or the bias).
+      grad_clip: global-norm gradient clipping.
+      bias_rate: loss-free update rate ``u`` (0: no bias update). The paper uses 1e-3.
+      bias_rule: ``"sign"`` (the paper), ``"sign_zero_mean"`` or ``"proportional"``.
+      bias_rate_schedule: ``"constant"`` or ``"cosine"`` (``u`` decays to ``u / 10``).
+      seed: model init and data order.
+      eval_every: validation loss on ``eval_windows`` windows every so many steps.
+      checkpoint_every: steps between checkpoints (one is always written at the end).
+    """
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bias_rate: float = 0.0
+    bias_rule: str = "sign"
+    bias_rate_schedule: str = "constant"
+    seed: int = 0
+    eval_every: int = 50
+    eval_windows: int = 64
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig):
+            raise TypeError(f"model must be a ModelConfig, got {type(self.model).__name__}.")
+        if not isinstance(self.data, DataConfig):
+            raise TypeError(f"data must be a DataConfig, got {type(self.data).__name__}.")
+        for name in ("steps", "batch_size", "eval_every", "eval_windows", "checkpoint_every"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("seed", self.seed, 0)
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be < steps={self.steps}; "
+                "use about 10% of steps."
+            )
+        _check_float("learning_rate", self.learning_rate, positive=True)
+        _check_float("final_lr_fraction", self.final_lr_fraction)
+        _check_float("weight_decay", self.weight_decay)
+        _check_float("grad_clip", self.grad_clip, positive=True)
+        _check_float("bias_rate", self.bias_rate)
+        if self.bias_rule not in BIAS_RULES:
+            raise ValueError(
+                f"bias_rule={self.bias_rule!r} is not supported; choose one of {BIAS_RULES}."
+            )
+        if self.bias_rate_schedule not in RATE_SCHEDULES:
+            raise ValueError(
+                f"bias_rate_schedule={self.bias_rate_schedule!r} is not supported; "
+                f"choose one of {RATE_SCHEDULES}."
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        data = dict(d.pop("data"))
+        data["paths"] = tuple(data.get("paths", ()))
+        return cls(model=ModelConfig(**d.pop("model")), data=DataConfig(**data), **d)
+
+    def lr_schedule(self) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            decay_steps=self.steps,
+            end_value=self.learning_rate * self.final_lr_fraction,
+        )
+
+    def bias_rate_fn(self) -> optax.Schedule:
+        if self.bias_rate_schedule == "cosine":
+            return optax.cosine_decay_schedule(self.bias_rate, self.steps, alpha=0.1)
+        return optax.constant_schedule(self.bias_rate)
+
+
+class TrainResult(NamedTuple):
+    """``model`` (trained, biases included), its ``corpus``, the ``out_dir`` and the
+    step it reached (``< config.steps`` when stopped early)."""
+
+    model: TransformerLM
+    corpus: Corpus
+    out_dir: pathlib.Path
+    step: int
+
+
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(
+            config.lr_schedule(),
+            b1=0.9,
+            b2=0.95,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def make_train_step(graphdef, config: TrainConfig, tx: optax.GradientTransformation) -> Callable:
+    """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
+    bias, opt_state, metrics)``; metrics hold ``loss`` [], ``aux_loss``/``balance_loss``
+    ``[L]``, ``load [L, E]`` int32, ``maxvio [L]`` and the new ``bias [L, E]``."""
+    rate = config.bias_rate_fn()
+    lr = config.lr_schedule()
+
+    def loss_fn(params, bias, tokens):
+        model = nnx.merge(graphdef, params, bias)
+        out = model(tokens[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:]).mean()
+        return ce + jnp.sum(out.aux.aux_loss), (ce, out.aux)
+
+    def step_fn(params, bias, opt_state, tokens, step):
+        tokens = tokens.astype(jnp.int32)
+        (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, bias, tokens)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if config.bias_rate > 0:
+            bias = routing_bias_update(
+                bias, aux.expert_load, rate=rate, rule=config.bias_rule, step=step
+            )
+        metrics = {
+            "loss": ce,
+            "lr": lr(step),
+            "bias_rate": rate(step),
+            "aux_loss": aux.aux_loss,
+            "balance_loss": aux.balance_loss,
+            "load": aux.expert_load,
+            "maxvio": max_violation(aux.expert_load),
+            "bias": jnp.stack(jax.tree.leaves(bias)),
+        }
+        return params, bias, opt_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+
+
+def _to_json(metrics: dict, step: int) -> dict:
+    out = {"step": step}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        out[name] = value.item() if value.ndim == 0 else value.tolist()
+    return out
+
+
+def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | pathlib.Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    corpus: Corpus | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Trains (or resumes) one run into ``out_dir``.
+
+    Args:
+      config: the run.
+      out_dir: its folder. When it holds a checkpoint and ``resume`` is True, training
+        continues from the latest one (the saved config must equal ``config``).
+      resume: False starts over, deleting the old checkpoints and metrics.
+      progress: show a tqdm bar with loss and mean MaxVio_batch.
+      corpus: a prebuilt corpus for ``config.data`` (saves re-reading files).
+      on_step: called as ``on_step(step, metrics_dict)`` after each step (tests use it
+        to interrupt a run).
+      desc: progress-bar label.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if corpus is None:
+        corpus = build_corpus(config.data, config.model.seq_len)
+    config_path = out / "config.json"
+    if not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    ckpt = Checkpointer(out / "checkpoints")
+    start = ckpt.latest_step() if resume else None
+    if start is not None:
+        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
+        if saved != config:
+            ckpt.close()
+            raise ValueError(
+                f"{out} holds a checkpoint of a different config; pick a new out_dir or "
+                "pass resume=False (--no-resume) to start over."
+            )
+    config_path.write_text(json.dumps(config.to_dict(), indent=2))
+    (out / "data.json").write_text(json.dumps(corpus.summary(), indent=2))
+
+    model = TransformerLM(config.model, rngs=nnx.Rngs(params=jax.random.key(config.seed)))
+    graphdef, params, bias = nnx.split(model, nnx.Param, RoutingBias)
+    tx = _optimizer(config)
+    opt_state = tx.init(params)
+    position = 0
+    metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
+    if start is not None:
+        like = {
+            "params": params,
+            "bias": bias,
+            "opt_state": opt_state,
+            "counters": {"step": np.zeros((), np.int64), "position": np.zeros((), np.int64)},
+        }
+        state = ckpt.restore(start, like)
+        params, bias, opt_state = state["params"], state["bias"], state["opt_state"]
+        position = int(state["counters"]["position"])
+        _truncate_jsonl(metrics_path, start)
+        _truncate_jsonl(eval_path, start)
+    else:
+        start = 0
+        metrics_path.write_text("")
+        eval_path.write_text("")
+
+    step_fn = make_train_step(graphdef, config, tx)
+    subset = eval_subset(corpus, config.eval_windows)
+    bar = _progress(config.steps, start, progress, desc)
+    done = start
+    try:
+        with metrics_path.open("a") as mfile, eval_path.open("a") as efile:
+            for step in range(start, config.steps):
+                tokens = train_batch(corpus, position, config.batch_size, config.seed)
+                params, bias, opt_state, metrics = step_fn(
+                    params, bias, opt_state, tokens, jnp.asarray(step, jnp.int32)
+                )
+                position += config.batch_size
+                done = step + 1
+                record = _to_json(jax.device_get(metrics), done)
+                mfile.write(json.dumps(record) + "\n")
+                if done % config.eval_every == 0 or done == config.steps:
+                    val = validation_loss(nnx.merge(graphdef, params, bias), subset)
+                    efile.write(json.dumps({"step": done, "val_loss": val}) + "\n")
+                    efile.flush()
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    mfile.flush()
+                    state = {
+                        "params": params,
+                        "bias": bias,
+                        "opt_state": opt_state,
+                        "counters": {
+                            "step": np.asarray(done, np.int64),
+                            "position": np.asarray(position, np.int64),
+                        },
+                    }
+                    ckpt.save(done, state)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", maxvio=f"{np.mean(record['maxvio']):.3f}"
+                    )
+                if on_step is not None:
+                    on_step(done, record)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+    return TrainResult(nnx.merge(graphdef, params, bias), corpus, out, done)
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
