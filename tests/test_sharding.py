@@ -1,0 +1,274 @@
+"""Expert-parallel sharding against the unsharded layer (8 simulated CPU devices)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sigmoid_moe import (
+    DEFAULT_RULES,
+    PARAM_AXES,
+    MoEConfig,
+    MoELayer,
+    RouterConfig,
+    RoutingBias,
+    apply_routing_bias_update,
+    capacity_moe,
+    expert_parallel_moe,
+    launch,
+    logical_sharding,
+    make_mesh,
+    route,
+    rules_for_mesh,
+    validate_mesh,
+)
+from sigmoid_moe.expert_parallel import ragged_all_to_all_available
+
+TOL = 1e-5
+MESHES = {"8": None, "2x4": (2, 4), "4x2": (4, 2)}
+
+
+def _mesh(name: str):
+    if MESHES[name] is None:  # a 1-D expert-only mesh: the rules drop "data"
+        return jax.make_mesh((8,), ("expert",), (AxisType.Auto,))
+    return make_mesh(*MESHES[name])
+
+
+def _config(**overrides) -> MoEConfig:
+    fields = dict(
+        d_model=16,
+        d_ff=8,
+        router=RouterConfig(num_experts=8, top_k=2),
+        num_shared_experts=1,
+        dispatch="dropless",
+        kernel="blocked",
+        block_size=8,
+        balance_loss_coef=1e-2,
+        z_loss_coef=1e-3,
+    )
+    fields.update(overrides)
+    return MoEConfig(**fields)
+
+
+def _inputs(batch: int = 8, seq: int = 8, d_model: int = 16):
+    keys = jax.random.split(jax.random.key(1), 2)
+    x_bsd = jax.random.normal(keys[0], (batch, seq, d_model), jnp.float32)
+    ct_bsd = jax.random.normal(keys[1], (batch, seq, d_model), jnp.float32)
+    mask_bs = jnp.ones((batch, seq), bool).at[-1, -3:].set(False)  # some padding
+    return x_bsd, ct_bsd, mask_bs
+
+
+@nnx.jit
+def _forward_grads(layer, x_bsd, ct_bsd, mask_bs):
+    def loss_fn(layer):
+        y_bsd, aux = layer(x_bsd, mask_bs)
+        return jnp.sum(y_bsd * ct_bsd) + aux.aux_loss, (y_bsd, aux)
+
+    (_, (y_bsd, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(layer)
+    apply_routing_bias_update(layer, aux.expert_load[None], rate=1e-3)
+    return y_bsd, aux, grads
+
+
+def _grad_leaves(grads) -> dict:
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
+    }
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """The unsharded layer's output, aux, gradients and updated bias."""
+    layer = MoELayer(_config(), rngs=nnx.Rngs(0))
+    y_bsd, aux, grads = _forward_grads(layer, *_inputs())
+    return y_bsd, aux, _grad_leaves(grads), np.asarray(layer.bias_e[...])
+
+
+@pytest.mark.parametrize(
+    "mesh_name, dispatch",
+    [("8", "dropless"), ("2x4", "dropless"), ("4x2", "dropless"), ("2x4", "capacity")],
+)
+def test_sharded_layer_matches_unsharded(oracle, mesh_name, dispatch):
+    # capacity_factor = E / k gives T_local slots: nothing can be dropped, so the
+    # capacity path must match the unsharded (dropless) layer too.
+    cfg = _config(expert_axis="expert", dispatch=dispatch, capacity_factor=4.0)
+    mesh = _mesh(mesh_name)
+    x_bsd, ct_bsd, mask_bs = _inputs()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
+        validate_mesh(mesh, cfg, num_tokens=x_bsd.shape[0] * x_bsd.shape[1], batch_size=8)
+        layer = nnx.jit(lambda: MoELayer(cfg, rngs=nnx.Rngs(0)))()
+        act = logical_sharding(mesh, ("activation_batch", None, None))
+        args = [jax.device_put(a, act) for a in (x_bsd, ct_bsd)]
+        mask = jax.device_put(mask_bs, logical_sharding(mesh, ("activation_batch", None)))
+        y_bsd, aux, grads = _forward_grads(layer, *args, mask)
+    y_ref, aux_ref, grads_ref, bias_ref = oracle
+    np.testing.assert_allclose(np.asarray(y_bsd), np.asarray(y_ref), atol=TOL, rtol=TOL)
+    np.testing.assert_array_equal(np.asarray(aux.expert_load), np.asarray(aux_ref.expert_load))
+    assert aux.expert_load.dtype == jnp.int32 and int(aux.dropped) == 0
+    np.testing.assert_allclose(float(aux.aux_loss), float(aux_ref.aux_loss), rtol=TOL)
+    got = _grad_leaves(grads)
+    assert got.keys() == grads_ref.keys()
+    for path, grad in got.items():
+        np.testing.assert_allclose(grad, grads_ref[path], atol=TOL, rtol=TOL, err_msg=path)
+    bias = layer.bias_e[...]
+    assert bias.dtype == jnp.float32 and bias.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(bias), bias_ref)
+
+
+def test_capacity_drops_match_per_device_capacity_moe():
+    """A tight capacity drops per sending device exactly as capacity_moe on its shard."""
+    e, k, tokens, d, f = 8, 2, 64, 16, 8
+    keys = jax.random.split(jax.random.key(2), 4)
+    x_td = jax.random.normal(keys[0], (tokens, d))
+    routing = route(jax.random.normal(keys[1], (tokens, e)) * 3, None, RouterConfig(e, k))
+    w_in_edf = jax.random.normal(keys[2], (e, d, 2 * f)) * 0.3
+    w_out_efd = jax.random.normal(keys[3], (e, f, d)) * 0.3
+    mesh = make_mesh(data=2, expert=4)
+    out = jax.jit(lambda *a: expert_parallel_moe(*a, mesh=mesh, capacity_factor=1.0))(
+        x_td, routing.expert_ids, routing.weights, w_in_edf, w_out_efd
+    )
+    per_device = tokens // mesh.size
+    ys, dropped = [], 0
+    for i in range(mesh.size):  # device order of P(("data", "expert")) is row-major
+        part = slice(i * per_device, (i + 1) * per_device)
+        y_td, drop = capacity_moe(
+            x_td[part],
+            routing.expert_ids[part],
+            routing.weights[part],
+            w_in_edf,
+            w_out_efd,
+            capacity_factor=1.0,
+        )
+        ys.append(y_td)
+        dropped += int(drop)
+    assert dropped > 0 and int(out.dropped) == dropped
+    np.testing.assert_allclose(np.asarray(out.y_td), np.concatenate(ys), atol=TOL, rtol=TOL)
+
+
+def test_param_shardings_declared_and_kept_by_optimizer_step():
+    mesh = make_mesh(data=2, expert=4)
+    rules = rules_for_mesh(mesh, launch.model_rules())
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        model, optimizer = launch.create(mesh)
+        expected = {
+            name: logical_sharding(mesh, axes, rules)
+            for name, axes in PARAM_AXES.items()
+            if name != "bias_e"
+        }
+        expected["bias_e"] = logical_sharding(mesh, PARAM_AXES["bias_e"], rules)
+
+        def shardings():
+            return {
+                name: getattr(model.moe, name)[...].sharding
+                for name in expected
+                if getattr(model.moe, name) is not None
+            }
+
+        before = shardings()
+        split = NamedSharding(mesh, P("expert", None, None))
+        assert before["w_in_edf"].is_equivalent_to(split, 3)
+        assert before["router_w_de"].is_fully_replicated
+        for name, sharding in before.items():
+            assert sharding.is_equivalent_to(expected[name], len(PARAM_AXES[name])), name
+        assert getattr(model.moe.w_in_edf, "out_sharding", None) == PARAM_AXES["w_in_edf"]
+        train_step, _ = launch.make_train_step()
+        batch = launch.put_batch(launch.make_batch(0), mesh)
+        train_step(model, optimizer, batch)
+        after = shardings()
+    for name in before:
+        assert after[name].is_equivalent_to(before[name], len(PARAM_AXES[name])), name
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Two train steps of the tiny model, unsharded and on one process's (2, 4) mesh."""
+    return launch.run(None, steps=2), launch.run(make_mesh(data=2, expert=4), steps=2)
+
+
+def test_train_step_matches_unsharded(runs):
+    ref, got = runs
+    np.testing.assert_allclose(got.losses, ref.losses, atol=TOL, rtol=TOL)
+    assert got.loads == ref.loads and got.dropped == [0, 0]
+    np.testing.assert_array_equal(np.float32(got.bias), np.float32(ref.bias))
+
+
+@pytest.mark.slow
+def test_two_processes_match_single_process(runs):
+    results = launch.spawn(2, local_devices=4, data=2, expert=4, steps=2, timeout=240)
+    single = runs[1]
+    assert sorted(r["process_id"] for r in results) == [0, 1]
+    first, second = results
+    assert first["bias"] == second["bias"]  # bit-identical on both processes
+    assert first["losses"] == second["losses"] and first["loads"] == second["loads"]
+    np.testing.assert_allclose(first["losses"], single.losses, atol=TOL, rtol=TOL)
+    assert first["loads"] == single.loads
+    np.testing.assert_array_equal(np.float32(first["bias"]), np.float32(single.bias))
+
+
+def test_unsharded_layer_carries_logical_axes_without_placement():
+    layer = MoELayer(_config(), rngs=nnx.Rngs(0))
+    assert layer.w_in_edf.out_sharding == ("exp", "embed", "mlp")
+    assert layer.bias_e.out_sharding == ("router_exp",)
+    assert isinstance(layer.bias_e, RoutingBias)
+    assert len(layer.w_in_edf[...].sharding.device_set) == 1
+
+
+def test_rules_cover_every_param_axis():
+    names = dict(DEFAULT_RULES)
+    for axes in PARAM_AXES.values():
+        assert all(a in names for a in axes)
+    one_d = jax.make_mesh((8,), ("expert",), (AxisType.Auto,))
+    assert dict(rules_for_mesh(one_d))["activation_batch"] == "expert"
+    custom = rules_for_mesh(make_mesh(2, 4), (("exp", None),))
+    assert custom == (("exp", None),)
+    assert not ragged_all_to_all_available()  # CPU: the capacity path is the one tested
+
+
+def test_bad_meshes_and_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"make_mesh\(data=3, expert=4\).*12 devices"):
+        make_mesh(data=3, expert=4)
+    with pytest.raises(TypeError, match="make_mesh"):
+        make_mesh(data=2.0, expert=4)
+    with pytest.raises(ValueError, match=r"make_mesh\(expert=0\)"):
+        make_mesh(expert=0)
+    six = _config(router=RouterConfig(num_experts=6, top_k=2), expert_axis="expert")
+    with pytest.raises(ValueError, match="does not divide num_experts=6"):
+        validate_mesh(make_mesh(data=2, expert=4), six)
+    cfg = _config(expert_axis="expert")
+    with pytest.raises(ValueError, match="batch_size=3 .*data axis"):
+        validate_mesh(make_mesh(data=2, expert=4), cfg, batch_size=3)
+    with pytest.raises(ValueError, match="num_tokens=12 .*8 devices"):
+        validate_mesh(make_mesh(data=2, expert=4), cfg, num_tokens=12)
+    other = jax.make_mesh((2, 4), ("batch", "model"), (AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match="expert_axis='expert' is not an axis"):
+        validate_mesh(other, cfg)
+    with pytest.raises(TypeError, match="expert_axis must be a mesh axis name"):
+        _config(expert_axis=3)
+    with pytest.raises(ValueError, match="have no rule"):
+        logical_sharding(make_mesh(2, 4), ("vocab",))
+
+    x_td = jnp.ones((12, 16))
+    ids_tk = jnp.zeros((12, 2), jnp.int32)
+    w_tk = jnp.ones((12, 2))
+    w_in, w_out = jnp.ones((8, 16, 16)), jnp.ones((8, 8, 16))
+    with pytest.raises(ValueError, match="needs a device mesh"):
+        expert_parallel_moe(x_td, ids_tk, w_tk, w_in, w_out)
+    with pytest.raises(ValueError, match="12 tokens, not divisible"):
+        expert_parallel_moe(x_td, ids_tk, w_tk, w_in, w_out, mesh=make_mesh(2, 4))
+    with pytest.raises(ValueError, match="does not divide"):
+        expert_parallel_moe(
+            x_td[:8], ids_tk[:8], w_tk[:8], w_in[:6], w_out[:6], mesh=make_mesh(2, 4)
+        )
+    layer_cfg = dataclasses.replace(cfg, expert_axis="model")
+    mesh = make_mesh(2, 4)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
+        layer = MoELayer(layer_cfg, rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match="expert_axis='model' is not an axis"):
+            layer(jnp.ones((8, 16)))
