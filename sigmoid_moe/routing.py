@@ -55,23 +55,65 @@ def _check_inputs(logits: jax.Array, bias: jax.Array | None, config: RouterConfi
             raise TypeError(f"bias must be floating (float32), got {jnp.result_type(bias)}.")
 
 
-def _group_limit(selection: jax.Array, group_source: jax.Array, config: RouterConfig) -> jax.Array:
-    """Masks every expert outside the token's ``topk_groups`` best groups with ``-inf``.
+def _top2_sum(x: jax.Array) -> jax.Array:
+    """Sum of the two largest entries along the last axis (ties counted twice), NaN as -inf.
+
+    Three reductions instead of a top-k: the sum needs the two values, not their order.
+    """
+    x = jnp.where(jnp.isnan(x), -jnp.inf, x)
+    first = jnp.max(x, axis=-1)
+    first_count = jnp.sum(x == first[..., None], axis=-1)
+    below = jnp.max(jnp.where(x < first[..., None], x, -jnp.inf), axis=-1)
+    return first + jnp.where(first_count > 1, first, below)
+
+
+def _group_scores(group_source: jax.Array, config: RouterConfig) -> jax.Array:
+    """``[..., G]`` score per expert group (DeepSeek-V3: sum of its two best scores)."""
+    grouped = group_source.reshape(
+        *group_source.shape[:-1], config.num_groups, config.experts_per_group
+    )
+    summed = config.experts_summed_per_group
+    if summed == 1:
+        return jnp.max(grouped, axis=-1)
+    if summed == 2:
+        return _top2_sum(grouped)
+    return jnp.sum(top_k(grouped, summed)[0], axis=-1)
+
+
+def _kept_groups(group_source: jax.Array, config: RouterConfig) -> jax.Array:
+    """``[..., topk_groups]`` int32 ids of each token's best groups, in ascending order."""
+    _, kept = top_k(_group_scores(group_source, config), config.topk_groups)
+    # Ascending group order keeps expert order inside the gathered candidates, so ties
+    # among them still go to the lower expert index.
+    return jnp.sort(kept, axis=-1)
+
+
+def _group_mask(selection: jax.Array, kept_groups: jax.Array, config: RouterConfig) -> jax.Array:
+    """``selection`` with every expert outside the kept groups set to ``-inf``.
 
     ``-inf``, never 0: with a negative bias a 0 would outrank the real selection scores.
     """
-    groups, per_group = config.num_groups, config.experts_per_group
-    grouped = group_source.reshape(*group_source.shape[:-1], groups, per_group)  # [..., G, E/G]
-    summed = config.experts_summed_per_group
-    if summed == 1:
-        group_scores = jnp.max(grouped, axis=-1)  # [..., G]
-    else:
-        group_scores = jnp.sum(top_k(grouped, summed)[0], axis=-1)  # [..., G]
-    _, kept_groups = top_k(group_scores, config.topk_groups)  # [..., topk_groups]
-    group_ids = jnp.arange(groups, dtype=jnp.int32)
+    group_ids = jnp.arange(config.num_groups, dtype=jnp.int32)
     keep_group = jnp.any(kept_groups[..., :, None] == group_ids, axis=-2)  # [..., G]
-    keep_expert = jnp.repeat(keep_group, per_group, axis=-1)  # [..., E]
+    keep_expert = jnp.repeat(keep_group, config.experts_per_group, axis=-1)  # [..., E]
     return jnp.where(keep_expert, selection, -jnp.inf)
+
+
+def _group_limited_top_k(
+    selection: jax.Array, kept_groups: jax.Array, config: RouterConfig
+) -> jax.Array:
+    """``[..., k]`` ids of the top-k of ``selection`` among the kept groups' experts only.
+
+    Equal to ``top_k(_group_mask(...))`` but ranks ``topk_groups * E/G`` candidates
+    instead of ``E`` (half at DeepSeek-V3's 4 of 8 groups).
+    """
+    per_group = config.experts_per_group
+    grouped = selection.reshape(*selection.shape[:-1], config.num_groups, per_group)
+    candidates = jnp.take_along_axis(grouped, kept_groups[..., None], axis=-2)  # [..., Gk, E/G]
+    candidates = candidates.reshape(*selection.shape[:-1], config.topk_groups * per_group)
+    _, position = top_k(candidates, config.top_k)  # [..., k] into the candidates
+    group = jnp.take_along_axis(kept_groups, position // per_group, axis=-1)
+    return (group * per_group + position % per_group).astype(jnp.int32)
 
 
 def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Routing:
@@ -125,9 +167,11 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
         selection = logits
         group_source = scores
     if config.group_limited:
-        selection = _group_limit(selection, group_source, config)
-
-    _, expert_ids = top_k(selection, config.top_k)  # [..., k]
+        kept_groups = _kept_groups(group_source, config)
+        expert_ids = _group_limited_top_k(selection, kept_groups, config)
+        selection = _group_mask(selection, kept_groups, config)  # reported; unused -> DCE
+    else:
+        _, expert_ids = top_k(selection, config.top_k)  # [..., k]
     if config.normalize:
         if log_scores is None:  # elementwise, so the same bits as gathering log_sigmoid
             chosen_log = jax.nn.log_sigmoid(jnp.take_along_axis(logits, expert_ids, axis=-1))

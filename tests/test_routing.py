@@ -304,7 +304,7 @@ def test_no_recompilation_with_new_values():
     fn = jax.jit(lambda x, b: route(x, b, cfg))
     fn(jnp.zeros((8, 16)), jnp.zeros(16))
     fn(jnp.ones((8, 16)), jnp.ones(16))
-    fn(jax.random.normal(jax.random.key(0), (8, 16)), jnp.full(16, 0.5))
+    fn(jax.random.normal(jax.random.key(0), (8, 16)), jnp.full(16, 0.5, jnp.float32))
     assert fn._cache_size() == 1
 
 

@@ -75,14 +75,16 @@ def test_matches_oracle(name, kind, shape, k):
     _check(VARIANTS[name], x, k)
 
 
-def test_row_blocked_path_matches_oracle():
-    # Enough rows to take the lax.map row-blocked path (rows % block == 0).
-    rows = 4 * topk_module._ROW_BLOCK
-    x = np.random.default_rng(0).integers(-3, 4, (rows, 32)).astype(np.float32)
+@pytest.mark.parametrize("n, extra_rows", [(32, 0), (256, 37)])
+def test_row_blocked_path_matches_oracle(n, extra_rows):
+    # Enough rows to take the lax.map row-blocked path; extra rows exercise the -inf padding.
+    rows = 4 * (topk_module._BLOCK_ELEMENTS // n) + extra_rows
+    x = np.random.default_rng(0).integers(-3, 4, (rows, n)).astype(np.float32)
     x[::7, 5] = -np.inf
     x[::5, 9] = -0.0
     x[::3, 11] = np.nan
-    _check(jax.jit(top_k, static_argnums=1), x.reshape(4, rows // 4, 32), 6)
+    x[-1] = -np.inf  # a padding-like row of the input itself
+    _check(jax.jit(top_k, static_argnums=1), x, 6)
 
 
 def test_bfloat16_input():
