@@ -47,7 +47,18 @@ from sigmoid_moe.sharding import DEFAULT_RULES, logical_sharding, make_mesh, rul
 # jax is imported but no backend is started at import, so a worker can still set its
 # device count and collectives before the first jax.devices().
 
-__all__ = ["RunResult", "TinyMoEModel", "create", "make_batch", "make_train_step", "run", "spawn"]
+__all__ = [
+    "RunResult",
+    "TinyMoEModel",
+    "create",
+    "make_batch",
+    "make_train_step",
+    "model_config",
+    "model_rules",
+    "put_batch",
+    "run",
+    "spawn",
+]
 
 
 def model_config(expert_axis: str | None) -> MoEConfig:
