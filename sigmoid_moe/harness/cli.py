@@ -48,9 +48,12 @@ def _compare(args: argparse.Namespace) -> int:
         aux_coefs=args.aux_coefs or preset.aux_coefs,
     )
     out = pathlib.Path(args.out or f"runs/compare-{args.preset}")
-    results = compare(
-        base, strategies, out, resume=not args.no_resume, progress=not args.quiet, report=True
-    )
+    try:
+        results = compare(
+            base, strategies, out, resume=not args.no_resume, progress=not args.quiet, report=True
+        )
+    except FileNotFoundError as err:  # a missing --data path: a usage error, exit 2
+        raise ValueError(str(err)) from None
     print()
     print(results_table(results))
     print(f"report: {out / 'report.md'}")

@@ -1,0 +1,168 @@
+"""The research harness: short real training runs at tiny sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from sigmoid_moe.cli import main
+from sigmoid_moe.harness import (
+    PRESETS,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    build_corpus,
+    train,
+)
+from sigmoid_moe.harness.checkpoint import Checkpointer
+from sigmoid_moe.harness.data import train_batch
+from sigmoid_moe.harness.report import PLOTS
+
+TINY = PRESETS["tiny"].base
+
+
+def _config(**changes) -> TrainConfig:
+    return dataclasses.replace(TINY, **changes)
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return build_corpus(TINY.data, TINY.model.seq_len)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus):
+    """An uninterrupted 20-step run with the loss-free bias on."""
+    config = _config(steps=20, checkpoint_every=10, bias_rate=1e-2)
+    out = tmp_path_factory.mktemp("reference")
+    train(config, out, progress=False, corpus=corpus)
+    return config, out
+
+
+def test_default_corpus_has_two_recorded_domains(corpus):
+    assert corpus.domains == ("code", "prose")
+    assert {f["domain"] for f in corpus.manifest} == {"code", "prose"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in corpus.manifest)
+    assert set(np.unique(corpus.val_domain)) == {0, 1}
+    again = build_corpus(TINY.data, TINY.model.seq_len)
+    np.testing.assert_array_equal(corpus.train, again.train)
+    np.testing.assert_array_equal(corpus.val, again.val)
+    a = train_batch(corpus, 123, 4, seed=0)
+    np.testing.assert_array_equal(a, train_batch(corpus, 123, 4, seed=0))
+    assert a.shape == (4, TINY.model.seq_len + 1) and a.dtype == np.uint8
+
+
+def test_user_data_and_missing_path(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world, " * 400)
+    corpus = build_corpus(DataConfig(paths=(f"mine={tmp_path}",)), 16)
+    assert corpus.domains == ("mine",) and corpus.manifest[0]["path"].endswith("a.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_corpus(DataConfig(paths=(str(tmp_path / "nope"),)), 16)
+
+
+def test_config_validation_names_the_argument():
+    with pytest.raises(ValueError, match="steps"):
+        _config(steps=0)
+    with pytest.raises(ValueError, match="bias_rule"):
+        _config(bias_rule="median")
+    with pytest.raises(ValueError, match="num_heads"):
+        ModelConfig(d_model=32, num_heads=3)
+    with pytest.raises(TypeError, match="model"):
+        TrainConfig(model="big")
+    with pytest.raises(ValueError, match="val_fraction"):
+        DataConfig(val_fraction=0.9)
+
+
+def test_loss_goes_down(tmp_path, corpus):
+    train(_config(steps=40, eval_every=40), tmp_path, progress=False, corpus=corpus)
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    record = _metrics(tmp_path)[-1]
+    num_layers, num_experts = TINY.model.num_layers, TINY.model.num_experts
+    assert np.asarray(record["load"]).shape == (num_layers, num_experts)
+    assert np.asarray(record["bias"]).shape == (num_layers, num_experts)
+    assert len(record["maxvio"]) == len(record["aux_loss"]) == num_layers
+
+
+def test_rerun_is_bit_identical(tmp_path, reference_run, corpus):
+    config, out = reference_run
+    train(config, tmp_path, progress=False, corpus=corpus)
+    assert (tmp_path / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+    assert np.any(np.asarray(_metrics(out)[-1]["bias"]) != 0)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_metrics(tmp_path, reference_run, corpus):
+    config, out = reference_run
+
+    def interrupt(step, _):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path, progress=False, corpus=corpus, on_step=interrupt)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest_step() == 10  # the last checkpoint before the interruption
+    ckpt.close()
+    result = train(config, tmp_path, progress=False, corpus=corpus)
+    assert result.step == 20
+    assert (tmp_path / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+
+
+def test_resume_with_another_config_is_refused(tmp_path, reference_run, corpus):
+    config, out = reference_run
+    train(dataclasses.replace(config, steps=10), tmp_path, progress=False, corpus=corpus)
+    with pytest.raises(ValueError, match="different config"):
+        train(dataclasses.replace(config, seed=1), tmp_path, progress=False, corpus=corpus)
+
+
+@pytest.mark.slow
+def test_lossfree_bias_lowers_maxvio_on_a_skewed_router(tmp_path, corpus):
+    skewed = dataclasses.replace(TINY.model, router_init_scale=4.0)
+    vio = {}
+    for rate in (0.0, 2e-2):
+        config = _config(model=skewed, steps=80, bias_rate=rate, eval_every=80)
+        out = tmp_path / f"rate{rate}"
+        train(config, out, progress=False, corpus=corpus)
+        vio[rate] = np.mean([np.mean(m["maxvio"]) for m in _metrics(out)[-20:]])
+    assert vio[2e-2] < 0.6 * vio[0.0], vio
+
+
+@pytest.mark.slow
+def test_cli_compare_writes_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", "tiny", "--steps", "8", "--out", str(out), "--quiet"]) == 0
+    report = (out / "report.md").read_text()
+    for name in ("softmax+aux", "sigmoid+aux", "sigmoid+lossfree(0.001,sign)", "sigmoid+none"):
+        assert name in report
+    assert "MaxVio_global" in report and "floor" in report
+    for plot in PLOTS:
+        assert (out / plot).stat().st_size > 1000
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert {r["kind"] for r in results} == {"aux loss", "loss-free bias", "none"}
+    assert all(set(r["domain_fraction"]) == {"code", "prose"} for r in results)
+    assert "| strategy |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rules", "median"], "unknown rule"),
+        (["--bias-rates", "fast"], "comma-separated numbers"),
+        (["--aux-coefs", "-1"], "aux_coefs"),
+        (["--steps", "0"], "steps"),
+        (["--data", "/no/such/corpus"], "does not exist"),
+        (["--preset", "huge"], "invalid choice"),
+    ],
+)
+def test_cli_bad_flags_get_clear_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--preset", "tiny", "--quiet", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
