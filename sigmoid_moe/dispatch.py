@@ -112,7 +112,11 @@ def _valid_a(expert_ids_tk: jax.Array, token_mask_t: jax.Array | None) -> jax.Ar
 def _rank_within_expert(
     expert_a: jax.Array, valid_a: jax.Array, num_experts: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Counting sort: each assignment's rank among earlier ones of its expert.
+    """Each assignment's rank among the earlier assignments of its expert.
+
+    A stable sort by expert (invalid assignments last) and each position minus its
+    expert's start: ``O(A log A)`` time and ``O(A)`` memory, where a one-hot running count
+    needs an ``[A, E]`` tensor (537 MB at 65536 tokens x top-8 x 256 experts).
 
     Args:
       expert_a: ``[A]`` int32 expert per assignment, in priority order.
@@ -121,11 +125,14 @@ def _rank_within_expert(
     Returns:
       ``rank_a [A]`` int32 (``-1`` where invalid) and ``count_e [E]`` int32.
     """
-    one_hot_ae = (expert_a[:, None] == jnp.arange(num_experts, dtype=jnp.int32)) & valid_a[:, None]
-    one_hot_ae = one_hot_ae.astype(jnp.int32)
-    running_ae = jnp.cumsum(one_hot_ae, axis=0)  # [A, E] inclusive count so far
-    rank_a = jnp.sum(running_ae * one_hot_ae, axis=1) - 1  # [A]
-    return rank_a, running_ae[-1]
+    num_assign = expert_a.shape[0]
+    key_a = jnp.where(valid_a, expert_a, num_experts).astype(jnp.int32)  # invalid: last
+    order_a = jnp.argsort(key_a, stable=True)  # priority order kept within an expert
+    count_e = jnp.zeros((num_experts + 1,), jnp.int32).at[key_a].add(1)
+    start_e = jnp.cumsum(count_e) - count_e  # exclusive
+    rank_sorted = jnp.arange(num_assign, dtype=jnp.int32) - start_e[key_a[order_a]]
+    rank_a = jnp.zeros((num_assign,), jnp.int32).at[order_a].set(rank_sorted)
+    return jnp.where(valid_a, rank_a, -1), count_e[:num_experts]
 
 
 def _gather_rows(x_td: jax.Array, src_p: jax.Array) -> jax.Array:
