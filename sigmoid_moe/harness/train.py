@@ -19,6 +19,7 @@ Outputs under ``out_dir``: ``config.json``, ``data.json`` (source files and sha2
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -180,12 +181,15 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def make_train_step(graphdef, config: TrainConfig, tx: optax.GradientTransformation) -> Callable:
+@functools.lru_cache(maxsize=8)
+def make_train_step(graphdef, config: TrainConfig) -> Callable:
     """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
-    bias, opt_state, metrics)``; metrics hold ``loss`` [], ``aux_loss``/``balance_loss``
+    bias, opt_state, metrics)``, cached per ``(graphdef, config)`` so reruns and resumes in
+    one process compile once; metrics hold ``loss`` [], ``aux_loss``/``balance_loss``
     ``[L]``, ``load [L, E]`` int32, ``maxvio [L]`` and the new ``bias [L, E]``."""
     rate = config.bias_rate_fn()
     lr = config.lr_schedule()
+    tx = _optimizer(config)
 
     def loss_fn(params, bias, tokens):
         model = nnx.merge(graphdef, params, bias)
@@ -301,7 +305,7 @@ def train(
         metrics_path.write_text("")
         eval_path.write_text("")
 
-    step_fn = make_train_step(graphdef, config, tx)
+    step_fn = make_train_step(graphdef, config)
     subset = eval_subset(corpus, config.eval_windows)
     bar = _progress(config.steps, start, progress, desc)
     done = start
