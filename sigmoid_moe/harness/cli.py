@@ -54,6 +54,12 @@ def _compare(args: argparse.Namespace) -> int:
         )
     except FileNotFoundError as err:  # a missing --data path: a usage error, exit 2
         raise ValueError(str(err)) from None
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the last checkpoints under {out}/runs are intact: run the same "
+            "command again to resume."
+        )
+        return 130
     print()
     print(results_table(results))
     print(f"report: {out / 'report.md'}")
