@@ -64,7 +64,7 @@ def _fraction_table(results: list[dict]) -> str:
 def _domain_table(results: list[dict]) -> str:
     lines = [
         "| strategy | domain | top experts (share of the domain's assignments, layer 0) "
-        "| share of top-k experts |",
+        "| share of its top E/4 experts (1/4 if spread evenly) |",
         "| --- | --- | --- | ---: |",
     ]
     for r in results:
