@@ -38,7 +38,7 @@ def results_table(results: list[dict]) -> str:
     """The Markdown results table (one row per strategy)."""
     head = (
         "| strategy | balancing | val loss | val PPL | MaxVio_global | floor (global) "
-        "| mean MaxVio_batch | floor (batch) | train s |\n"
+        "| mean MaxVio_batch | floor (batch) | run s |\n"
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     )
     rows = [
