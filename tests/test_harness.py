@@ -78,6 +78,12 @@ def test_config_validation_names_the_argument():
         TrainConfig(model="big")
     with pytest.raises(ValueError, match="val_fraction"):
         DataConfig(val_fraction=0.9)
+    with pytest.raises(ValueError, match="bias_rate_schedule"):
+        _config(bias_rate_schedule="linear")
+    cosine = _config(bias_rate=1e-3, bias_rate_schedule="cosine").bias_rate_fn()
+    assert float(cosine(0)) == pytest.approx(1e-3) and float(cosine(TINY.steps)) == pytest.approx(
+        1e-4
+    )
 
 
 def test_loss_goes_down(tmp_path, corpus):

@@ -39,6 +39,8 @@ def _compare(args: argparse.Namespace) -> int:
     }
     if "steps" in changes:
         changes["warmup_steps"] = min(base.warmup_steps, max(0, changes["steps"] // 10))
+    if args.bias_rate_schedule:
+        changes["bias_rate_schedule"] = args.bias_rate_schedule
     if args.data:
         changes["data"] = dataclasses.replace(base.data, paths=tuple(args.data))
     base = dataclasses.replace(base, **changes)
@@ -70,6 +72,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     """Adds ``compare`` to the ``sigmoid-moe`` subparsers."""
     from sigmoid_moe.balancing import BIAS_RULES
     from sigmoid_moe.harness.presets import PRESETS
+    from sigmoid_moe.harness.train import RATE_SCHEDULES
 
     def rules(text: str) -> tuple[str, ...]:
         values = _str_list(text)
@@ -102,6 +105,11 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the preset's seed")
     p.add_argument("--bias-rates", type=_float_list, help="loss-free rates, e.g. 1e-3,1e-2")
     p.add_argument("--rules", type=rules, help=f"bias rules, from {', '.join(BIAS_RULES)}")
+    p.add_argument(
+        "--bias-rate-schedule",
+        choices=RATE_SCHEDULES,
+        help="constant rate, or cosine decay to a tenth over training",
+    )
     p.add_argument("--aux-coefs", type=_float_list, help="aux-loss coefficients, e.g. 1e-3,1e-2")
     p.add_argument("--no-resume", action="store_true", help="retrain runs that have checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
