@@ -34,11 +34,14 @@ import jax.numpy as jnp
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
+    "CapacitySlots",
     "Dispatched",
     "GroupedKernel",
     "blocked_grouped_matmul",
     "capacity",
     "capacity_moe",
+    "capacity_slots",
+    "combine_slots",
     "dropless_moe",
 ]
 
@@ -153,6 +156,55 @@ def _combine(y_ad: jax.Array, weights_tk: jax.Array, kept_tk: jax.Array, dtype) 
 # --------------------------------------------------------------------------- capacity
 
 
+class CapacitySlots(NamedTuple):
+    """Where each assignment goes in an ``[E, C]`` slot buffer (rank-major priority)."""
+
+    slot_a: jax.Array  # [k*T] int32 slot e * C + rank, E * C where dropped or masked
+    src_s: jax.Array  # [E*C] int32 token per slot, T (a zero row) where empty
+    kept_a: jax.Array  # [k*T] bool placed in a slot
+    dropped: jax.Array  # [] int32 unmasked assignments that found no slot
+    count_e: jax.Array  # [E] int32 unmasked assignments per expert, dropped included
+
+
+def capacity_slots(
+    expert_ids_tk: jax.Array, token_mask_t: jax.Array | None, num_experts: int, slots: int
+) -> CapacitySlots:
+    """Assigns ``T*k`` token copies to ``slots`` slots per expert, dropping the overflow.
+
+    Priority is *choice rank first, then token order* (GShard): assignment ``a = j * T + t``
+    (all first choices before any second choice, earlier tokens first within a rank).
+    """
+    num_tokens, k = expert_ids_tk.shape
+    expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # [k*T]
+    valid_a = _valid_a(expert_ids_tk, token_mask_t).T.reshape(-1)  # [k*T]
+    token_a = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)  # [k*T]
+    rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
+    kept_a = valid_a & (rank_a < slots)
+    out_of_range = num_experts * slots
+    slot_a = jnp.where(kept_a, expert_a * slots + rank_a, out_of_range)
+    # Inverse map slot -> token; empty slots read the zero row (index T).
+    src_s = jnp.full((out_of_range,), num_tokens, jnp.int32).at[slot_a].set(token_a, mode="drop")
+    return CapacitySlots(
+        slot_a=slot_a,
+        src_s=src_s,
+        kept_a=kept_a,
+        dropped=jnp.sum(valid_a & ~kept_a, dtype=jnp.int32),
+        count_e=count_e,
+    )
+
+
+def combine_slots(
+    out_sd: jax.Array, placement: CapacitySlots, weights_tk: jax.Array, dtype
+) -> jax.Array:
+    """``[T, d]`` routed output from the slot buffer's rows ``out_sd [E*C, d]``."""
+    num_tokens, k = weights_tk.shape
+    y_ad = _gather_rows(out_sd, placement.slot_a)  # [k*T, d] rank-major
+    # Back to token-major [T, k] order for the combine.
+    y_ad = y_ad.reshape(k, num_tokens, -1).transpose(1, 0, 2).reshape(num_tokens * k, -1)
+    kept_tk = placement.kept_a.reshape(k, num_tokens).T
+    return _combine(y_ad, weights_tk, kept_tk, dtype)
+
+
 def capacity_moe(
     x_td: jax.Array,
     expert_ids_tk: jax.Array,
@@ -178,28 +230,14 @@ def capacity_moe(
     num_experts, d_model, _ = w_in_edf.shape
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
 
-    # Priority order is rank-major: a = j * T + t.
-    expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # [k*T]
-    valid_a = _valid_a(expert_ids_tk, token_mask_t).T.reshape(-1)  # [k*T]
-    token_a = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)  # [k*T]
-    rank_a, _ = _rank_within_expert(expert_a, valid_a, num_experts)
-    kept_a = valid_a & (rank_a < slots)
-    dropped = jnp.sum(valid_a & ~kept_a, dtype=jnp.int32)
-
-    out_of_range = num_experts * slots
-    slot_a = jnp.where(kept_a, expert_a * slots + rank_a, out_of_range)  # [k*T]
-    # Inverse map slot -> token; empty slots read the zero row (index T).
-    src_s = jnp.full((out_of_range,), num_tokens, jnp.int32).at[slot_a].set(token_a, mode="drop")
-    x_ecd = _gather_rows(x_td, src_s).reshape(num_experts, slots, d_model)
-
+    placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
+    x_ecd = _gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
     h_ecf2 = jnp.einsum("ecd,edf->ecf", x_ecd, w_in_edf.astype(x_td.dtype))
     o_ecd = jnp.einsum("ecf,efd->ecd", swiglu(h_ecf2), w_out_efd.astype(x_td.dtype))
-
-    y_ad = _gather_rows(o_ecd.reshape(out_of_range, d_model), slot_a)  # [k*T, d]
-    # Back to token-major [T, k] order for the combine.
-    y_ad = y_ad.reshape(k, num_tokens, d_model).transpose(1, 0, 2).reshape(-1, d_model)
-    kept_tk = kept_a.reshape(k, num_tokens).T
-    return Dispatched(_combine(y_ad, weights_tk, kept_tk, x_td.dtype), dropped)
+    y_td = combine_slots(
+        o_ecd.reshape(num_experts * slots, d_model), placement, weights_tk, x_td.dtype
+    )
+    return Dispatched(y_td, placement.dropped)
 
 
 # --------------------------------------------------------------------------- dropless

@@ -42,14 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe.dispatch import (
-    _check,
-    _combine,
-    _gather_rows,
-    _rank_within_expert,
-    _valid_a,
-    capacity,
-)
+from sigmoid_moe.dispatch import _check, _gather_rows, capacity, capacity_slots, combine_slots
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -131,19 +124,12 @@ def _local_moe(
     num_experts = local_experts * num_shards
     slots = expert_parallel_capacity(num_tokens, k, num_experts, capacity_factor)
 
-    # Slot assignment as in capacity_moe: rank-major priority a = j * T_l + t.
-    expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # [k*T_l]
-    valid_a = _valid_a(expert_ids_tk, mask_t).T.reshape(-1)  # [k*T_l]
-    token_a = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)  # [k*T_l]
-    rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
-    kept_a = valid_a & (rank_a < slots)
-    dropped = jnp.sum(valid_a & ~kept_a, dtype=jnp.int32)
-
-    out_of_range = num_experts * slots
-    slot_a = jnp.where(kept_a, expert_a * slots + rank_a, out_of_range)
-    src_s = jnp.full((out_of_range,), num_tokens, jnp.int32).at[slot_a].set(token_a, mode="drop")
+    # Slot assignment as in capacity_moe (choice rank first, then token order).
+    placement = capacity_slots(expert_ids_tk, mask_t, num_experts, slots)
     # Global expert e = owner * E_l + local index, so the leading split is by owner device.
-    send_nlcd = _gather_rows(x_td, src_s).reshape(num_shards, local_experts, slots, d_model)
+    send_nlcd = _gather_rows(x_td, placement.src_s).reshape(
+        num_shards, local_experts, slots, d_model
+    )
 
     # Dispatch: chunk i goes to expert-axis member i; received chunk j came from member j.
     recv_nlcd = jax.lax.all_to_all(send_nlcd, expert_axis, 0, 0, tiled=True)
@@ -154,13 +140,12 @@ def _local_moe(
     # Combine: the inverse exchange returns every row to its sender, in its slot order.
     out_nlcd = jax.lax.all_to_all(back_nlcd, expert_axis, 0, 0, tiled=True)
 
-    y_ad = _gather_rows(out_nlcd.reshape(out_of_range, d_model), slot_a)  # [k*T_l, d]
-    y_ad = y_ad.reshape(k, num_tokens, d_model).transpose(1, 0, 2).reshape(-1, d_model)
-    kept_tk = kept_a.reshape(k, num_tokens).T
-    y_td = _combine(y_ad, weights_tk, kept_tk, x_td.dtype)
+    y_td = combine_slots(
+        out_nlcd.reshape(num_experts * slots, d_model), placement, weights_tk, x_td.dtype
+    )
     # Integer psums: exact, so every replica holds the same global counts.
-    load_e = jax.lax.psum(count_e, token_axes)
-    dropped = jax.lax.psum(dropped, token_axes)
+    load_e = jax.lax.psum(placement.count_e, token_axes)
+    dropped = jax.lax.psum(placement.dropped, token_axes)
     return y_td, dropped, load_e
 
 

@@ -201,6 +201,15 @@ class MoEAux(NamedTuple):
 
 
 def _dispatch_fn(config: MoEConfig):
+    """``(x_td, ids_tk, weights_tk, w_in, w_out, mask_t) -> (y_td, dropped)`` for ``config``."""
+    if config.expert_axis is not None:
+        expert_parallel = functools.partial(
+            expert_parallel_moe,
+            expert_axis=config.expert_axis,
+            capacity_factor=config.capacity_factor if config.dispatch == "capacity" else None,
+        )
+        # Its psum-ed load equals expert_load of the (global-view) routing, counted in _aux.
+        return lambda *args: expert_parallel(*args)[:2]
     if config.dispatch == "capacity":
         return functools.partial(capacity_moe, capacity_factor=config.capacity_factor)
     return functools.partial(dropless_moe, kernel=config.kernel, block_size=config.block_size)
@@ -283,28 +292,14 @@ class MoELayer(nnx.Module):
 
         logits_te = jnp.dot(x_td.astype(jnp.float32), self.router_w_de[...].astype(jnp.float32))
         routing = route(logits_te, self.bias_e[...], cfg.router)
-        if cfg.expert_axis is not None:
-            ep = expert_parallel_moe(
-                x_td,
-                routing.expert_ids,
-                routing.weights,
-                self.w_in_edf[...].astype(cfg.dtype),
-                self.w_out_efd[...].astype(cfg.dtype),
-                mask_t,
-                expert_axis=cfg.expert_axis,
-                capacity_factor=cfg.capacity_factor if cfg.dispatch == "capacity" else None,
-            )
-            y_td, dropped, load = ep
-        else:
-            load = None
-            y_td, dropped = self._dispatch(
-                x_td,
-                routing.expert_ids,
-                routing.weights,
-                self.w_in_edf[...].astype(cfg.dtype),
-                self.w_out_efd[...].astype(cfg.dtype),
-                mask_t,
-            )
+        y_td, dropped = self._dispatch(
+            x_td,
+            routing.expert_ids,
+            routing.weights,
+            self.w_in_edf[...].astype(cfg.dtype),
+            self.w_out_efd[...].astype(cfg.dtype),
+            mask_t,
+        )
         if self.shared_w_in_df is not None:
             shared_td = swiglu_ffn(
                 x_td,
@@ -312,14 +307,13 @@ class MoELayer(nnx.Module):
                 self.shared_w_out_fd[...].astype(cfg.dtype),
             )
             y_td = y_td + shared_td
-        aux = self._aux(logits_te, routing, mask_t, lead, dropped, load)
+        aux = self._aux(logits_te, routing, mask_t, lead, dropped)
         return y_td.reshape(*lead, cfg.d_model), aux
 
-    def _aux(self, logits_te, routing, mask_t, lead, dropped, load=None) -> MoEAux:
+    def _aux(self, logits_te, routing, mask_t, lead, dropped) -> MoEAux:
         cfg = self.config
         zero = jnp.zeros((), jnp.float32)
-        if load is None:  # expert-parallel dispatch hands in its psum-ed global load
-            load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
+        load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
         balance = seq_balance = z = zero
         if cfg.balance_loss_coef > 0:
             balance = load_balancing_loss(router_probs(routing.scores), routing.expert_ids, mask_t)

@@ -42,19 +42,8 @@ def _mesh(name: str):
 
 
 def _config(**overrides) -> MoEConfig:
-    fields = dict(
-        d_model=16,
-        d_ff=8,
-        router=RouterConfig(num_experts=8, top_k=2),
-        num_shared_experts=1,
-        dispatch="dropless",
-        kernel="blocked",
-        block_size=8,
-        balance_loss_coef=1e-2,
-        z_loss_coef=1e-3,
-    )
-    fields.update(overrides)
-    return MoEConfig(**fields)
+    # The launcher's tiny layer (unsharded), with a z-loss as well.
+    return dataclasses.replace(launch.model_config(None), z_loss_coef=1e-3, **overrides)
 
 
 def _inputs(batch: int = 8, seq: int = 8, d_model: int = 16):
