@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from sigmoid_moe._checks import require_int
+
 ScoreFn = Literal["sigmoid", "softmax"]
 BiasMode = Literal["selection", "logit"]
 GroupScore = Literal["top2_sum", "max", "topk_sum"]
@@ -17,13 +19,6 @@ GroupScore = Literal["top2_sum", "max", "topk_sum"]
 SCORE_FNS = ("sigmoid", "softmax")
 BIAS_MODES = ("selection", "logit")
 GROUP_SCORES = ("top2_sum", "max", "topk_sum")
-
-
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
 
 
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -65,8 +60,8 @@ class RouterConfig:
     group_score: GroupScore = "top2_sum"
 
     def __post_init__(self) -> None:
-        _require_int("num_experts", self.num_experts, 1)
-        _require_int("top_k", self.top_k, 1)
+        require_int("num_experts", self.num_experts, 1)
+        require_int("top_k", self.top_k, 1)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}; "
@@ -81,8 +76,8 @@ class RouterConfig:
             raise TypeError(f"route_scale must be a float, got {self.route_scale!r}.")
         if not (self.route_scale > 0 and self.route_scale < float("inf")):
             raise ValueError(f"route_scale must be a finite float > 0, got {self.route_scale}.")
-        _require_int("num_groups", self.num_groups, 1)
-        _require_int("topk_groups", self.topk_groups, 1)
+        require_int("num_groups", self.num_groups, 1)
+        require_int("topk_groups", self.topk_groups, 1)
         if self.num_experts % self.num_groups:
             raise ValueError(
                 f"num_groups={self.num_groups} does not divide num_experts={self.num_experts}; "

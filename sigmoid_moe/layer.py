@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sigmoid_moe._checks import require_float, require_int
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe
@@ -52,20 +52,6 @@ PARAM_AXES = {
     "shared_w_out_fd": ("mlp", "embed"),
     "bias_e": ("router_exp",),
 }
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}.")
-
-
-def _coef(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r}.")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite float >= 0 (0 turns the loss off), got {value}.")
 
 
 def _float_dtype(name: str, value: Any) -> None:
@@ -122,21 +108,16 @@ class MoEConfig:
     expert_axis: str | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("d_model", self.d_model)
-        _positive_int("d_ff", self.d_ff)
+        require_int("d_model", self.d_model)
+        require_int("d_ff", self.d_ff)
         if not isinstance(self.router, RouterConfig):
             raise TypeError(
                 f"router must be a RouterConfig, got {type(self.router).__name__}; "
                 "e.g. RouterConfig(num_experts=64, top_k=6)."
             )
-        if isinstance(self.num_shared_experts, bool) or not isinstance(
-            self.num_shared_experts, int
-        ):
-            raise TypeError(f"num_shared_experts must be an int, got {self.num_shared_experts!r}.")
-        if self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}.")
+        require_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_d_ff is not None:
-            _positive_int("shared_d_ff", self.shared_d_ff)
+            require_int("shared_d_ff", self.shared_d_ff)
             if self.num_shared_experts == 0:
                 raise ValueError(
                     f"shared_d_ff={self.shared_d_ff} is set but num_shared_experts=0; "
@@ -146,26 +127,22 @@ class MoEConfig:
             raise ValueError(
                 f"dispatch={self.dispatch!r} is not supported; choose 'dropless' or 'capacity'."
             )
-        if isinstance(self.capacity_factor, bool) or not isinstance(
-            self.capacity_factor, (int, float)
-        ):
-            raise TypeError(f"capacity_factor must be a float, got {self.capacity_factor!r}.")
-        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
-            raise ValueError(
-                f"capacity_factor must be a finite float > 0, got {self.capacity_factor}; "
-                "1.25 is usual, num_experts / top_k drops nothing."
-            )
+        require_float(
+            "capacity_factor",
+            self.capacity_factor,
+            positive=True,
+            hint=" (1.25 is usual, num_experts / top_k drops nothing)",
+        )
         if self.kernel not in ("auto", "ragged_dot", "blocked"):
             raise ValueError(
                 f"kernel={self.kernel!r} is not supported; "
                 "choose 'auto', 'ragged_dot' or 'blocked'."
             )
-        _positive_int("block_size", self.block_size)
+        require_int("block_size", self.block_size)
         _float_dtype("dtype", self.dtype)
         _float_dtype("param_dtype", self.param_dtype)
-        _coef("balance_loss_coef", self.balance_loss_coef)
-        _coef("seq_balance_loss_coef", self.seq_balance_loss_coef)
-        _coef("z_loss_coef", self.z_loss_coef)
+        for name in ("balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef"):
+            require_float(name, getattr(self, name), hint=" (0 turns the loss off)")
         if self.expert_axis is not None and (
             not isinstance(self.expert_axis, str) or not self.expert_axis
         ):

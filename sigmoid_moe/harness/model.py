@@ -10,12 +10,13 @@ bias of every layer is a :class:`~sigmoid_moe.routing_bias.RoutingBias` variable
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sigmoid_moe._checks import require_float, require_int
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.layer import MoEAux, MoEConfig, MoELayer
 from sigmoid_moe.routing import route
@@ -23,20 +24,6 @@ from sigmoid_moe.routing import route
 __all__ = ["ModelConfig", "ModelOutput", "TransformerLM"]
 
 VOCAB_SIZE = 256  # bytes
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}.")
-
-
-def _nonneg_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r}.")
-    if not (0 <= value < float("inf")):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +60,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "d_model", "num_heads", "seq_len", "num_experts", "top_k"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("d_ff", self.d_ff)
+            require_int(name, getattr(self, name))
+        require_int("d_ff", self.d_ff)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide d_model={self.d_model}; "
                 "choose e.g. num_heads=4 with d_model=64."
             )
-        _nonneg_float("balance_loss_coef", self.balance_loss_coef)
-        _nonneg_float("router_init_scale", self.router_init_scale)
+        require_float("balance_loss_coef", self.balance_loss_coef)
+        require_float("router_init_scale", self.router_init_scale)
         self.moe_config()  # validates top_k, score_fn, num_shared_experts, kernel
 
     def router_config(self) -> RouterConfig:

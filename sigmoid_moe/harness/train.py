@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import shutil
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sigmoid_moe._checks import require_float, require_int
 from sigmoid_moe.balancing import BIAS_RULES
 from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_batch
@@ -44,23 +44,6 @@ from sigmoid_moe.routing_bias import RoutingBias, routing_bias_update
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
 RATE_SCHEDULES = ("constant", "cosine")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-
-
-def _check_float(name: str, value: Any, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r}.")
-    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(
-            f"{name} must be a finite float {'>' if positive else '>='} 0, got {value}."
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +92,19 @@ class TrainConfig:
         if not isinstance(self.data, DataConfig):
             raise TypeError(f"data must be a DataConfig, got {type(self.data).__name__}.")
         for name in ("steps", "batch_size", "eval_every", "eval_windows", "checkpoint_every"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("seed", self.seed, 0)
+            require_int(name, getattr(self, name), 1)
+        require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("seed", self.seed, 0)
         if self.warmup_steps >= self.steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be < steps={self.steps}; "
                 "use about 10% of steps."
             )
-        _check_float("learning_rate", self.learning_rate, positive=True)
-        _check_float("final_lr_fraction", self.final_lr_fraction)
-        _check_float("weight_decay", self.weight_decay)
-        _check_float("grad_clip", self.grad_clip, positive=True)
-        _check_float("bias_rate", self.bias_rate)
+        require_float("learning_rate", self.learning_rate, positive=True)
+        require_float("final_lr_fraction", self.final_lr_fraction)
+        require_float("weight_decay", self.weight_decay)
+        require_float("grad_clip", self.grad_clip, positive=True)
+        require_float("bias_rate", self.bias_rate)
         if self.bias_rule not in BIAS_RULES:
             raise ValueError(
                 f"bias_rule={self.bias_rule!r} is not supported; choose one of {BIAS_RULES}."

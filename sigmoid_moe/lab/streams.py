@@ -24,17 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sigmoid_moe._checks import require_float, require_int
+
 __all__ = ["StreamConfig", "StreamParams", "init_stream", "stream_logits"]
-
-
-def _int_at_least(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-
-
-def _nonneg_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a float >= 0, got {value!r}; use 0 to switch it off.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +61,15 @@ class StreamConfig:
     seq_std: float = 0.0
 
     def __post_init__(self) -> None:
-        _int_at_least("num_tokens", self.num_tokens, 1)
-        _int_at_least("num_experts", self.num_experts, 1)
-        _int_at_least("rank", self.rank, 0)
-        _int_at_least("drift_period", self.drift_period, 0)
-        _int_at_least("num_domains", self.num_domains, 1)
-        _int_at_least("shift_every", self.shift_every, 0)
-        _int_at_least("seq_len", self.seq_len, 1)
+        require_int("num_tokens", self.num_tokens, 1)
+        require_int("num_experts", self.num_experts, 1)
+        require_int("rank", self.rank, 0)
+        require_int("drift_period", self.drift_period, 0)
+        require_int("num_domains", self.num_domains, 1)
+        require_int("shift_every", self.shift_every, 0)
+        require_int("seq_len", self.seq_len, 1)
         for name in ("preference_std", "rank_std", "noise_std", "seq_std"):
-            _nonneg_float(name, getattr(self, name))
+            require_float(name, getattr(self, name), hint=" (0 switches it off)")
         if self.num_tokens % self.seq_len:
             raise ValueError(
                 f"seq_len={self.seq_len} does not divide num_tokens={self.num_tokens}; "
