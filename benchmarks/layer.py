@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_seconds
 
 from sigmoid_moe import RouterConfig, route
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe
@@ -50,13 +49,7 @@ def _peak_bytes(compiled) -> int | None:
 
 def _time(fn, args, repeats: int) -> tuple[float, int | None]:
     compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), _peak_bytes(compiled)
+    return median_seconds(compiled, args, repeats), _peak_bytes(compiled)
 
 
 def main() -> None:

@@ -27,13 +27,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import argparse  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 from sigmoid_moe import RouterConfig, logical_sharding, make_mesh, route  # noqa: E402
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe  # noqa: E402
@@ -91,16 +90,6 @@ def _step(dispatch):
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def _time(compiled, args, repeats: int) -> float:
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -137,7 +126,7 @@ def main() -> None:
     for name, dispatch in baselines.items():
         step = jax.jit(_step(dispatch), static_argnums=3)
         compiled = step.lower(params, x_td, ct_td, router).compile()
-        base_time[name] = _time(compiled, (params, x_td, ct_td), args.repeats)
+        base_time[name] = median_seconds(compiled, (params, x_td, ct_td), args.repeats)
         print(f"unsharded {name:9s} step {base_time[name] * 1e3:8.1f} ms")
 
     print(
@@ -177,7 +166,7 @@ def main() -> None:
             dropped = jax.jit(dispatch)(
                 xs, *_routing(placed, xs, router), placed["w_in_edf"], placed["w_out_efd"]
             ).dropped
-            step_s = _time(compiled, (placed, xs, cts), args.repeats)
+            step_s = median_seconds(compiled, (placed, xs, cts), args.repeats)
             slots = expert_parallel_capacity(local, k, e, factor)
             print(
                 f"{spec:6s} {label + f' C={slots}':26s} {len(ops):7d} {moved / 1e6:9.2f} "
