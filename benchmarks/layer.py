@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kernels", default="auto", help="dropless kernels, comma separated")
+    parser.add_argument(
+        "--capacity-kernels", default="auto", help="capacity kernels (auto, batched, blocked)"
+    )
     args = parser.parse_args()
 
     d, f, e, k, t = args.d_model, args.d_ff, args.experts, args.top_k, args.tokens
@@ -86,11 +89,14 @@ def main() -> None:
     print(
         f"dense SwiGLU d_ff={k * f}: {dense_s * 1e3:8.1f} ms  peak {dense_bytes / 2**20:8.1f} MiB"
     )
-    variants = {
-        f"capacity (factor {args.capacity_factor})": functools.partial(
-            capacity_moe, capacity_factor=args.capacity_factor
+    variants = {}
+    for kernel in args.capacity_kernels.split(","):
+        variants[f"capacity ({kernel}, factor {args.capacity_factor})"] = functools.partial(
+            capacity_moe,
+            capacity_factor=args.capacity_factor,
+            kernel=kernel,
+            block_size=args.block_size,
         )
-    }
     for kernel in args.kernels.split(","):
         variants[f"dropless ({kernel}, block {args.block_size})"] = functools.partial(
             dropless_moe, kernel=kernel, block_size=args.block_size

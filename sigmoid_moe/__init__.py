@@ -8,8 +8,9 @@ from sigmoid_moe.balancing import (
     expert_load,
     update_bias,
 )
+from sigmoid_moe.blocked_ffn import BlockLayout, block_layout, blocked_expert_ffn
 from sigmoid_moe.config import RouterConfig
-from sigmoid_moe.dispatch import Dispatched, blocked_grouped_matmul, capacity_moe, dropless_moe
+from sigmoid_moe.dispatch import Dispatched, capacity_moe, dropless_moe
 from sigmoid_moe.expert_parallel import ExpertParallelOut, expert_parallel_moe
 from sigmoid_moe.interop import from_hf_deepseek_v3_moe, to_hf_deepseek_v3_moe
 from sigmoid_moe.layer import PARAM_AXES, MoEAux, MoEConfig, MoELayer
@@ -47,6 +48,7 @@ __all__ = [
     "BIAS_RULES",
     "BiasCorrection",
     "BiasState",
+    "BlockLayout",
     "DEFAULT_RULES",
     "Dispatched",
     "ExpertParallelOut",
@@ -60,7 +62,8 @@ __all__ = [
     "RoutingBias",
     "apply_routing_bias_update",
     "bias_correction",
-    "blocked_grouped_matmul",
+    "block_layout",
+    "blocked_expert_ffn",
     "capacity_moe",
     "coefficient_of_variation",
     "dropless_moe",

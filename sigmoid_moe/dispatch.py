@@ -13,9 +13,11 @@ weights; the routing (``expert_ids_tk``, ``weights_tk``) comes from
 summed over the assignments that were not dropped (all of them in the dropless path).
 Masked tokens (``token_mask_t`` False: padding) take no expert slot and get ``y_t = 0``.
 
-Both paths sort token copies by expert with a counting sort (a cumulative sum of a
-``[T*k, E]`` one-hot: O(T k E) integer adds, no O(T k log) argsort) and move rows with
-gathers and scatter-adds of indices; no dense ``[T, E, capacity]`` dispatch tensor.
+Both paths rank token copies within their expert with one stable sort (O(T k) memory)
+and move rows with gathers and scatter-adds of indices; no dense ``[T, E, capacity]``
+dispatch tensor. Each has two kernels with the same numbers, chosen by backend
+(``kernel="auto"``): batched matmuls / ``ragged_dot`` on GPU and TPU, and on CPU the fused
+block scan of :mod:`sigmoid_moe.blocked_ffn`.
 
 References:
   GShard (arXiv 2006.16668), Switch Transformer (arXiv 2101.03961): capacity dispatch.
@@ -24,20 +26,20 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
     "CapacitySlots",
     "Dispatched",
-    "GroupedKernel",
-    "blocked_grouped_matmul",
+    "CapacityKernel",
+    "DroplessKernel",
     "capacity",
     "capacity_moe",
     "capacity_slots",
@@ -45,7 +47,8 @@ __all__ = [
     "dropless_moe",
 ]
 
-GroupedKernel = Literal["auto", "ragged_dot", "blocked"]
+DroplessKernel = Literal["auto", "ragged_dot", "blocked"]
+CapacityKernel = Literal["auto", "batched", "blocked"]
 
 
 class Dispatched(NamedTuple):
@@ -214,8 +217,10 @@ def capacity_moe(
     token_mask_t: jax.Array | None = None,
     *,
     capacity_factor: float = 1.25,
+    kernel: CapacityKernel = "auto",
+    block_size: int = 128,
 ) -> Dispatched:
-    """Capacity dispatch (GShard/Switch): a dense ``[E, C, d_model]`` buffer per step.
+    """Capacity dispatch (GShard/Switch): at most ``C`` token copies per expert.
 
     Every expert has ``C = capacity(T, k, E, capacity_factor)`` slots. Overflow is dropped
     by priority *choice rank first, then token order*: all first choices are placed
@@ -223,17 +228,42 @@ def capacity_moe(
     of dropped (unmasked) assignments is returned; a dropped assignment contributes 0
     (its weight is not renormalised over the survivors).
 
-    Cost: ``E * C`` rows through the experts, ``capacity_factor`` times the useful work.
+    Kernels (same numbers, ``kernel="auto"`` picks by backend):
+      ``"batched"`` (GPU/TPU): the dense ``[E, C, d_model]`` slot buffer through one batched
+      matmul per projection, ``E * C`` rows (``capacity_factor`` times the useful work).
+      ``"blocked"`` (CPU): the kept copies in expert-contiguous row blocks through
+      :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn`; empty slots cost nothing.
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    _check_block_size(block_size)
+    kernel = _resolve_kernel(kernel, ("batched", "blocked"), gpu_choice="batched")
     num_tokens, k = expert_ids_tk.shape
     num_experts, d_model, _ = w_in_edf.shape
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
-
     placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
+    w_in = w_in_edf.astype(x_td.dtype)
+    w_out = w_out_efd.astype(x_td.dtype)
+
+    if kernel == "blocked":
+        expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # rank-major, as the slots
+        num_assign = expert_a.shape[0]
+        bound = num_blocks_bound(min(num_assign, num_experts * slots), num_experts, block_size)
+        layout = block_layout(
+            expert_a,
+            placement.slot_a - expert_a * slots,  # rank within the expert where kept
+            placement.kept_a,
+            jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
+            weights_tk.T.reshape(-1),
+            jnp.minimum(placement.count_e, slots),
+            num_tokens=num_tokens,
+            num_blocks=min(bound, num_experts * -(-slots // block_size)),
+            block_size=block_size,
+        )
+        return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), placement.dropped)
+
     x_ecd = _gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
-    h_ecf2 = jnp.einsum("ecd,edf->ecf", x_ecd, w_in_edf.astype(x_td.dtype))
-    o_ecd = jnp.einsum("ecf,efd->ecd", swiglu(h_ecf2), w_out_efd.astype(x_td.dtype))
+    h_ecf2 = jnp.einsum("ecd,edf->ecf", x_ecd, w_in)
+    o_ecd = jnp.einsum("ecf,efd->ecd", swiglu(h_ecf2), w_out)
     y_td = combine_slots(
         o_ecd.reshape(num_experts * slots, d_model), placement, weights_tk, x_td.dtype
     )
@@ -243,105 +273,21 @@ def capacity_moe(
 # --------------------------------------------------------------------------- dropless
 
 
-def _block_matmul_fwd_scan(lhs_bmk, rhs_ekn, block_expert_b):
-    def body(_, inputs):
-        x_mk, expert = inputs
-
-        def run():
-            w_kn = jax.lax.dynamic_index_in_dim(rhs_ekn, expert, keepdims=False)
-            return jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32).astype(x_mk.dtype)
-
-        def skip():
-            return jnp.zeros((x_mk.shape[0], rhs_ekn.shape[2]), x_mk.dtype)
-
-        # Blocks past the last used one (expert -1) cost nothing.
-        return None, jax.lax.cond(expert >= 0, run, skip)
-
-    _, out_bmn = jax.lax.scan(body, None, (lhs_bmk, block_expert_b))
-    return out_bmn
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}; 128 is usual.")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked_matmul(lhs_pk, rhs_ekn, block_expert_b, block_size):
-    num_blocks = block_expert_b.shape[0]
-    lhs_bmk = lhs_pk.reshape(num_blocks, block_size, -1)
-    return _block_matmul_fwd_scan(lhs_bmk, rhs_ekn, block_expert_b).reshape(
-        num_blocks * block_size, -1
-    )
-
-
-def _blocked_matmul_fwd(lhs_pk, rhs_ekn, block_expert_b, block_size):
-    out = _blocked_matmul(lhs_pk, rhs_ekn, block_expert_b, block_size)
-    return out, (lhs_pk, rhs_ekn, block_expert_b)
-
-
-def _blocked_matmul_bwd(block_size, residuals, g_pn):
-    # A hand-written backward: autodiff of the forward scan would add a full [E, K, N]
-    # zero-padded cotangent per block; here each block adds into its expert's slice of
-    # a float32 accumulator carried through one scan (updated in place).
-    lhs_pk, rhs_ekn, block_expert_b = residuals
-    num_blocks = block_expert_b.shape[0]
-    lhs_bmk = lhs_pk.reshape(num_blocks, block_size, -1)
-    g_bmn = g_pn.reshape(num_blocks, block_size, -1)
-
-    def body(drhs_ekn, inputs):
-        x_mk, g_mn, expert = inputs
-
-        def run(drhs_ekn):
-            w_kn = jax.lax.dynamic_index_in_dim(rhs_ekn, expert, keepdims=False)
-            dx_mk = jnp.dot(g_mn, w_kn.T, preferred_element_type=jnp.float32).astype(x_mk.dtype)
-            dw_kn = jnp.dot(x_mk.T, g_mn, preferred_element_type=jnp.float32)
-            old = jax.lax.dynamic_index_in_dim(drhs_ekn, expert, keepdims=True)
-            drhs_ekn = jax.lax.dynamic_update_index_in_dim(drhs_ekn, old + dw_kn[None], expert, 0)
-            return drhs_ekn, dx_mk
-
-        def skip(drhs_ekn):
-            return drhs_ekn, jnp.zeros_like(x_mk)
-
-        return jax.lax.cond(expert >= 0, run, skip, drhs_ekn)
-
-    drhs_ekn, dlhs_bmk = jax.lax.scan(
-        body, jnp.zeros(rhs_ekn.shape, jnp.float32), (lhs_bmk, g_bmn, block_expert_b)
-    )
-    return dlhs_bmk.reshape(lhs_pk.shape), drhs_ekn.astype(rhs_ekn.dtype), None
-
-
-_blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
-
-
-def blocked_grouped_matmul(
-    lhs_pk: jax.Array, rhs_ekn: jax.Array, block_expert_b: jax.Array, *, block_size: int
-) -> jax.Array:
-    """Grouped matmul on a block-padded layout: block ``b`` of rows times ``rhs[e_b]``.
-
-    ``lhs_pk`` has ``P = num_blocks * block_size`` rows; rows of one expert are
-    contiguous and start on a block boundary. Blocks with ``e_b = -1`` are skipped and
-    give zeros. Only the used blocks are multiplied, so the work is the true rows plus at
-    most ``block_size - 1`` padding rows per expert. Forward and backward are each one
-    ``lax.scan`` over blocks; the backward is custom (see the code).
-
-    Args:
-      lhs_pk: ``[P, K]``.
-      rhs_ekn: ``[E, K, N]``.
-      block_expert_b: ``[num_blocks]`` int32 expert per block, ``-1`` for unused.
-      block_size: rows per block (static).
-
-    Returns:
-      ``[P, N]`` in ``lhs_pk``'s dtype.
-    """
-    return _blocked_matmul(lhs_pk, rhs_ekn, block_expert_b.astype(jnp.int32), block_size)
-
-
-def _resolve_kernel(kernel: GroupedKernel) -> str:
-    if kernel not in ("auto", "ragged_dot", "blocked"):
-        raise ValueError(
-            f"kernel={kernel!r} is not supported; choose 'auto', 'ragged_dot' or 'blocked'."
-        )
+def _resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> str:
+    if kernel != "auto" and kernel not in choices:
+        options = ", ".join(repr(c) for c in ("auto", *choices))
+        raise ValueError(f"kernel={kernel!r} is not supported here; choose {options}.")
     if kernel != "auto":
         return kernel
     # XLA:CPU lowers ragged_dot to a dense masked matmul over all E experts (E times the
-    # FLOPs, and its gradient at T8192/E64 asked for 38 GB), so CPU uses the blocked scan.
-    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    # FLOPs; its gradient at T8192/E64 asked for 38 GB), and large fresh buffers cost more
+    # than the GEMMs' memory traffic there, so CPU runs the fused blocked scan.
+    return "blocked" if jax.default_backend() == "cpu" else gpu_choice
 
 
 def dropless_moe(
@@ -352,60 +298,54 @@ def dropless_moe(
     w_out_efd: jax.Array,
     token_mask_t: jax.Array | None = None,
     *,
-    kernel: GroupedKernel = "auto",
+    kernel: DroplessKernel = "auto",
     block_size: int = 128,
 ) -> Dispatched:
-    """Dropless dispatch (MegaBlocks-style): sort copies by expert, grouped matmul, unsort.
+    """Dropless dispatch (MegaBlocks-style): sort copies by expert, grouped matmul, combine.
 
-    1. Counting-sort the ``T*k`` token copies by expert (token order within an expert).
-    2. Run both SwiGLU matmuls as grouped matmuls: ``jax.lax.ragged_dot`` on GPU/TPU,
-       :func:`blocked_grouped_matmul` on CPU (``kernel="auto"``); both give the same
-       numbers. Experts with zero tokens simply own zero rows / blocks.
-    3. Gather each copy's output back and combine with the routing weights.
+    1. Sort the ``T*k`` token copies by expert (stable: token order within an expert).
+    2. Run the SwiGLU experts as grouped matmuls: ``jax.lax.ragged_dot`` on GPU/TPU, or on
+       CPU the fused block scan :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn`
+       (``kernel="auto"`` picks by backend; both give the same numbers). Experts with zero
+       tokens own zero rows / blocks.
+    3. Combine each copy's output with its routing weight.
 
     No assignment is ever dropped; ``dropped`` is 0. Masked tokens are sorted out of the
     computed rows entirely.
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
-    kernel = _resolve_kernel(kernel)
+    _check_block_size(block_size)
+    kernel = _resolve_kernel(kernel, ("ragged_dot", "blocked"), gpu_choice="ragged_dot")
     num_tokens, k = expert_ids_tk.shape
-    num_experts, d_model, _ = w_in_edf.shape
+    num_experts = w_in_edf.shape[0]
     num_assign = num_tokens * k
 
     expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
     valid_tk = _valid_a(expert_ids_tk, token_mask_t)
     valid_a = valid_tk.reshape(-1)
-    token_a = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
     rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
+    # ragged_dot needs no padding: rows in blocks of one, exactly A rows.
+    block_size = block_size if kernel == "blocked" else 1
+    layout = block_layout(
+        expert_a,
+        rank_a,
+        valid_a,
+        jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k),
+        weights_tk.reshape(-1),
+        count_e,
+        num_tokens=num_tokens,
+        num_blocks=num_blocks_bound(num_assign, num_experts, block_size),
+        block_size=block_size,
+    )
     w_in = w_in_edf.astype(x_td.dtype)
     w_out = w_out_efd.astype(x_td.dtype)
+    no_drops = jnp.zeros((), jnp.int32)
+    if kernel == "blocked":
+        return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), no_drops)
 
-    if kernel == "ragged_dot":
-        num_rows = num_assign
-        start_e = jnp.cumsum(count_e) - count_e  # exclusive
-        pos_a = jnp.where(valid_a, start_e[expert_a] + rank_a, num_rows)
-        src_p = jnp.full((num_rows,), num_tokens, jnp.int32).at[pos_a].set(token_a, mode="drop")
-        x_pd = _gather_rows(x_td, src_p)
-        # Rows past sum(count_e) (masked tokens' share) belong to no group.
-        h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
-        o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
-    else:
-        # At most one partly filled block per expert: sum_e ceil(n_e/B) <= (A + E(B-1)) // B.
-        num_blocks = (num_assign + num_experts * (block_size - 1)) // block_size
-        num_rows = num_blocks * block_size
-        blocks_e = (count_e + block_size - 1) // block_size
-        block_end_e = jnp.cumsum(blocks_e)
-        block_start_e = block_end_e - blocks_e
-        pos_a = jnp.where(valid_a, block_start_e[expert_a] * block_size + rank_a, num_rows)
-        src_p = jnp.full((num_rows,), num_tokens, jnp.int32).at[pos_a].set(token_a, mode="drop")
-        x_pd = _gather_rows(x_td, src_p)
-        block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
-        block_expert_b = jnp.searchsorted(block_end_e, block_ids, side="right").astype(jnp.int32)
-        block_expert_b = jnp.where(block_expert_b < num_experts, block_expert_b, -1)
-        h_pf2 = blocked_grouped_matmul(x_pd, w_in, block_expert_b, block_size=block_size)
-        o_pd = blocked_grouped_matmul(swiglu(h_pf2), w_out, block_expert_b, block_size=block_size)
-
-    y_ad = _gather_rows(o_pd, pos_a)  # [T*k, d]
-    return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), jnp.zeros((), jnp.int32))
+    x_pd = _gather_rows(x_td, layout.src_bm.reshape(-1))
+    # Rows past sum(count_e) (masked tokens' share) belong to no group.
+    h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
+    o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
+    y_ad = _gather_rows(o_pd, layout.row_a)  # [T*k, d]
+    return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), no_drops)

@@ -76,8 +76,9 @@ class MoEConfig:
       shared_d_ff: that width; default ``num_shared_experts * d_ff`` (as HF does).
       dispatch: ``"dropless"`` (no token dropped) or ``"capacity"`` (GShard/Switch).
       capacity_factor: slots per expert ``= ceil(factor * T * k / E)`` (capacity only).
-      kernel: dropless grouped-matmul kernel: ``"auto"`` (ragged_dot on GPU/TPU, the
-        blocked scan on CPU), ``"ragged_dot"`` or ``"blocked"``.
+      kernel: expert kernel. ``"auto"`` picks by backend: on CPU ``"blocked"`` (the fused
+        block scan of :mod:`sigmoid_moe.blocked_ffn`, both dispatch modes), on GPU/TPU
+        ``"ragged_dot"`` (dropless) or ``"batched"`` (capacity's ``[E, C, d]`` buffer).
       block_size: rows per block of the blocked kernel.
       dtype: activation / expert-matmul dtype. Router math is always float32.
       param_dtype: storage dtype of the weights. The bias is always float32.
@@ -98,7 +99,7 @@ class MoEConfig:
     shared_d_ff: int | None = None
     dispatch: DispatchKind = "dropless"
     capacity_factor: float = 1.25
-    kernel: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    kernel: Literal["auto", "ragged_dot", "batched", "blocked"] = "auto"
     block_size: int = 128
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -133,10 +134,14 @@ class MoEConfig:
             positive=True,
             hint=" (1.25 is usual, num_experts / top_k drops nothing)",
         )
-        if self.kernel not in ("auto", "ragged_dot", "blocked"):
+        kernels = {
+            "dropless": ("auto", "ragged_dot", "blocked"),
+            "capacity": ("auto", "batched", "blocked"),
+        }[self.dispatch]
+        if self.kernel not in kernels:
             raise ValueError(
-                f"kernel={self.kernel!r} is not supported; "
-                "choose 'auto', 'ragged_dot' or 'blocked'."
+                f"kernel={self.kernel!r} is not supported with dispatch={self.dispatch!r}; "
+                f"choose one of {kernels}."
             )
         require_int("block_size", self.block_size)
         _float_dtype("dtype", self.dtype)
@@ -188,7 +193,12 @@ def _dispatch_fn(config: MoEConfig):
         # Its psum-ed load equals expert_load of the (global-view) routing, counted in _aux.
         return lambda *args: expert_parallel(*args)[:2]
     if config.dispatch == "capacity":
-        return functools.partial(capacity_moe, capacity_factor=config.capacity_factor)
+        return functools.partial(
+            capacity_moe,
+            capacity_factor=config.capacity_factor,
+            kernel=config.kernel,
+            block_size=config.block_size,
+        )
     return functools.partial(dropless_moe, kernel=config.kernel, block_size=config.block_size)
 
 

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sigmoid_moe.dispatch import blocked_grouped_matmul, capacity, capacity_moe, dropless_moe
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
+from sigmoid_moe.dispatch import capacity, capacity_moe, dropless_moe
+from sigmoid_moe.experts import swiglu, swiglu_vjp
 
 
 def _silu(v):
@@ -67,8 +69,12 @@ def _problem(seed, num_tokens, d_model, d_ff, num_experts, k, *, idle=0, masked=
 
 
 def _paths(num_experts, k):
+    no_drops = num_experts / k
     return {
-        "capacity": functools.partial(capacity_moe, capacity_factor=num_experts / k),
+        "capacity": functools.partial(capacity_moe, capacity_factor=no_drops, kernel="batched"),
+        "capacity_b3": functools.partial(
+            capacity_moe, capacity_factor=no_drops, kernel="blocked", block_size=3
+        ),
         "blocked_b1": functools.partial(dropless_moe, kernel="blocked", block_size=1),
         "blocked_b3": functools.partial(dropless_moe, kernel="blocked", block_size=3),
         "blocked_b64": functools.partial(dropless_moe, kernel="blocked", block_size=64),
@@ -88,7 +94,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(
-    "path", ["capacity", "blocked_b1", "blocked_b3", "blocked_b64", "ragged_dot"]
+    "path", ["capacity", "capacity_b3", "blocked_b1", "blocked_b3", "blocked_b64", "ragged_dot"]
 )
 def test_matches_per_token_oracle(shape, path):
     *dims, idle, masked = shape
@@ -111,22 +117,23 @@ def test_all_tokens_on_one_expert_others_idle():
 
 
 @pytest.mark.parametrize("factor", [0.25, 0.5, 1.0, 1.25])
-def test_capacity_drops_match_oracle(factor):
+@pytest.mark.parametrize("kernel", ["batched", "blocked"])
+def test_capacity_drops_match_oracle(factor, kernel):
     x, ids, weights, w_in, w_out, mask = _problem(3, 24, 4, 3, 4, 2, masked=0.2)
     # Skew the routing so experts 0 and 1 overflow.
     ids = ids.at[:12, 0].set(0).at[:12, 1].set(1)
     slots = capacity(24, 2, 4, factor)
     want, want_dropped = oracle_moe(x, ids, weights, w_in, w_out, mask, slots=slots)
-    got = jax.jit(functools.partial(capacity_moe, capacity_factor=factor))(
-        x, ids, weights, w_in, w_out, mask
-    )
+    run = functools.partial(capacity_moe, capacity_factor=factor, kernel=kernel, block_size=2)
+    got = jax.jit(run)(x, ids, weights, w_in, w_out, mask)
     np.testing.assert_allclose(np.asarray(got.y_td), want, rtol=1e-5, atol=1e-5)
     assert int(got.dropped) == want_dropped
     if factor < 1.25:
         assert want_dropped > 0  # the case is not vacuous
 
 
-def test_capacity_hand_worked():
+@pytest.mark.parametrize("kernel", ["batched", "blocked"])
+def test_capacity_hand_worked(kernel):
     # T=4, k=1, E=2, factor 1: C = ceil(1 * 4 * 1 / 2) = 2.
     # ids = [0, 0, 0, 1]: expert 0 admits tokens 0 and 1 (token order) and drops token 2.
     x = jnp.ones((4, 2), jnp.float32)
@@ -134,14 +141,15 @@ def test_capacity_hand_worked():
     weights = jnp.ones((4, 1), jnp.float32)
     w_in = jnp.ones((2, 2, 2), jnp.float32)  # d_ff = 1: gate = up = x0 + x1 = 2
     w_out = jnp.ones((2, 1, 2), jnp.float32)
-    got = capacity_moe(x, ids, weights, w_in, w_out, capacity_factor=1.0)
+    got = capacity_moe(x, ids, weights, w_in, w_out, capacity_factor=1.0, kernel=kernel)
     assert capacity(4, 1, 2, 1.0) == 2
     assert int(got.dropped) == 1
     ffn = 2.0 / (1.0 + math.exp(-2.0)) * 2.0  # silu(2) * 2 = 3.5232...
     np.testing.assert_allclose(np.asarray(got.y_td[:, 0]), [ffn, ffn, 0.0, ffn], rtol=1e-6)
 
 
-def test_capacity_priority_is_choice_rank_first():
+@pytest.mark.parametrize("kernel", ["batched", "blocked"])
+def test_capacity_priority_is_choice_rank_first(kernel):
     # T=2, k=2, E=2, factor 0.5: C = ceil(0.5 * 2 * 2 / 2) = 1.
     # Token 0 chooses (0, 1); token 1 chooses (1, 0). The first choices take both slots,
     # so both second choices drop, although token 0's second choice comes first in token order.
@@ -150,7 +158,7 @@ def test_capacity_priority_is_choice_rank_first():
     weights = jnp.array([[0.7, 0.3], [0.6, 0.4]], jnp.float32)
     w_in = jnp.ones((2, 2, 2), jnp.float32)
     w_out = jnp.ones((2, 1, 2), jnp.float32)
-    got = capacity_moe(x, ids, weights, w_in, w_out, capacity_factor=0.5)
+    got = capacity_moe(x, ids, weights, w_in, w_out, capacity_factor=0.5, kernel=kernel)
     ffn = 2.0 / (1.0 + math.exp(-2.0)) * 2.0
     assert int(got.dropped) == 2
     np.testing.assert_allclose(np.asarray(got.y_td[:, 0]), [0.7 * ffn, 0.6 * ffn], rtol=1e-6)
@@ -183,12 +191,84 @@ def test_gradients_agree_across_paths():
     assert np.all(np.asarray(grads["blocked_b3"][2])[4:] == 0)
 
 
-def test_blocked_grouped_matmul_hand_worked():
-    # Two blocks of 2 rows: block 0 uses expert 1 (scale 3), block 1 unused (-1) -> zeros.
-    lhs = jnp.arange(8, dtype=jnp.float32).reshape(4, 2)
-    rhs = jnp.stack([jnp.eye(2), 3 * jnp.eye(2)])
-    out = blocked_grouped_matmul(lhs, rhs, jnp.array([1, -1]), block_size=2)
-    np.testing.assert_array_equal(np.asarray(out), [[0, 3], [6, 9], [0, 0], [0, 0]])
+def test_blocked_expert_ffn_hand_worked():
+    # Blocks of 2 rows. Expert 1 (w_out scale 3) holds token 1 (weight 0.5) and token 0
+    # (weight 2); block 1 is unused (-1). d_ff = 1, so FFN_e(x) = silu(x0) * x1 * scale_e.
+    x = jnp.array([[1.0, 2.0], [-1.0, 4.0], [5.0, 5.0]], jnp.float32)
+    w_in = jnp.broadcast_to(jnp.eye(2, dtype=jnp.float32), (2, 2, 2))  # gate = x0, up = x1
+    w_out = jnp.stack([jnp.ones((1, 2)), 3 * jnp.ones((1, 2))]).astype(jnp.float32)
+    layout = block_layout(
+        jnp.array([1, 1], jnp.int32),  # expert per assignment
+        jnp.array([1, 0], jnp.int32),  # rank: token 1's copy comes first
+        jnp.array([True, True]),
+        jnp.array([0, 1], jnp.int32),  # token per assignment
+        jnp.array([2.0, 0.5], jnp.float32),
+        jnp.array([0, 2], jnp.int32),  # rows per expert
+        num_tokens=3,
+        num_blocks=2,
+        block_size=2,
+    )
+    np.testing.assert_array_equal(np.asarray(layout.block_expert_b), [1, -1])
+    np.testing.assert_array_equal(np.asarray(layout.src_bm), [[1, 0], [3, 3]])
+    np.testing.assert_array_equal(np.asarray(layout.row_a), [1, 0])
+    silu = lambda v: v / (1.0 + math.exp(-v))  # noqa: E731
+    y = blocked_expert_ffn(x, layout, w_in, w_out)
+    want = [2.0 * silu(1.0) * 2.0 * 3, 0.5 * silu(-1.0) * 4.0 * 3, 0.0]  # token 2: no row
+    np.testing.assert_allclose(np.asarray(y[:, 0]), want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y[:, 1]), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 5])
+def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
+    """The hand-written backward equals autodiff of the plain gather-einsum-scatter form."""
+    x, ids, weights, w_in, w_out, _ = _problem(11, 10, 4, 3, 5, 2, idle=1)
+    expert_a = ids.reshape(-1)
+    token_a = jnp.repeat(jnp.arange(10, dtype=jnp.int32), 2)
+    order = jnp.argsort(expert_a, stable=True)
+    count_e = jnp.bincount(expert_a, length=5)
+    start_e = jnp.cumsum(count_e) - count_e
+    rank_a = jnp.zeros_like(expert_a).at[order].set(jnp.arange(20) - start_e[expert_a[order]])
+    num_blocks = num_blocks_bound(20, 5, block_size)
+
+    def blocked(x, weight_a, w_in, w_out):
+        layout = block_layout(
+            expert_a,
+            rank_a,
+            jnp.ones(20, bool),
+            token_a,
+            weight_a,
+            count_e,
+            num_tokens=10,
+            num_blocks=num_blocks,
+            block_size=block_size,
+        )
+        return blocked_expert_ffn(x, layout, w_in, w_out)
+
+    def plain(x, weight_a, w_in, w_out):
+        h = jnp.einsum("ad,adf->af", x[token_a], w_in[expert_a])
+        gate, up = jnp.split(h, 2, axis=-1)
+        o = jnp.einsum("af,afd->ad", jax.nn.silu(gate) * up, w_out[expert_a])
+        return jnp.zeros_like(x).at[token_a].add(weight_a[:, None] * o)
+
+    args = (x, weights.reshape(-1), w_in, w_out)
+    cotangent = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
+    got_y, got_vjp = jax.vjp(jax.jit(blocked), *args)
+    want_y, want_vjp = jax.vjp(plain, *args)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(
+        "x weights w_in w_out".split(), got_vjp(cotangent), want_vjp(cotangent), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_swiglu_vjp_matches_autodiff():
+    h = jnp.asarray(np.random.default_rng(1).normal(size=(7, 10)) * 4, jnp.float32)
+    da = jnp.asarray(np.random.default_rng(2).normal(size=(7, 5)), jnp.float32)
+    want = jax.vjp(swiglu, h)[1](da)[0]
+    np.testing.assert_allclose(
+        np.asarray(swiglu_vjp(h, da)), np.asarray(want), rtol=1e-5, atol=1e-6
+    )
+    assert swiglu_vjp(h.astype(jnp.bfloat16), da).dtype == jnp.bfloat16
 
 
 def test_bf16_close_to_float32():
@@ -220,7 +300,11 @@ def test_bad_inputs():
         dropless_moe(x, ids, weights, w_in[:, :3], w_out)
     with pytest.raises(ValueError, match="w_out_efd"):
         capacity_moe(x, ids, weights, w_in, w_out[:, :2])
-    with pytest.raises(ValueError, match="kernel"):
+    with pytest.raises(ValueError, match="kernel='magic'"):
         dropless_moe(x, ids, weights, w_in, w_out, kernel="magic")
+    with pytest.raises(ValueError, match="kernel='ragged_dot' is not supported"):
+        capacity_moe(x, ids, weights, w_in, w_out, kernel="ragged_dot")
+    with pytest.raises(ValueError, match="block_size"):
+        capacity_moe(x, ids, weights, w_in, w_out, block_size=0)
     with pytest.raises(ValueError, match="token_mask_t"):
         dropless_moe(x, ids, weights, w_in, w_out, jnp.ones(3, bool))

@@ -108,7 +108,8 @@ def _x(shape=(2, 6, 8), seed=0, dtype=jnp.float32):
 
 def test_capacity_and_dropless_layers_agree_with_gradients():
     drop = _layer("dropless", block_size=3)
-    cap = _layer("capacity", capacity_factor=2.0)  # E / k = 2: no drops
+    # E / k = 2: no drops. The batched kernel: an independent formulation of the experts.
+    cap = _layer("capacity", capacity_factor=2.0, kernel="batched")
     x = _x()
 
     def loss(m, x):
@@ -317,3 +318,9 @@ def test_bad_inputs_and_configs():
         MoEConfig(8, 6, router, shared_d_ff=4)
     with pytest.raises(ValueError, match="z_loss_coef"):
         MoEConfig(8, 6, router, z_loss_coef=-1.0)
+    with pytest.raises(ValueError, match="kernel='batched' is not supported with dispatch="):
+        MoEConfig(8, 6, router, kernel="batched")
+    with pytest.raises(ValueError, match="kernel='ragged_dot' is not supported with dispatch="):
+        MoEConfig(8, 6, router, dispatch="capacity", kernel="ragged_dot")
+    with pytest.raises(ValueError, match="block_size"):
+        MoEConfig(8, 6, router, block_size=0)

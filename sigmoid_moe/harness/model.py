@@ -42,7 +42,7 @@ class ModelConfig:
       balance_loss_coef: Switch auxiliary loss coefficient per layer (0: off).
       router_init_scale: multiplies the router weights at init. Values > 1 make the
         initial routing more confident and so more skewed (used by tests).
-      kernel: dropless grouped-matmul kernel of the MoE layer.
+      kernel: expert kernel of the MoE layer (see MoEConfig.kernel).
     """
 
     num_layers: int = 2
