@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
 from sigmoid_moe.dispatch import capacity, capacity_moe, dropless_moe
@@ -259,6 +261,53 @@ def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
         "x weights w_in w_out".split(), got_vjp(cotangent), want_vjp(cotangent), strict=True
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@given(
+    num_tokens=st.integers(1, 12),
+    num_experts=st.integers(1, 6),
+    block_size=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_block_layout_invariants(num_tokens, num_experts, block_size, seed):
+    """Every placed copy owns one row of a block of its expert; experts start on blocks."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, num_experts + 1))
+    ids = np.stack([rng.choice(num_experts, k, replace=False) for _ in range(num_tokens)])
+    expert_a = ids.reshape(-1)
+    placed_a = rng.random(expert_a.size) < 0.8
+    token_a = np.repeat(np.arange(num_tokens), k)
+    weight_a = rng.random(expert_a.size).astype(np.float32)
+    rank_a = np.zeros_like(expert_a)
+    rows_e = np.zeros(num_experts, int)
+    for a in np.flatnonzero(placed_a):
+        rank_a[a] = rows_e[expert_a[a]]
+        rows_e[expert_a[a]] += 1
+    num_blocks = num_blocks_bound(expert_a.size, num_experts, block_size)
+    layout = block_layout(
+        *(jnp.asarray(v) for v in (expert_a, rank_a, placed_a, token_a, weight_a, rows_e)),
+        num_tokens=num_tokens,
+        num_blocks=num_blocks,
+        block_size=block_size,
+    )
+    src_p = np.asarray(layout.src_bm).reshape(-1)
+    weight_p = np.asarray(layout.weight_bm).reshape(-1)
+    block_expert = np.asarray(layout.block_expert_b)
+    row_a = np.asarray(layout.row_a)
+    num_rows = num_blocks * block_size
+    assert np.all(row_a[~placed_a] == num_rows)
+    rows = row_a[placed_a]
+    assert len(set(rows.tolist())) == rows.size and np.all(rows < num_rows)
+    np.testing.assert_array_equal(src_p[rows], token_a[placed_a])
+    np.testing.assert_array_equal(weight_p[rows], weight_a[placed_a])
+    np.testing.assert_array_equal(block_expert[rows // block_size], expert_a[placed_a])
+    empty = np.setdiff1d(np.arange(num_rows), rows)
+    assert np.all(src_p[empty] == num_tokens) and np.all(weight_p[empty] == 0)
+    # Experts own consecutive blocks in expert order; unused blocks (-1) come last.
+    blocks_e = -(-rows_e // block_size)
+    want = np.concatenate([np.repeat(np.arange(num_experts), blocks_e), [-1] * num_blocks])
+    np.testing.assert_array_equal(block_expert, want[:num_blocks])
+    assert blocks_e.sum() <= num_blocks
 
 
 def test_swiglu_vjp_matches_autodiff():
