@@ -312,6 +312,11 @@ def dropless_moe(
 
     No assignment is ever dropped; ``dropped`` is 0. Masked tokens are sorted out of the
     computed rows entirely.
+
+    Under ``jax.vmap``, ``kernel="ragged_dot"`` needs the expert weights batched too (JAX's
+    ragged_dot batching rule has no case for shared weights); to map over groups of tokens
+    that share experts, flatten the groups into the token axis (as :class:`MoELayer`
+    does) or use ``kernel="blocked"``.
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     _check_block_size(block_size)

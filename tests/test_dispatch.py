@@ -193,6 +193,39 @@ def test_gradients_agree_across_paths():
     assert np.all(np.asarray(grads["blocked_b3"][2])[4:] == 0)
 
 
+@pytest.mark.parametrize(
+    "path, shared_weights",
+    [("capacity", True), ("capacity_b3", True), ("blocked_b3", True), ("ragged_dot", False)],
+)
+def test_vmap_and_grad_over_token_groups_equal_a_loop(path, shared_weights):
+    """vmap over token groups = one call per group, values and gradients.
+
+    JAX's ragged_dot batching rule needs every operand batched, so that kernel is vmapped
+    with per-group expert weights (see dropless_moe's docstring).
+    """
+    problems = [_problem(20 + g, 9, 4, 3, 5, 2, masked=0.2) for g in range(3)]
+    x, ids, weights, w_in, w_out, mask = (jnp.stack(parts) for parts in zip(*problems, strict=True))
+    if shared_weights:
+        w_in, w_out = w_in[0], w_out[0]
+    w_axis = None if shared_weights else 0
+    run = _paths(5, 2)[path]
+
+    def loss(x, weights, w_in, w_out, ids, mask):
+        return jnp.sum(jnp.sin(run(x, ids, weights, w_in, w_out, mask).y_td))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    batched = jax.vmap(grad, in_axes=(0, 0, w_axis, w_axis, 0, 0))
+    got = jax.jit(batched)(x, weights, w_in, w_out, ids, mask)
+    for g in range(3):
+        w_g = (w_in, w_out) if shared_weights else (w_in[g], w_out[g])
+        want = jax.jit(grad)(x[g], weights[g], *w_g, ids[g], mask[g])
+        # Weight gradients come back per group (vmap does not sum them).
+        for name, a, b in zip(("x", "weights", "w_in", "w_out"), got, want, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a[g]), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name
+            )
+
+
 def test_blocked_expert_ffn_hand_worked():
     # Blocks of 2 rows. Expert 1 (w_out scale 3) holds token 1 (weight 0.5) and token 0
     # (weight 2); block 1 is unused (-1). d_ff = 1, so FFN_e(x) = silu(x0) * x1 * scale_e.
