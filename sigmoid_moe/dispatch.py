@@ -108,6 +108,23 @@ def _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t) -
         )
 
 
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}; 128 is usual.")
+
+
+def _resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> str:
+    if kernel != "auto" and kernel not in choices:
+        options = ", ".join(repr(c) for c in ("auto", *choices))
+        raise ValueError(f"kernel={kernel!r} is not supported here; choose {options}.")
+    if kernel != "auto":
+        return kernel
+    # XLA:CPU lowers ragged_dot to a dense masked matmul over all E experts (E times the
+    # FLOPs; its gradient at T8192/E64 asked for 38 GB), and large fresh buffers cost more
+    # than the GEMMs' memory traffic there, so CPU runs the fused blocked scan.
+    return "blocked" if jax.default_backend() == "cpu" else gpu_choice
+
+
 def _valid_a(expert_ids_tk: jax.Array, token_mask_t: jax.Array | None) -> jax.Array:
     """``[T, k]`` bool: which assignments belong to real (unmasked) tokens."""
     if token_mask_t is None:
@@ -271,23 +288,6 @@ def capacity_moe(
 
 
 # --------------------------------------------------------------------------- dropless
-
-
-def _check_block_size(block_size) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}; 128 is usual.")
-
-
-def _resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> str:
-    if kernel != "auto" and kernel not in choices:
-        options = ", ".join(repr(c) for c in ("auto", *choices))
-        raise ValueError(f"kernel={kernel!r} is not supported here; choose {options}.")
-    if kernel != "auto":
-        return kernel
-    # XLA:CPU lowers ragged_dot to a dense masked matmul over all E experts (E times the
-    # FLOPs; its gradient at T8192/E64 asked for 38 GB), and large fresh buffers cost more
-    # than the GEMMs' memory traffic there, so CPU runs the fused blocked scan.
-    return "blocked" if jax.default_backend() == "cpu" else gpu_choice
 
 
 def dropless_moe(
