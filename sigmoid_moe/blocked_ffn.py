@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sigmoid_moe.experts import swiglu, swiglu_vjp
+from sigmoid_moe.experts import swiglu
 
 __all__ = ["BlockLayout", "block_layout", "blocked_expert_ffn", "num_blocks_bound"]
 
@@ -161,7 +161,8 @@ def _blocked_expert_ffn_bwd(residuals, dy_td):
             dx_td, dw_in_edf, dw_out_efd = grads
             x_md = _gather(x_td, src_m)
             dy_md = _gather(dy_td, src_m)
-            a_mf = swiglu(h_mf2)
+            # Recomputed in cache from the saved h; the pullback reuses its sigmoid.
+            a_mf, swiglu_pullback = jax.vjp(swiglu, h_mf2)
             weight_m1 = weight_m[:, None].astype(f32)
             # y = sum_rows weight * a @ w_out, so with da_u = dy @ w_out^T (unweighted):
             # d weight = <a, da_u>, d a = weight * da_u, d w_out = (weight * a)^T dy.
@@ -171,7 +172,7 @@ def _blocked_expert_ffn_bwd(residuals, dy_td):
             )
             da_mf = jnp.dot(dy_md, w_out_efd[expert].T, preferred_element_type=f32)
             dweight_m = jnp.sum(a_mf.astype(f32) * da_mf, axis=-1)
-            dh_mf2 = swiglu_vjp(h_mf2, (da_mf * weight_m1).astype(dtype))
+            (dh_mf2,) = swiglu_pullback((da_mf * weight_m1).astype(dtype))
             dw_in_edf = dw_in_edf.at[expert].add(
                 jnp.dot(x_md.T, dh_mf2, preferred_element_type=f32)
             )

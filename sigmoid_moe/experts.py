@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["swiglu", "swiglu_ffn", "swiglu_vjp"]
+__all__ = ["swiglu", "swiglu_ffn"]
 
 
 def swiglu(h_mf2: jax.Array) -> jax.Array:
@@ -29,31 +29,6 @@ def swiglu(h_mf2: jax.Array) -> jax.Array:
     """
     gate, up = jnp.split(h_mf2, 2, axis=-1)
     return jax.nn.silu(gate) * up
-
-
-def swiglu_vjp(h_mf2: jax.Array, da_mf: jax.Array) -> jax.Array:
-    """Cotangent of :func:`swiglu`'s input, for hand-written backward passes.
-
-    With ``g = gate``, ``u = up``, ``s = sigmoid(g)`` and ``a = g s u``:
-
-    .. math::  \\partial a/\\partial u = g s, \\qquad
-               \\partial a/\\partial g = u s (1 + g (1 - s))
-
-    computed in float32.
-
-    Args:
-      h_mf2: ``[..., 2*d_ff]`` the forward input, gate half first.
-      da_mf: ``[..., d_ff]`` cotangent of the output.
-
-    Returns:
-      ``[..., 2*d_ff]`` in ``h_mf2``'s dtype.
-    """
-    gate, up = jnp.split(h_mf2.astype(jnp.float32), 2, axis=-1)
-    da = da_mf.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate)
-    dgate = da * up * sig * (1.0 + gate * (1.0 - sig))
-    dup = da * gate * sig
-    return jnp.concatenate([dgate, dup], axis=-1).astype(h_mf2.dtype)
 
 
 def swiglu_ffn(x_td: jax.Array, w_in_df2: jax.Array, w_out_fd: jax.Array) -> jax.Array:
