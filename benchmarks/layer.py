@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import interleaved_median_seconds
+from _timing import median_seconds
 
 from sigmoid_moe import RouterConfig, route
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe
@@ -45,6 +45,11 @@ def _peak_bytes(compiled) -> int | None:
     if stats is None:
         return None
     return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+
+
+def _time(fn, args, repeats: int) -> tuple[float, int | None]:
+    compiled = jax.jit(fn).lower(*args).compile()
+    return median_seconds(compiled, args, repeats), _peak_bytes(compiled)
 
 
 def main() -> None:
@@ -80,35 +85,29 @@ def main() -> None:
     grad = lambda loss: jax.grad(loss, argnums=(0, 1))  # noqa: E731  params and x
 
     print(f"backend={jax.default_backend()} d_model={d} d_ff={f} E={e} k={k} tokens={t} float32")
-    variants = {f"dense SwiGLU d_ff={k * f}": (grad(_dense_loss), (dense, x_td))}
+    dense_s, dense_bytes = _time(grad(_dense_loss), (dense, x_td), args.repeats)
+    print(
+        f"dense SwiGLU d_ff={k * f}: {dense_s * 1e3:8.1f} ms  peak {dense_bytes / 2**20:8.1f} MiB"
+    )
+    variants = {}
     for kernel in args.capacity_kernels.split(","):
-        dispatch = functools.partial(
+        variants[f"capacity ({kernel}, factor {args.capacity_factor})"] = functools.partial(
             capacity_moe,
             capacity_factor=args.capacity_factor,
             kernel=kernel,
             block_size=args.block_size,
         )
-        name = f"capacity ({kernel}, factor {args.capacity_factor})"
-        variants[name] = (grad(functools.partial(_moe_loss, dispatch, router)), (moe, x_td))
     for kernel in args.kernels.split(","):
-        dispatch = functools.partial(dropless_moe, kernel=kernel, block_size=args.block_size)
-        name = f"dropless ({kernel}, block {args.block_size})"
-        variants[name] = (grad(functools.partial(_moe_loss, dispatch, router)), (moe, x_td))
-    compiled = {name: jax.jit(fn).lower(*a).compile() for name, (fn, a) in variants.items()}
-    seconds = interleaved_median_seconds(
-        {name: (compiled[name], variants[name][1]) for name in variants}, args.repeats
-    )
-    dense_name = next(iter(variants))
-    dense_s, dense_bytes = seconds[dense_name], _peak_bytes(compiled[dense_name])
-    for name in variants:
-        peak = _peak_bytes(compiled[name])
-        line = f"{name:34s} {seconds[name] * 1e3:8.1f} ms  peak {peak / 2**20:8.1f} MiB"
-        if name != dense_name:
-            line += (
-                f"  time ratio {seconds[name] / dense_s:5.2f}x"
-                f"  memory ratio {peak / dense_bytes:5.2f}x"
-            )
-        print(line)
+        variants[f"dropless ({kernel}, block {args.block_size})"] = functools.partial(
+            dropless_moe, kernel=kernel, block_size=args.block_size
+        )
+    for name, dispatch in variants.items():
+        loss = functools.partial(_moe_loss, dispatch, router)
+        seconds, peak = _time(grad(loss), (moe, x_td), args.repeats)
+        print(
+            f"{name:34s} {seconds * 1e3:8.1f} ms  peak {peak / 2**20:8.1f} MiB  "
+            f"time ratio {seconds / dense_s:5.2f}x  memory ratio {peak / dense_bytes:5.2f}x"
+        )
 
 
 if __name__ == "__main__":
