@@ -41,6 +41,8 @@ def _stack_loads(loads: jax.Array | Sequence[jax.Array]) -> jax.Array:
     if isinstance(loads, (list, tuple)):
         loads = jnp.stack([jnp.asarray(load) for load in loads])
     loads = jnp.asarray(loads)
+    if loads.ndim == 1:  # one layer's [E]: a model with a single MoE layer
+        loads = loads[None]
     if not jnp.issubdtype(loads.dtype, jnp.integer):
         raise TypeError(
             f"loads must be integer token counts (MoEAux.expert_load), got dtype {loads.dtype}."
@@ -61,9 +63,10 @@ def routing_bias_update(
     Args:
       bias_state: ``nnx.state(model, RoutingBias)``. Each leaf is ``[E]``, or ``[L, E]``
         for layers stacked for ``nnx.scan``.
-      loads: ``[num_layers, E]`` integer loads (or a list of ``[E]``), one row per bias
-        row, in the order ``jax.tree.leaves(bias_state)`` lists them (for a list of
-        layers: their index order). Sum micro-batches before passing them.
+      loads: ``[num_layers, E]`` integer loads (or a list of ``[E]``, or one ``[E]`` for
+        a model with a single MoE layer), one row per bias row, in the order
+        ``jax.tree.leaves(bias_state)`` lists them (for a list of layers: their index
+        order). Sum micro-batches before passing them.
       rate, rule, step: as in :func:`sigmoid_moe.update_bias`.
 
     Returns:

@@ -260,6 +260,12 @@ def test_pure_update_is_a_function_of_its_inputs():
     # mean = 4: experts 0, 1, 2 under-loaded (+0.25), expert 3 over (-0.25).
     np.testing.assert_array_equal(np.asarray(jax.tree.leaves(new)[0]), [0.25, 0.25, 0.25, -0.25])
     np.testing.assert_array_equal(np.asarray(layer.bias_e[...]), np.zeros(4))  # untouched
+    # One layer: its [E] load alone means the same as [[load]].
+    flat = routing_bias_update(state, jnp.asarray([1, 2, 3, 10], jnp.int32), rate=0.25)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(flat)[0]), [0.25, 0.25, 0.25, -0.25])
+    stacked = nnx.state(nnx.List([_layer(), _layer()]), RoutingBias)
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):  # two layers need two rows
+        routing_bias_update(stacked, jnp.asarray([1, 2, 3, 10], jnp.int32), rate=0.25)
 
 
 def test_bf16_params_and_activations():
