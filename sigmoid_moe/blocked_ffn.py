@@ -108,6 +108,23 @@ def block_layout(
     )
 
 
+def _varying(array) -> frozenset:
+    """Mesh axes ``array`` varies over inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(array)
+    manual = getattr(aval, "manual_axis_type", None)
+    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vary(array, axes: frozenset):
+    """``array`` marked as varying over ``axes`` too (a no-op outside ``shard_map``).
+
+    Inside ``shard_map`` both ``lax.cond`` branches and a scan's carry must agree on which
+    mesh axes a value varies over; fresh zeros vary over none.
+    """
+    missing = tuple(sorted(axes - _varying(array)))
+    return jax.lax.pcast(array, missing, to="varying") if missing else array
+
+
 def _gather(rows_td: jax.Array, src_m: jax.Array) -> jax.Array:
     return jnp.take(rows_td, src_m, axis=0, mode="fill", fill_value=0)
 
@@ -115,6 +132,7 @@ def _gather(rows_td: jax.Array, src_m: jax.Array) -> jax.Array:
 def _forward_scan(x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b):
     """``(y_td float32, h_bmf2)``: the combined output and each block's pre-activations."""
     f32 = jnp.float32
+    axes = _varying(x_td)  # the wrapper made every input vary over the same axes
 
     def body(y_td, block):
         src_m, weight_m, expert = block
@@ -128,12 +146,12 @@ def _forward_scan(x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b):
             return y_td, h_mf2
 
         def skip(y_td):
-            return y_td, jnp.zeros((src_m.shape[0], w_in_edf.shape[2]), x_td.dtype)
+            return y_td, _vary(jnp.zeros((src_m.shape[0], w_in_edf.shape[2]), x_td.dtype), axes)
 
         # Blocks past the last used one (expert -1) cost nothing.
         return jax.lax.cond(expert >= 0, run, skip, y_td)
 
-    y_td = jnp.zeros(x_td.shape, f32)
+    y_td = _vary(jnp.zeros(x_td.shape, f32), axes)
     return jax.lax.scan(body, y_td, (src_bm, weight_bm, block_expert_b))
 
 
@@ -153,6 +171,7 @@ def _blocked_expert_ffn_bwd(residuals, dy_td):
     x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, h_bmf2 = residuals
     f32 = jnp.float32
     dtype = x_td.dtype
+    axes = _varying(x_td) | _varying(dy_td)
 
     def body(grads, block):
         src_m, weight_m, expert, h_mf2 = block
@@ -181,15 +200,11 @@ def _blocked_expert_ffn_bwd(residuals, dy_td):
             return (dx_td, dw_in_edf, dw_out_efd), dweight_m
 
         def skip(grads):
-            return grads, jnp.zeros(src_m.shape, f32)
+            return grads, _vary(jnp.zeros(src_m.shape, f32), axes)
 
         return jax.lax.cond(expert >= 0, run, skip, grads)
 
-    init = (
-        jnp.zeros(x_td.shape, f32),
-        jnp.zeros(w_in_edf.shape, f32),
-        jnp.zeros(w_out_efd.shape, f32),
-    )
+    init = tuple(_vary(jnp.zeros(like.shape, f32), axes) for like in (x_td, w_in_edf, w_out_efd))
     (dx_td, dw_in_edf, dw_out_efd), dweight_bm = jax.lax.scan(
         body, init, (src_bm, weight_bm, block_expert_b, h_bmf2)
     )
@@ -225,6 +240,8 @@ def blocked_expert_ffn(
       ``[T, d_model]`` in ``x_td``'s dtype, accumulated in float32; tokens with no
       placed row get exactly 0.
     """
-    return _blocked_expert_ffn(
-        x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b
-    )
+    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
+    # Inside shard_map, give every input the same varying axes (differentiably: the
+    # transpose of that cast sums the gradients of replicated inputs over those axes).
+    axes = frozenset().union(*(_varying(arg) for arg in args))
+    return _blocked_expert_ffn(*(_vary(arg, axes) for arg in args))

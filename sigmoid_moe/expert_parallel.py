@@ -17,6 +17,12 @@ Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens)::
     all_to_all back      -> [E, C, d] in the sender's slot order
     gather + combine     -> y [T_l, d]
 
+The local experts run as a batched matmul over every slot (``kernel="batched"``, GPU/TPU)
+or, on CPU, through :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` over the filled
+slots only (``kernel="blocked"``): the per-(sender, expert) fill counts travel with one
+more small all-to-all, and empty slots, most of the buffer in the drop-free mode, cost no
+FLOPs.
+
 ``C = capacity(T_l, k, E, capacity_factor)`` slots per (sender, expert) keep every shape
 static, so the same program runs on every backend. Overflow is dropped with the priority
 of :func:`sigmoid_moe.capacity_moe` (choice rank first, then token order), counted, and
@@ -42,7 +48,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe.dispatch import _check, _gather_rows, capacity, capacity_slots, combine_slots
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
+from sigmoid_moe.dispatch import (
+    CapacityKernel,
+    _check,
+    _check_block_size,
+    _gather_rows,
+    _resolve_kernel,
+    capacity,
+    capacity_slots,
+    combine_slots,
+)
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -98,6 +114,43 @@ def _resolve_mesh(mesh):
     return mesh
 
 
+def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int):
+    """Each filled slot's row through its local expert; empty slots give 0 (as SwiGLU(0)).
+
+    Args:
+      recv_nlcd: ``[n_src, E_l, C, d]`` received slot rows.
+      filled_nl: ``[n_src, E_l]`` int32 filled slots per (sender, local expert); a
+        sender fills its slots from the front.
+
+    Returns:
+      ``[n_src, E_l, C, d]`` expert outputs in the same slot order.
+    """
+    num_src, local_experts, slots, d_model = recv_nlcd.shape
+    num_rows = num_src * local_experts * slots
+    rows_rd = recv_nlcd.reshape(num_rows, d_model)
+    # Row r = (s * E_l + l) * C + c; expert l's rows rank sender by sender.
+    slot_c = jnp.arange(slots, dtype=jnp.int32)
+    expert_r = jnp.broadcast_to(
+        jnp.arange(local_experts, dtype=jnp.int32)[None, :, None], (num_src, local_experts, slots)
+    )
+    before_nl = jnp.cumsum(filled_nl, axis=0) - filled_nl  # filled rows of earlier senders
+    rank_r = before_nl[:, :, None] + slot_c
+    placed_r = slot_c < filled_nl[:, :, None]
+    layout = block_layout(
+        expert_r.reshape(-1),
+        rank_r.reshape(-1),
+        placed_r.reshape(-1),
+        jnp.arange(num_rows, dtype=jnp.int32),  # each row is its own "token"
+        jnp.ones((num_rows,), jnp.float32),  # combine weights apply at the sender
+        jnp.sum(filled_nl, axis=0),
+        num_tokens=num_rows,
+        num_blocks=num_blocks_bound(num_rows, local_experts, block_size),
+        block_size=block_size,
+    )
+    out_rd = blocked_expert_ffn(rows_rd, layout, w_in_ldf, w_out_lfd)
+    return out_rd.reshape(num_src, local_experts, slots, d_model)
+
+
 def _local_moe(
     x_td,
     expert_ids_tk,
@@ -110,6 +163,8 @@ def _local_moe(
     num_shards: int,
     token_axes: tuple[str, ...],
     capacity_factor: float | None,
+    kernel: str,
+    block_size: int,
 ):
     """The per-device body inside ``shard_map`` (all shapes are local).
 
@@ -133,10 +188,17 @@ def _local_moe(
 
     # Dispatch: chunk i goes to expert-axis member i; received chunk j came from member j.
     recv_nlcd = jax.lax.all_to_all(send_nlcd, expert_axis, 0, 0, tiled=True)
-    x_lmd = recv_nlcd.transpose(1, 0, 2, 3).reshape(local_experts, num_shards * slots, d_model)
-    h_lmf2 = jnp.einsum("lmd,ldf->lmf", x_lmd, w_in_ldf.astype(x_td.dtype))
-    o_lmd = jnp.einsum("lmf,lfd->lmd", swiglu(h_lmf2), w_out_lfd.astype(x_td.dtype))
-    back_nlcd = o_lmd.reshape(local_experts, num_shards, slots, d_model).transpose(1, 0, 2, 3)
+    w_in = w_in_ldf.astype(x_td.dtype)
+    w_out = w_out_lfd.astype(x_td.dtype)
+    if kernel == "blocked":
+        filled_nl = jnp.minimum(placement.count_e, slots).reshape(num_shards, local_experts)
+        recv_filled_nl = jax.lax.all_to_all(filled_nl, expert_axis, 0, 0, tiled=True)
+        back_nlcd = _filled_slots_ffn(recv_nlcd, recv_filled_nl, w_in, w_out, block_size)
+    else:
+        x_lmd = recv_nlcd.transpose(1, 0, 2, 3).reshape(local_experts, num_shards * slots, d_model)
+        h_lmf2 = jnp.einsum("lmd,ldf->lmf", x_lmd, w_in)
+        o_lmd = jnp.einsum("lmf,lfd->lmd", swiglu(h_lmf2), w_out)
+        back_nlcd = o_lmd.reshape(local_experts, num_shards, slots, d_model).transpose(1, 0, 2, 3)
     # Combine: the inverse exchange returns every row to its sender, in its slot order.
     out_nlcd = jax.lax.all_to_all(back_nlcd, expert_axis, 0, 0, tiled=True)
 
@@ -160,6 +222,8 @@ def expert_parallel_moe(
     mesh=None,
     expert_axis: str = "expert",
     capacity_factor: float | None = 1.25,
+    kernel: CapacityKernel = "auto",
+    block_size: int = 128,
 ) -> ExpertParallelOut:
     """Expert-parallel dispatch over ``mesh`` (see the module docstring for the data flow).
 
@@ -174,12 +238,17 @@ def expert_parallel_moe(
       expert_axis: the mesh axis the experts are split over.
       capacity_factor: slots per (sender, expert) ``= ceil(factor * T_l * k / E)``;
         ``None`` for the drop-free ``T_l`` slots.
+      kernel: the local experts' kernel: ``"batched"`` over every slot, ``"blocked"``
+        over the filled slots, or ``"auto"`` (blocked on CPU, batched elsewhere).
+      block_size: rows per block of the blocked kernel.
 
     Returns:
       :class:`ExpertParallelOut`; equal to :func:`sigmoid_moe.capacity_moe` /
       :func:`sigmoid_moe.dropless_moe` on one device whenever nothing is dropped.
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    _check_block_size(block_size)
+    kernel = _resolve_kernel(kernel, ("batched", "blocked"), gpu_choice="batched")
     mesh = _resolve_mesh(mesh)
     if expert_axis not in mesh.axis_names:
         raise ValueError(
@@ -211,6 +280,8 @@ def expert_parallel_moe(
             num_shards=num_shards,
             token_axes=token_axes,
             capacity_factor=capacity_factor,
+            kernel=kernel,
+            block_size=block_size,
         ),
         mesh=mesh,
         in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), tok),

@@ -77,8 +77,9 @@ class MoEConfig:
       dispatch: ``"dropless"`` (no token dropped) or ``"capacity"`` (GShard/Switch).
       capacity_factor: slots per expert ``= ceil(factor * T * k / E)`` (capacity only).
       kernel: expert kernel. ``"auto"`` picks by backend: on CPU ``"blocked"`` (the fused
-        block scan of :mod:`sigmoid_moe.blocked_ffn`, both dispatch modes), on GPU/TPU
-        ``"ragged_dot"`` (dropless) or ``"batched"`` (capacity's ``[E, C, d]`` buffer).
+        block scan of :mod:`sigmoid_moe.blocked_ffn`, every dispatch mode), on GPU/TPU
+        ``"ragged_dot"`` (dropless) or ``"batched"`` (the ``[E, C, d]`` slot buffer of
+        capacity dispatch and of expert parallelism).
       block_size: rows per block of the blocked kernel.
       dtype: activation / expert-matmul dtype. Router math is always float32.
       param_dtype: storage dtype of the weights. The bias is always float32.
@@ -134,14 +135,15 @@ class MoEConfig:
             positive=True,
             hint=" (1.25 is usual, num_experts / top_k drops nothing)",
         )
-        kernels = {
-            "dropless": ("auto", "ragged_dot", "blocked"),
-            "capacity": ("auto", "batched", "blocked"),
-        }[self.dispatch]
+        if self.expert_axis is not None:  # slot buffers under expert parallelism
+            kernels, where = ("auto", "batched", "blocked"), f"expert_axis={self.expert_axis!r}"
+        elif self.dispatch == "capacity":
+            kernels, where = ("auto", "batched", "blocked"), "dispatch='capacity'"
+        else:
+            kernels, where = ("auto", "ragged_dot", "blocked"), "dispatch='dropless'"
         if self.kernel not in kernels:
             raise ValueError(
-                f"kernel={self.kernel!r} is not supported with dispatch={self.dispatch!r}; "
-                f"choose one of {kernels}."
+                f"kernel={self.kernel!r} is not supported with {where}; choose one of {kernels}."
             )
         require_int("block_size", self.block_size)
         _float_dtype("dtype", self.dtype)
@@ -189,6 +191,8 @@ def _dispatch_fn(config: MoEConfig):
             expert_parallel_moe,
             expert_axis=config.expert_axis,
             capacity_factor=config.capacity_factor if config.dispatch == "capacity" else None,
+            kernel=config.kernel,
+            block_size=config.block_size,
         )
         # Its psum-ed load equals expert_load of the (global-view) routing, counted in _aux.
         return lambda *args: expert_parallel(*args)[:2]

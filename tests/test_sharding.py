@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,13 +82,22 @@ def oracle():
 
 
 @pytest.mark.parametrize(
-    "mesh_name, dispatch",
-    [("8", "dropless"), ("2x4", "dropless"), ("4x2", "dropless"), ("2x4", "capacity")],
+    "mesh_name, dispatch, kernel",
+    [
+        ("8", "dropless", "blocked"),
+        ("2x4", "dropless", "blocked"),
+        ("4x2", "dropless", "blocked"),
+        ("2x4", "capacity", "blocked"),
+        ("2x4", "dropless", "batched"),
+        ("4x2", "capacity", "batched"),
+    ],
 )
-def test_sharded_layer_matches_unsharded(oracle, mesh_name, dispatch):
+def test_sharded_layer_matches_unsharded(oracle, mesh_name, dispatch, kernel):
     # capacity_factor = E / k gives T_local slots: nothing can be dropped, so the
     # capacity path must match the unsharded (dropless) layer too.
-    cfg = _config(expert_axis="expert", dispatch=dispatch, capacity_factor=4.0)
+    cfg = _config(
+        expert_axis="expert", dispatch=dispatch, capacity_factor=4.0, kernel=kernel, block_size=3
+    )
     mesh = _mesh(mesh_name)
     x_bsd, ct_bsd, mask_bs = _inputs()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
@@ -111,7 +121,8 @@ def test_sharded_layer_matches_unsharded(oracle, mesh_name, dispatch):
     np.testing.assert_array_equal(np.asarray(bias), bias_ref)
 
 
-def test_capacity_drops_match_per_device_capacity_moe():
+@pytest.mark.parametrize("kernel", ["batched", "blocked"])
+def test_capacity_drops_match_per_device_capacity_moe(kernel):
     """A tight capacity drops per sending device exactly as capacity_moe on its shard."""
     e, k, tokens, d, f = 8, 2, 64, 16, 8
     keys = jax.random.split(jax.random.key(2), 4)
@@ -120,9 +131,10 @@ def test_capacity_drops_match_per_device_capacity_moe():
     w_in_edf = jax.random.normal(keys[2], (e, d, 2 * f)) * 0.3
     w_out_efd = jax.random.normal(keys[3], (e, f, d)) * 0.3
     mesh = make_mesh(data=2, expert=4)
-    out = jax.jit(lambda *a: expert_parallel_moe(*a, mesh=mesh, capacity_factor=1.0))(
-        x_td, routing.expert_ids, routing.weights, w_in_edf, w_out_efd
+    run = functools.partial(
+        expert_parallel_moe, mesh=mesh, capacity_factor=1.0, kernel=kernel, block_size=2
     )
+    out = jax.jit(run)(x_td, routing.expert_ids, routing.weights, w_in_edf, w_out_efd)
     per_device = tokens // mesh.size
     ys, dropped = [], 0
     for i in range(mesh.size):  # device order of P(("data", "expert")) is row-major
@@ -134,6 +146,7 @@ def test_capacity_drops_match_per_device_capacity_moe():
             w_in_edf,
             w_out_efd,
             capacity_factor=1.0,
+            kernel="batched",  # the independent single-device formulation
         )
         ys.append(y_td)
         dropped += int(drop)
