@@ -65,25 +65,35 @@ def block_layout(
     rows_e: jax.Array,
     *,
     num_tokens: int,
-    num_blocks: int,
     block_size: int,
+    max_rows_per_expert: int | None = None,
 ) -> BlockLayout:
     """Places assignment ``a`` at row ``block_start[e_a] * B + rank_a`` of its expert's blocks.
 
+    The number of blocks is static and always enough: :func:`num_blocks_bound` of the
+    assignments, and at most ``E * ceil(max_rows_per_expert / B)``.
+
     Args:
       expert_a: ``[A]`` int32 expert of each assignment.
-      rank_a: ``[A]`` int32 rank of the assignment among its expert's placed ones.
+      rank_a: ``[A]`` int32 rank of the assignment among its expert's placed ones
+        (``0 .. rows_e[e] - 1``).
       placed_a: ``[A]`` bool; unplaced (masked, dropped) assignments get no row.
       token_a: ``[A]`` int32 token of each assignment.
       weight_a: ``[A]`` combine weight of each assignment.
       rows_e: ``[E]`` int32 placed assignments per expert.
       num_tokens: ``T``; empty rows read token ``T``, a zero row.
-      num_blocks: static block count; must cover ``sum_e ceil(rows_e / B)``
-        (:func:`num_blocks_bound`).
-      block_size: ``B``, rows per block.
+      block_size: rows per block; capped at ``max_rows_per_expert``, so a block never
+        holds more rows than an expert can have.
+      max_rows_per_expert: static bound on ``rows_e`` (a capacity), if there is one.
     """
-    num_assign = expert_a.shape[0]
-    num_experts = rows_e.shape[0]
+    num_assign, num_experts = expert_a.shape[0], rows_e.shape[0]
+    max_rows = num_assign
+    if max_rows_per_expert is not None:
+        block_size = max(1, min(block_size, max_rows_per_expert))
+        max_rows = min(num_assign, num_experts * max_rows_per_expert)
+    num_blocks = num_blocks_bound(max_rows, num_experts, block_size)
+    if max_rows_per_expert is not None:
+        num_blocks = min(num_blocks, num_experts * -(-max_rows_per_expert // block_size))
     num_rows = num_blocks * block_size
     blocks_e = (rows_e + block_size - 1) // block_size
     block_end_e = jnp.cumsum(blocks_e)
@@ -227,8 +237,12 @@ def blocked_expert_ffn(
     """``y_t = sum over rows p of token t: weight_p * SwiGLU_{e_p}(x_t)``, block by block.
 
     Differentiable in ``x_td``, ``layout.weight_bm`` (so in the routing weights it was
-    gathered from), ``w_in_edf`` and ``w_out_efd``. Work is the used blocks only: the
-    placed rows plus at most ``B - 1`` empty rows per expert.
+    gathered from), ``w_in_edf`` and ``w_out_efd``, in reverse mode only (``jax.grad``,
+    ``jax.vjp``, also nested): it is a ``jax.custom_vjp``, so ``jax.jvp`` / ``jax.jacfwd``
+    raise; use the batched or ragged_dot kernels for forward mode. Work is the used blocks
+    only: the placed rows plus at most ``B - 1`` empty rows per expert. Under ``jax.vmap``
+    the per-block ``lax.cond`` becomes a select that runs every block and copies the
+    accumulators (measured ~10x slower): flatten mapped token groups into ``T`` instead.
 
     Args:
       x_td: ``[T, d_model]``.

@@ -15,7 +15,7 @@ Masked tokens (``token_mask_t`` False: padding) take no expert slot and get ``y_
 
 Both paths rank token copies within their expert with one stable sort (O(T k) memory)
 and move rows with gathers and scatter-adds of indices; no dense ``[T, E, capacity]``
-dispatch tensor. Each has two kernels with the same numbers, chosen by backend
+dispatch tensor. Each has two kernels, equal up to float rounding, chosen by backend
 (``kernel="auto"``): batched matmuls / ``ragged_dot`` on GPU and TPU, and on CPU the fused
 block scan of :mod:`sigmoid_moe.blocked_ffn`.
 
@@ -32,7 +32,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -245,11 +245,12 @@ def capacity_moe(
     of dropped (unmasked) assignments is returned; a dropped assignment contributes 0
     (its weight is not renormalised over the survivors).
 
-    Kernels (same numbers, ``kernel="auto"`` picks by backend):
+    Kernels (equal up to float rounding; ``kernel="auto"`` picks by backend):
       ``"batched"`` (GPU/TPU): the dense ``[E, C, d_model]`` slot buffer through one batched
       matmul per projection, ``E * C`` rows (``capacity_factor`` times the useful work).
       ``"blocked"`` (CPU): the kept copies in expert-contiguous row blocks through
-      :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn`; empty slots cost nothing.
+      :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` in blocks of at most ``C`` rows;
+      empty slots cost nothing. Reverse-mode autodiff only (no ``jax.jvp``).
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     _check_block_size(block_size)
@@ -263,8 +264,6 @@ def capacity_moe(
 
     if kernel == "blocked":
         expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # rank-major, as the slots
-        num_assign = expert_a.shape[0]
-        bound = num_blocks_bound(min(num_assign, num_experts * slots), num_experts, block_size)
         layout = block_layout(
             expert_a,
             placement.slot_a - expert_a * slots,  # rank within the expert where kept
@@ -273,8 +272,8 @@ def capacity_moe(
             weights_tk.T.reshape(-1),
             jnp.minimum(placement.count_e, slots),
             num_tokens=num_tokens,
-            num_blocks=min(bound, num_experts * -(-slots // block_size)),
             block_size=block_size,
+            max_rows_per_expert=slots,
         )
         return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), placement.dropped)
 
@@ -306,17 +305,18 @@ def dropless_moe(
     1. Sort the ``T*k`` token copies by expert (stable: token order within an expert).
     2. Run the SwiGLU experts as grouped matmuls: ``jax.lax.ragged_dot`` on GPU/TPU, or on
        CPU the fused block scan :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn`
-       (``kernel="auto"`` picks by backend; both give the same numbers). Experts with zero
+       (``kernel="auto"`` picks by backend; equal up to float rounding; the blocked kernel
+       supports reverse-mode autodiff only). Experts with zero
        tokens own zero rows / blocks.
     3. Combine each copy's output with its routing weight.
 
     No assignment is ever dropped; ``dropped`` is 0. Masked tokens are sorted out of the
     computed rows entirely.
 
-    Under ``jax.vmap``, ``kernel="ragged_dot"`` needs the expert weights batched too (JAX's
-    ragged_dot batching rule has no case for shared weights); to map over groups of tokens
-    that share experts, flatten the groups into the token axis (as :class:`MoELayer`
-    does) or use ``kernel="blocked"``.
+    To map over groups of tokens that share experts, flatten the groups into the token
+    axis (as :class:`MoELayer` does) rather than ``jax.vmap``: under vmap,
+    ``kernel="ragged_dot"`` needs the expert weights batched too (JAX's batching rule has no
+    case for shared weights), and ``kernel="blocked"`` works but runs every block.
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     _check_block_size(block_size)
@@ -329,8 +329,12 @@ def dropless_moe(
     valid_tk = _valid_a(expert_ids_tk, token_mask_t)
     valid_a = valid_tk.reshape(-1)
     rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
-    # ragged_dot needs no padding: rows in blocks of one, exactly A rows.
-    block_size = block_size if kernel == "blocked" else 1
+    if kernel == "blocked":
+        # Blocks no longer than an expert's average share keep the padding (at most one
+        # partly filled block per expert) small when there are few tokens per expert.
+        block_size = min(block_size, max(1, -(-num_assign // num_experts)))
+    else:
+        block_size = 1  # ragged_dot needs no padding: exactly A rows
     layout = block_layout(
         expert_a,
         rank_a,
@@ -339,7 +343,6 @@ def dropless_moe(
         weights_tk.reshape(-1),
         count_e,
         num_tokens=num_tokens,
-        num_blocks=num_blocks_bound(num_assign, num_experts, block_size),
         block_size=block_size,
     )
     w_in = w_in_edf.astype(x_td.dtype)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
 from sigmoid_moe.dispatch import (
     CapacityKernel,
     _check,
@@ -144,8 +144,8 @@ def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int
         jnp.ones((num_rows,), jnp.float32),  # combine weights apply at the sender
         jnp.sum(filled_nl, axis=0),
         num_tokens=num_rows,
-        num_blocks=num_blocks_bound(num_rows, local_experts, block_size),
         block_size=block_size,
+        max_rows_per_expert=num_src * slots,
     )
     out_rd = blocked_expert_ffn(rows_rd, layout, w_in_ldf, w_out_lfd)
     return out_rd.reshape(num_src, local_experts, slots, d_model)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn, num_blocks_bound
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
 from sigmoid_moe.dispatch import capacity, capacity_moe, dropless_moe
 
 
@@ -239,7 +239,6 @@ def test_blocked_expert_ffn_hand_worked():
         jnp.array([2.0, 0.5], jnp.float32),
         jnp.array([0, 2], jnp.int32),  # rows per expert
         num_tokens=3,
-        num_blocks=2,
         block_size=2,
     )
     np.testing.assert_array_equal(np.asarray(layout.block_expert_b), [1, -1])
@@ -252,7 +251,7 @@ def test_blocked_expert_ffn_hand_worked():
     np.testing.assert_allclose(np.asarray(y[:, 1]), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("block_size", [1, 2, 5])
+@pytest.mark.parametrize("block_size", [1, 2, 5, 32])
 def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
     """The hand-written backward equals autodiff of the plain gather-einsum-scatter form."""
     x, ids, weights, w_in, w_out, _ = _problem(11, 10, 4, 3, 5, 2, idle=1)
@@ -262,7 +261,6 @@ def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
     count_e = jnp.bincount(expert_a, length=5)
     start_e = jnp.cumsum(count_e) - count_e
     rank_a = jnp.zeros_like(expert_a).at[order].set(jnp.arange(20) - start_e[expert_a[order]])
-    num_blocks = num_blocks_bound(20, 5, block_size)
 
     def blocked(x, weight_a, w_in, w_out):
         layout = block_layout(
@@ -273,7 +271,6 @@ def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
             weight_a,
             count_e,
             num_tokens=10,
-            num_blocks=num_blocks,
             block_size=block_size,
         )
         return blocked_expert_ffn(x, layout, w_in, w_out)
@@ -299,9 +296,10 @@ def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
     num_tokens=st.integers(1, 12),
     num_experts=st.integers(1, 6),
     block_size=st.integers(1, 5),
+    capacity=st.one_of(st.none(), st.integers(1, 6)),
     seed=st.integers(0, 2**16),
 )
-def test_block_layout_invariants(num_tokens, num_experts, block_size, seed):
+def test_block_layout_invariants(num_tokens, num_experts, block_size, capacity, seed):
     """Every placed copy owns one row of a block of its expert; experts start on blocks."""
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, num_experts + 1))
@@ -313,15 +311,20 @@ def test_block_layout_invariants(num_tokens, num_experts, block_size, seed):
     rank_a = np.zeros_like(expert_a)
     rows_e = np.zeros(num_experts, int)
     for a in np.flatnonzero(placed_a):
+        if capacity is not None and rows_e[expert_a[a]] == capacity:
+            placed_a[a] = False  # the expert is full: dropped
+            continue
         rank_a[a] = rows_e[expert_a[a]]
         rows_e[expert_a[a]] += 1
-    num_blocks = num_blocks_bound(expert_a.size, num_experts, block_size)
     layout = block_layout(
         *(jnp.asarray(v) for v in (expert_a, rank_a, placed_a, token_a, weight_a, rows_e)),
         num_tokens=num_tokens,
-        num_blocks=num_blocks,
         block_size=block_size,
+        max_rows_per_expert=capacity,
     )
+    num_blocks, block_size = layout.src_bm.shape
+    if capacity is not None:  # a block never outgrows an expert's capacity
+        assert block_size <= capacity and num_blocks <= num_experts * -(-capacity // block_size)
     src_p = np.asarray(layout.src_bm).reshape(-1)
     weight_p = np.asarray(layout.weight_bm).reshape(-1)
     block_expert = np.asarray(layout.block_expert_b)
@@ -339,7 +342,106 @@ def test_block_layout_invariants(num_tokens, num_experts, block_size, seed):
     blocks_e = -(-rows_e // block_size)
     want = np.concatenate([np.repeat(np.arange(num_experts), blocks_e), [-1] * num_blocks])
     np.testing.assert_array_equal(block_expert, want[:num_blocks])
-    assert blocks_e.sum() <= num_blocks
+
+
+def _grads(path, x, ids, weights, w_in, w_out, mask=None):
+    def loss(x, weights, w_in, w_out):
+        return jnp.sum(jnp.sin(path(x, ids, weights, w_in, w_out, mask).y_td.astype(jnp.float32)))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, weights, w_in, w_out)
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.5, 1.0])
+def test_capacity_kernels_agree_on_gradients_with_drops_and_padding(factor):
+    x, ids, weights, w_in, w_out, mask = _problem(13, 24, 4, 3, 4, 2, masked=0.2)
+    ids = ids.at[:12, 0].set(0).at[:12, 1].set(1)  # experts 0 and 1 overflow
+    grads = {
+        kernel: _grads(
+            functools.partial(capacity_moe, capacity_factor=factor, kernel=kernel, block_size=2),
+            x,
+            ids,
+            weights,
+            w_in,
+            w_out,
+            mask,
+        )
+        for kernel in ("batched", "blocked")
+    }
+    for name, a, b in zip(("x", "weights", "w_in", "w_out"), *grads.values(), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
+    dropped = capacity_moe(x, ids, weights, w_in, w_out, mask, capacity_factor=factor).dropped
+    assert int(dropped) > 0 or factor == 1.0  # the small factors are not vacuous
+
+
+def test_duplicate_expert_ids_in_one_token():
+    """A token that lists an expert twice gets it twice (the rows share a block)."""
+    x, ids, weights, w_in, w_out, _ = _problem(17, 8, 4, 3, 3, 2)
+    ids = ids.at[:, 1].set(ids[:, 0])
+    want, _ = oracle_moe(x, ids, weights, w_in, w_out)
+    grads = {}
+    for name, path in _paths(3, 1).items():  # factor E / 1: every copy has a slot
+        got = jax.jit(path)(x, ids, weights, w_in, w_out)
+        np.testing.assert_allclose(np.asarray(got.y_td), want, rtol=1e-5, atol=1e-5, err_msg=name)
+        grads[name] = _grads(path, x, ids, weights, w_in, w_out)
+    for name, got in grads.items():
+        for a, b in zip(got, grads["capacity"], strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name
+            )
+
+
+def test_all_tokens_masked_gives_exact_zeros():
+    x, ids, weights, w_in, w_out, _ = _problem(19, 6, 4, 3, 4, 2)
+    mask = jnp.zeros(6, bool)
+    for name, path in _paths(4, 2).items():
+        assert np.all(np.asarray(jax.jit(path)(x, ids, weights, w_in, w_out, mask).y_td) == 0)
+        for grad in _grads(path, x, ids, weights, w_in, w_out, mask):
+            assert np.all(np.asarray(grad) == 0), name
+
+
+def test_bf16_gradients_keep_dtypes_and_track_float32():
+    x, ids, weights, w_in, w_out, _ = _problem(23, 16, 8, 6, 4, 2)
+    want = _grads(dropless_moe, x, ids, weights, w_in, w_out)
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w_in, w_out)]
+    for name, path in _paths(4, 2).items():
+        got = _grads(path, bf16[0], ids, weights, bf16[1], bf16[2])
+        dtypes = [g.dtype for g in got]
+        assert dtypes == [jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.bfloat16], name
+        for a, b in zip(got, want, strict=True):
+            # bf16 inputs alone move every path's x gradient by ~4% of its largest entry.
+            scale = float(jnp.max(jnp.abs(b)))
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(b), atol=0.08 * scale, err_msg=name
+            )
+
+
+def test_second_order_blocked_equals_batched():
+    """Hessian-vector products through the hand-written backward."""
+    x, ids, weights, w_in, w_out, mask = _problem(29, 10, 4, 3, 4, 2, masked=0.2)
+    tangent = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+
+    def hvp(kernel):
+        def loss(x):
+            run = functools.partial(capacity_moe, capacity_factor=2.0, kernel=kernel)
+            return jnp.sum(jnp.sin(run(x, ids, weights, w_in, w_out, mask).y_td))
+
+        # Reverse over reverse: the blocked kernel has no forward mode.
+        return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), tangent))(x)
+
+    np.testing.assert_allclose(
+        np.asarray(hvp("blocked")), np.asarray(hvp("batched")), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_forward_mode_needs_a_non_blocked_kernel():
+    x, ids, weights, w_in, w_out, _ = _problem(31, 6, 4, 3, 4, 2)
+
+    def run(kernel, x):
+        return capacity_moe(x, ids, weights, w_in, w_out, capacity_factor=2.0, kernel=kernel).y_td
+
+    jax.jvp(functools.partial(run, "batched"), (x,), (x,))  # forward mode works there
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(functools.partial(run, "blocked"), (x,), (x,))
 
 
 def test_bf16_close_to_float32():
