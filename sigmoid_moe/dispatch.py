@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,9 @@ def _check_block_size(block_size) -> None:
 
 
 def _resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> str:
-    if kernel != "auto" and kernel not in choices:
-        options = ", ".join(repr(c) for c in ("auto", *choices))
+    """``kernel``, checked against ``choices`` (the Literal's args), with "auto" resolved."""
+    if kernel not in choices:
+        options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"kernel={kernel!r} is not supported here; choose {options}.")
     if kernel != "auto":
         return kernel
@@ -254,7 +255,7 @@ def capacity_moe(
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     _check_block_size(block_size)
-    kernel = _resolve_kernel(kernel, ("batched", "blocked"), gpu_choice="batched")
+    kernel = _resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     num_tokens, k = expert_ids_tk.shape
     num_experts, d_model, _ = w_in_edf.shape
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
@@ -320,7 +321,7 @@ def dropless_moe(
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     _check_block_size(block_size)
-    kernel = _resolve_kernel(kernel, ("ragged_dot", "blocked"), gpu_choice="ragged_dot")
+    kernel = _resolve_kernel(kernel, get_args(DroplessKernel), gpu_choice="ragged_dot")
     num_tokens, k = expert_ids_tk.shape
     num_experts = w_in_edf.shape[0]
     num_assign = num_tokens * k

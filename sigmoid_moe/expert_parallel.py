@@ -42,7 +42,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -248,7 +248,7 @@ def expert_parallel_moe(
     """
     _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     _check_block_size(block_size)
-    kernel = _resolve_kernel(kernel, ("batched", "blocked"), gpu_choice="batched")
+    kernel = _resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     mesh = _resolve_mesh(mesh)
     if expert_axis not in mesh.axis_names:
         raise ValueError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from flax import nnx
 from sigmoid_moe._checks import require_float, require_int
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.config import RouterConfig
-from sigmoid_moe.dispatch import capacity_moe, dropless_moe
+from sigmoid_moe.dispatch import CapacityKernel, DroplessKernel, capacity_moe, dropless_moe
 from sigmoid_moe.expert_parallel import expert_parallel_moe
 from sigmoid_moe.experts import swiglu_ffn
 from sigmoid_moe.losses import (
@@ -136,11 +136,11 @@ class MoEConfig:
             hint=" (1.25 is usual, num_experts / top_k drops nothing)",
         )
         if self.expert_axis is not None:  # slot buffers under expert parallelism
-            kernels, where = ("auto", "batched", "blocked"), f"expert_axis={self.expert_axis!r}"
+            kernels, where = get_args(CapacityKernel), f"expert_axis={self.expert_axis!r}"
         elif self.dispatch == "capacity":
-            kernels, where = ("auto", "batched", "blocked"), "dispatch='capacity'"
+            kernels, where = get_args(CapacityKernel), "dispatch='capacity'"
         else:
-            kernels, where = ("auto", "ragged_dot", "blocked"), "dispatch='dropless'"
+            kernels, where = get_args(DroplessKernel), "dispatch='dropless'"
         if self.kernel not in kernels:
             raise ValueError(
                 f"kernel={self.kernel!r} is not supported with {where}; choose one of {kernels}."

@@ -174,15 +174,19 @@ def test_large_factor_drops_nothing():
     assert int(run(x, ids, weights, w_in, w_out).dropped) == 0
 
 
+def _grads(path, x, ids, weights, w_in, w_out, mask=None):
+    def loss(x, weights, w_in, w_out):
+        return jnp.sum(jnp.sin(path(x, ids, weights, w_in, w_out, mask).y_td.astype(jnp.float32)))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, weights, w_in, w_out)
+
+
 def test_gradients_agree_across_paths():
     x, ids, weights, w_in, w_out, mask = _problem(7, 12, 5, 4, 6, 2, idle=2, masked=0.25)
-    grads = {}
-    for name, path in _paths(6, 2).items():
-
-        def loss(x, weights, w_in, w_out, path=path):
-            return jnp.sum(jnp.sin(path(x, ids, weights, w_in, w_out, mask).y_td))
-
-        grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, weights, w_in, w_out)
+    grads = {
+        name: _grads(path, x, ids, weights, w_in, w_out, mask)
+        for name, path in _paths(6, 2).items()
+    }
     for name, got in grads.items():
         for a, b in zip(got, grads["capacity"], strict=True):
             np.testing.assert_allclose(
@@ -342,13 +346,6 @@ def test_block_layout_invariants(num_tokens, num_experts, block_size, capacity, 
     blocks_e = -(-rows_e // block_size)
     want = np.concatenate([np.repeat(np.arange(num_experts), blocks_e), [-1] * num_blocks])
     np.testing.assert_array_equal(block_expert, want[:num_blocks])
-
-
-def _grads(path, x, ids, weights, w_in, w_out, mask=None):
-    def loss(x, weights, w_in, w_out):
-        return jnp.sum(jnp.sin(path(x, ids, weights, w_in, w_out, mask).y_td.astype(jnp.float32)))
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, weights, w_in, w_out)
 
 
 @pytest.mark.parametrize("factor", [0.25, 0.5, 1.0])
