@@ -8,7 +8,6 @@ from sigmoid_moe.balancing import (
     expert_load,
     update_bias,
 )
-from sigmoid_moe.blocked_ffn import BlockLayout, block_layout, blocked_expert_ffn
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.dispatch import Dispatched, capacity_moe, dropless_moe
 from sigmoid_moe.expert_parallel import ExpertParallelOut, expert_parallel_moe
@@ -48,7 +47,6 @@ __all__ = [
     "BIAS_RULES",
     "BiasCorrection",
     "BiasState",
-    "BlockLayout",
     "DEFAULT_RULES",
     "Dispatched",
     "ExpertParallelOut",
@@ -62,8 +60,6 @@ __all__ = [
     "RoutingBias",
     "apply_routing_bias_update",
     "bias_correction",
-    "block_layout",
-    "blocked_expert_ffn",
     "capacity_moe",
     "coefficient_of_variation",
     "dropless_moe",

@@ -25,3 +25,9 @@ def require_float(name: str, value: Any, *, positive: bool = False, hint: str = 
     if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be a finite float {bound}{hint}, got {value}.")
+
+
+def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """``value`` is one of ``choices`` (the args of the option's ``Literal``)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")

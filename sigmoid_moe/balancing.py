@@ -14,7 +14,7 @@ and bf16 counts flip the sign of the update.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 BiasRule = Literal["sign", "sign_zero_mean", "proportional"]
-BIAS_RULES = ("sign", "sign_zero_mean", "proportional")
+BIAS_RULES: tuple[str, ...] = get_args(BiasRule)
 Rate = float | Callable[[jax.Array], jax.Array]
 AxisName = str | Sequence[str] | None
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sigmoid_moe._dispatch_common import gather_rows
 from sigmoid_moe.experts import swiglu
 
 __all__ = ["BlockLayout", "block_layout", "blocked_expert_ffn", "num_blocks_bound"]
@@ -135,10 +136,6 @@ def _vary(array, axes: frozenset):
     return jax.lax.pcast(array, missing, to="varying") if missing else array
 
 
-def _gather(rows_td: jax.Array, src_m: jax.Array) -> jax.Array:
-    return jnp.take(rows_td, src_m, axis=0, mode="fill", fill_value=0)
-
-
 def _forward_scan(x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b):
     """``(y_td float32, h_bmf2)``: the combined output and each block's pre-activations."""
     f32 = jnp.float32
@@ -148,7 +145,7 @@ def _forward_scan(x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b):
         src_m, weight_m, expert = block
 
         def run(y_td):
-            x_md = _gather(x_td, src_m)
+            x_md = gather_rows(x_td, src_m)
             h_mf2 = jnp.dot(x_md, w_in_edf[expert], preferred_element_type=f32).astype(x_td.dtype)
             o_md = jnp.dot(swiglu(h_mf2), w_out_efd[expert], preferred_element_type=f32)
             # Empty rows have src T: mode="drop" skips them (their weight is 0 anyway).
@@ -188,8 +185,8 @@ def _blocked_expert_ffn_bwd(residuals, dy_td):
 
         def run(grads):
             dx_td, dw_in_edf, dw_out_efd = grads
-            x_md = _gather(x_td, src_m)
-            dy_md = _gather(dy_td, src_m)
+            x_md = gather_rows(x_td, src_m)
+            dy_md = gather_rows(dy_td, src_m)
             # Recomputed in cache from the saved h; the pullback reuses its sigmoid.
             a_mf, swiglu_pullback = jax.vjp(swiglu, h_mf2)
             weight_m1 = weight_m[:, None].astype(f32)

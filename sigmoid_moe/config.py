@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from sigmoid_moe._checks import require_int
+from sigmoid_moe._checks import require_choice, require_int
 
+# Each option is declared once, as a Literal; its tuple of choices is derived from it.
 ScoreFn = Literal["sigmoid", "softmax"]
 BiasMode = Literal["selection", "logit"]
 GroupScore = Literal["top2_sum", "max", "topk_sum"]
 
-SCORE_FNS = ("sigmoid", "softmax")
-BIAS_MODES = ("selection", "logit")
-GROUP_SCORES = ("top2_sum", "max", "topk_sum")
-
-
-def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
+SCORE_FNS: tuple[str, ...] = get_args(ScoreFn)
+BIAS_MODES: tuple[str, ...] = get_args(BiasMode)
+GROUP_SCORES: tuple[str, ...] = get_args(GroupScore)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +63,9 @@ class RouterConfig:
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}; "
                 "choose top_k <= num_experts."
             )
-        _require_choice("score_fn", self.score_fn, SCORE_FNS)
-        _require_choice("bias_mode", self.bias_mode, BIAS_MODES)
-        _require_choice("group_score", self.group_score, GROUP_SCORES)
+        require_choice("score_fn", self.score_fn, SCORE_FNS)
+        require_choice("bias_mode", self.bias_mode, BIAS_MODES)
+        require_choice("group_score", self.group_score, GROUP_SCORES)
         if not isinstance(self.normalize, bool):
             raise TypeError(f"normalize must be a bool, got {self.normalize!r}.")
         if isinstance(self.route_scale, bool) or not isinstance(self.route_scale, (int, float)):

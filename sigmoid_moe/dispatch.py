@@ -32,14 +32,23 @@ from typing import Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
+from sigmoid_moe._dispatch_common import (
+    check_block_size,
+    check_dispatch_args,
+    gather_rows,
+    resolve_kernel,
+)
 from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
+    "DISPATCH_KINDS",
     "CapacitySlots",
     "Dispatched",
     "CapacityKernel",
+    "DispatchKind",
     "DroplessKernel",
+    "Kernel",
     "capacity",
     "capacity_moe",
     "capacity_slots",
@@ -47,8 +56,11 @@ __all__ = [
     "dropless_moe",
 ]
 
+DispatchKind = Literal["dropless", "capacity"]
 DroplessKernel = Literal["auto", "ragged_dot", "blocked"]
 CapacityKernel = Literal["auto", "batched", "blocked"]
+Kernel = Literal["auto", "ragged_dot", "batched", "blocked"]  # any of the above
+DISPATCH_KINDS: tuple[str, ...] = get_args(DispatchKind)
 
 
 class Dispatched(NamedTuple):
@@ -73,57 +85,6 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
             "1.25 is the usual choice, num_experts / top_k drops nothing."
         )
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
-
-
-def _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t) -> None:
-    if not jnp.issubdtype(jnp.result_type(x_td), jnp.floating):
-        raise TypeError(f"x_td must be floating, got dtype {jnp.result_type(x_td)}.")
-    if jnp.ndim(x_td) != 2:
-        raise ValueError(f"x_td must be [tokens, d_model], got shape {jnp.shape(x_td)}.")
-    num_tokens, d_model = jnp.shape(x_td)
-    if jnp.ndim(expert_ids_tk) != 2 or jnp.shape(expert_ids_tk)[0] != num_tokens:
-        raise ValueError(
-            f"expert_ids_tk must be [tokens={num_tokens}, k], got {jnp.shape(expert_ids_tk)}."
-        )
-    if not jnp.issubdtype(jnp.result_type(expert_ids_tk), jnp.integer):
-        raise TypeError(f"expert_ids_tk must be integer, got {jnp.result_type(expert_ids_tk)}.")
-    if jnp.shape(weights_tk) != jnp.shape(expert_ids_tk):
-        raise ValueError(
-            f"weights_tk {jnp.shape(weights_tk)} must match expert_ids_tk "
-            f"{jnp.shape(expert_ids_tk)}."
-        )
-    if jnp.ndim(w_in_edf) != 3 or jnp.shape(w_in_edf)[1] != d_model or jnp.shape(w_in_edf)[2] % 2:
-        raise ValueError(
-            f"w_in_edf must be [E, d_model={d_model}, 2*d_ff], got {jnp.shape(w_in_edf)}."
-        )
-    num_experts, _, two_ff = jnp.shape(w_in_edf)
-    if jnp.shape(w_out_efd) != (num_experts, two_ff // 2, d_model):
-        raise ValueError(
-            f"w_out_efd must be [E, d_ff, d_model] = {(num_experts, two_ff // 2, d_model)}, "
-            f"got {jnp.shape(w_out_efd)}."
-        )
-    if token_mask_t is not None and jnp.shape(token_mask_t) != (num_tokens,):
-        raise ValueError(
-            f"token_mask_t must be [tokens] = ({num_tokens},), got {jnp.shape(token_mask_t)}."
-        )
-
-
-def _check_block_size(block_size) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}; 128 is usual.")
-
-
-def _resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> str:
-    """``kernel``, checked against ``choices`` (the Literal's args), with "auto" resolved."""
-    if kernel not in choices:
-        options = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"kernel={kernel!r} is not supported here; choose {options}.")
-    if kernel != "auto":
-        return kernel
-    # XLA:CPU lowers ragged_dot to a dense masked matmul over all E experts (E times the
-    # FLOPs; its gradient at T8192/E64 asked for 38 GB), and large fresh buffers cost more
-    # than the GEMMs' memory traffic there, so CPU runs the fused blocked scan.
-    return "blocked" if jax.default_backend() == "cpu" else gpu_choice
 
 
 def _valid_a(expert_ids_tk: jax.Array, token_mask_t: jax.Array | None) -> jax.Array:
@@ -157,11 +118,6 @@ def _rank_within_expert(
     rank_sorted = jnp.arange(num_assign, dtype=jnp.int32) - start_e[key_a[order_a]]
     rank_a = jnp.zeros((num_assign,), jnp.int32).at[order_a].set(rank_sorted)
     return jnp.where(valid_a, rank_a, -1), count_e[:num_experts]
-
-
-def _gather_rows(x_td: jax.Array, src_p: jax.Array) -> jax.Array:
-    """``x_td[src_p]`` with index ``T`` (and beyond) reading a zero row."""
-    return jnp.take(x_td, src_p, axis=0, mode="fill", fill_value=0)
 
 
 def _combine(y_ad: jax.Array, weights_tk: jax.Array, kept_tk: jax.Array, dtype) -> jax.Array:
@@ -219,7 +175,7 @@ def combine_slots(
 ) -> jax.Array:
     """``[T, d]`` routed output from the slot buffer's rows ``out_sd [E*C, d]``."""
     num_tokens, k = weights_tk.shape
-    y_ad = _gather_rows(out_sd, placement.slot_a)  # [k*T, d] rank-major
+    y_ad = gather_rows(out_sd, placement.slot_a)  # [k*T, d] rank-major
     # Back to token-major [T, k] order for the combine.
     y_ad = y_ad.reshape(k, num_tokens, -1).transpose(1, 0, 2).reshape(num_tokens * k, -1)
     kept_tk = placement.kept_a.reshape(k, num_tokens).T
@@ -253,9 +209,9 @@ def capacity_moe(
       :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` in blocks of at most ``C`` rows;
       empty slots cost nothing. Reverse-mode autodiff only (no ``jax.jvp``).
     """
-    _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    _check_block_size(block_size)
-    kernel = _resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
+    check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    check_block_size(block_size)
+    kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     num_tokens, k = expert_ids_tk.shape
     num_experts, d_model, _ = w_in_edf.shape
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
@@ -278,7 +234,7 @@ def capacity_moe(
         )
         return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), placement.dropped)
 
-    x_ecd = _gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
+    x_ecd = gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
     h_ecf2 = jnp.einsum("ecd,edf->ecf", x_ecd, w_in)
     o_ecd = jnp.einsum("ecf,efd->ecd", swiglu(h_ecf2), w_out)
     y_td = combine_slots(
@@ -319,9 +275,9 @@ def dropless_moe(
     ``kernel="ragged_dot"`` needs the expert weights batched too (JAX's batching rule has no
     case for shared weights), and ``kernel="blocked"`` works but runs every block.
     """
-    _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    _check_block_size(block_size)
-    kernel = _resolve_kernel(kernel, get_args(DroplessKernel), gpu_choice="ragged_dot")
+    check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    check_block_size(block_size)
+    kernel = resolve_kernel(kernel, get_args(DroplessKernel), gpu_choice="ragged_dot")
     num_tokens, k = expert_ids_tk.shape
     num_experts = w_in_edf.shape[0]
     num_assign = num_tokens * k
@@ -352,9 +308,9 @@ def dropless_moe(
     if kernel == "blocked":
         return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), no_drops)
 
-    x_pd = _gather_rows(x_td, layout.src_bm.reshape(-1))
+    x_pd = gather_rows(x_td, layout.src_bm.reshape(-1))
     # Rows past sum(count_e) (masked tokens' share) belong to no group.
     h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
     o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
-    y_ad = _gather_rows(o_pd, layout.row_a)  # [T*k, d]
+    y_ad = gather_rows(o_pd, layout.row_a)  # [T*k, d]
     return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), no_drops)

@@ -48,17 +48,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
-from sigmoid_moe.dispatch import (
-    CapacityKernel,
-    _check,
-    _check_block_size,
-    _gather_rows,
-    _resolve_kernel,
-    capacity,
-    capacity_slots,
-    combine_slots,
+from sigmoid_moe._dispatch_common import (
+    check_block_size,
+    check_dispatch_args,
+    gather_rows,
+    resolve_kernel,
 )
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
+from sigmoid_moe.dispatch import CapacityKernel, capacity, capacity_slots, combine_slots
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -182,7 +179,7 @@ def _local_moe(
     # Slot assignment as in capacity_moe (choice rank first, then token order).
     placement = capacity_slots(expert_ids_tk, mask_t, num_experts, slots)
     # Global expert e = owner * E_l + local index, so the leading split is by owner device.
-    send_nlcd = _gather_rows(x_td, placement.src_s).reshape(
+    send_nlcd = gather_rows(x_td, placement.src_s).reshape(
         num_shards, local_experts, slots, d_model
     )
 
@@ -246,9 +243,9 @@ def expert_parallel_moe(
       :class:`ExpertParallelOut`; equal to :func:`sigmoid_moe.capacity_moe` /
       :func:`sigmoid_moe.dropless_moe` on one device whenever nothing is dropped.
     """
-    _check(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    _check_block_size(block_size)
-    kernel = _resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
+    check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
+    check_block_size(block_size)
+    kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     mesh = _resolve_mesh(mesh)
     if expert_axis not in mesh.axis_names:
         raise ValueError(

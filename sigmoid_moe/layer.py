@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sigmoid_moe._checks import require_float, require_int
+from sigmoid_moe._checks import require_choice, require_float, require_int
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.config import RouterConfig
-from sigmoid_moe.dispatch import CapacityKernel, DroplessKernel, capacity_moe, dropless_moe
+from sigmoid_moe.dispatch import (
+    DISPATCH_KINDS,
+    CapacityKernel,
+    DispatchKind,
+    DroplessKernel,
+    Kernel,
+    capacity_moe,
+    dropless_moe,
+)
 from sigmoid_moe.expert_parallel import expert_parallel_moe
 from sigmoid_moe.experts import swiglu_ffn
 from sigmoid_moe.losses import (
@@ -36,8 +44,6 @@ from sigmoid_moe.routing import route
 from sigmoid_moe.routing_bias import RoutingBias
 
 __all__ = ["PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
-
-DispatchKind = Literal["dropless", "capacity"]
 
 # Logical axis names per parameter, attached as flax ``out_sharding=`` metadata and mapped
 # onto mesh axes by sigmoid_moe.sharding.DEFAULT_RULES. The router's expert axis has its own
@@ -100,7 +106,7 @@ class MoEConfig:
     shared_d_ff: int | None = None
     dispatch: DispatchKind = "dropless"
     capacity_factor: float = 1.25
-    kernel: Literal["auto", "ragged_dot", "batched", "blocked"] = "auto"
+    kernel: Kernel = "auto"
     block_size: int = 128
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -125,10 +131,7 @@ class MoEConfig:
                     f"shared_d_ff={self.shared_d_ff} is set but num_shared_experts=0; "
                     "set num_shared_experts >= 1 or leave shared_d_ff=None."
                 )
-        if self.dispatch not in ("dropless", "capacity"):
-            raise ValueError(
-                f"dispatch={self.dispatch!r} is not supported; choose 'dropless' or 'capacity'."
-            )
+        require_choice("dispatch", self.dispatch, DISPATCH_KINDS)
         require_float(
             "capacity_factor",
             self.capacity_factor,

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sigmoid_moe._checks import require_choice
 from sigmoid_moe.balancing import BIAS_RULES
+from sigmoid_moe.config import SCORE_FNS
 from sigmoid_moe.harness.data import build_corpus
 from sigmoid_moe.harness.evaluate import evaluate
 from sigmoid_moe.harness.train import TrainConfig, train
@@ -47,16 +49,14 @@ class Strategy:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
-        if self.score_fn not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_fn={self.score_fn!r}; choose 'sigmoid' or 'softmax'.")
+        require_choice("score_fn", self.score_fn, SCORE_FNS)
         for field in ("aux_coef", "bias_rate"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{field} must be a float, got {value!r}.")
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{field} must be a finite float >= 0, got {value}.")
-        if self.bias_rule not in BIAS_RULES:
-            raise ValueError(f"bias_rule={self.bias_rule!r}; choose one of {BIAS_RULES}.")
+        require_choice("bias_rule", self.bias_rule, BIAS_RULES)
 
     @property
     def kind(self) -> str:
@@ -88,8 +88,7 @@ def default_strategies(
         if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
             raise ValueError(f"{name} must be a non-empty list of finite values > 0, got {values}.")
     for rule in rules:
-        if rule not in BIAS_RULES:
-            raise ValueError(f"rule {rule!r} is not supported; choose from {BIAS_RULES}.")
+        require_choice("rule", rule, BIAS_RULES)
     runs = []
     for coef in aux_coefs:
         runs.append(Strategy(f"softmax+aux({_fmt(coef)})", "softmax", aux_coef=coef))

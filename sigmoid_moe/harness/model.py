@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigmoid_moe._checks import require_float, require_int
-from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.config import RouterConfig, ScoreFn
+from sigmoid_moe.dispatch import Kernel
 from sigmoid_moe.layer import MoEAux, MoEConfig, MoELayer
 from sigmoid_moe.routing import route
 
@@ -53,10 +54,10 @@ class ModelConfig:
     top_k: int = 2
     d_ff: int = 64
     num_shared_experts: int = 0
-    score_fn: str = "sigmoid"
+    score_fn: ScoreFn = "sigmoid"
     balance_loss_coef: float = 0.0
     router_init_scale: float = 1.0
-    kernel: str = "auto"
+    kernel: Kernel = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "d_model", "num_heads", "seq_len", "num_experts", "top_k"):

@@ -24,7 +24,7 @@ import json
 import pathlib
 import shutil
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sigmoid_moe._checks import require_float, require_int
-from sigmoid_moe.balancing import BIAS_RULES
+from sigmoid_moe._checks import require_choice, require_float, require_int
+from sigmoid_moe.balancing import BIAS_RULES, BiasRule
 from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_batch
 from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
@@ -43,7 +43,8 @@ from sigmoid_moe.routing_bias import RoutingBias, routing_bias_update
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
-RATE_SCHEDULES = ("constant", "cosine")
+RateSchedule = Literal["constant", "cosine"]
+RATE_SCHEDULES: tuple[str, ...] = get_args(RateSchedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +80,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     bias_rate: float = 0.0
-    bias_rule: str = "sign"
-    bias_rate_schedule: str = "constant"
+    bias_rule: BiasRule = "sign"
+    bias_rate_schedule: RateSchedule = "constant"
     seed: int = 0
     eval_every: int = 50
     eval_windows: int = 64
@@ -105,15 +106,8 @@ class TrainConfig:
         require_float("weight_decay", self.weight_decay)
         require_float("grad_clip", self.grad_clip, positive=True)
         require_float("bias_rate", self.bias_rate)
-        if self.bias_rule not in BIAS_RULES:
-            raise ValueError(
-                f"bias_rule={self.bias_rule!r} is not supported; choose one of {BIAS_RULES}."
-            )
-        if self.bias_rate_schedule not in RATE_SCHEDULES:
-            raise ValueError(
-                f"bias_rate_schedule={self.bias_rate_schedule!r} is not supported; "
-                f"choose one of {RATE_SCHEDULES}."
-            )
+        require_choice("bias_rule", self.bias_rule, BIAS_RULES)
+        require_choice("bias_rate_schedule", self.bias_rate_schedule, RATE_SCHEDULES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -56,12 +56,14 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         description="Balance lab: routes generated logits with the bias updated every step, "
         "as one jitted vmap over (rule, rate, seed); writes tables and plots.",
     )
+    from sigmoid_moe.config import SCORE_FNS
+
     p.add_argument("--out", default=None, help="output folder (default runs/simulate-<time>)")
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--topk-groups", type=int, default=4)
-    p.add_argument("--score-fn", choices=("sigmoid", "softmax"), default="sigmoid")
+    p.add_argument("--score-fn", choices=SCORE_FNS, default="sigmoid")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (counting scope)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument(
