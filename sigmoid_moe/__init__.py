@@ -1,13 +1,6 @@
 """sigmoid-moe: sigmoid-gated MoE routing with auxiliary-loss-free bias correction."""
 
-from sigmoid_moe.balancing import (
-    BIAS_RULES,
-    BiasCorrection,
-    BiasState,
-    bias_correction,
-    expert_load,
-    update_bias,
-)
+from sigmoid_moe.balancing import BIAS_RULES, expert_load, update_bias
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.dispatch import Dispatched, capacity_moe, dropless_moe
 from sigmoid_moe.expert_parallel import ExpertParallelOut, expert_parallel_moe
@@ -31,7 +24,12 @@ from sigmoid_moe.metrics import (
     uniform_maxvio_floor,
 )
 from sigmoid_moe.routing import Routing, route, sigmoid_moe_router
-from sigmoid_moe.routing_bias import RoutingBias, apply_routing_bias_update, routing_bias_update
+from sigmoid_moe.routing_bias import (
+    ExpertLoad,
+    RoutingBias,
+    apply_routing_bias_update,
+    routing_bias_update,
+)
 from sigmoid_moe.sharding import (
     DEFAULT_RULES,
     logical_sharding,
@@ -45,10 +43,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BIAS_RULES",
-    "BiasCorrection",
-    "BiasState",
     "DEFAULT_RULES",
     "Dispatched",
+    "ExpertLoad",
     "ExpertParallelOut",
     "LoadStats",
     "MoEAux",
@@ -59,7 +56,6 @@ __all__ = [
     "Routing",
     "RoutingBias",
     "apply_routing_bias_update",
-    "bias_correction",
     "capacity_moe",
     "coefficient_of_variation",
     "dropless_moe",

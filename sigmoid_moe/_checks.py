@@ -1,4 +1,4 @@
-"""Argument checks shared by the config dataclasses: one wording for every message.
+"""Argument checks shared across the package: one wording for every message.
 
 Each raises ``TypeError`` for a wrong type and ``ValueError`` for a bad value, naming the
 argument and the value (``bool`` is not accepted as a number).
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def require_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -31,3 +35,28 @@ def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """``value`` is one of ``choices`` (the args of the option's ``Literal``)."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
+
+
+def check_token_mask(token_mask, token_shape: tuple[int, ...], name: str) -> jax.Array:
+    """``token_mask`` as a bool array of ``token_shape``; raises for another shape or dtype."""
+    token_mask = jnp.asarray(token_mask)
+    if token_mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"{name} must be a bool array (True: a real token), got dtype {token_mask.dtype}; "
+            "pass mask.astype(bool) if it holds 0/1."
+        )
+    if token_mask.shape != tuple(token_shape):
+        raise ValueError(
+            f"{name} must have the token shape {tuple(token_shape)}, got {token_mask.shape}."
+        )
+    return token_mask
+
+
+def concrete_value(value) -> np.ndarray | None:
+    """``value`` as a NumPy array when it is known at trace time, else None (a tracer)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return None

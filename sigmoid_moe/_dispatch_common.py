@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sigmoid_moe._checks import require_int
+from sigmoid_moe._checks import check_token_mask, require_int
 
 __all__ = ["check_block_size", "check_dispatch_args", "gather_rows", "resolve_kernel"]
 
@@ -43,10 +43,8 @@ def check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, to
             f"w_out_efd must be [E, d_ff, d_model] = {(num_experts, two_ff // 2, d_model)}, "
             f"got {jnp.shape(w_out_efd)}."
         )
-    if token_mask_t is not None and jnp.shape(token_mask_t) != (num_tokens,):
-        raise ValueError(
-            f"token_mask_t must be [tokens] = ({num_tokens},), got {jnp.shape(token_mask_t)}."
-        )
+    if token_mask_t is not None:
+        check_token_mask(token_mask_t, (num_tokens,), "token_mask_t")
 
 
 def check_block_size(block_size) -> None:

@@ -14,24 +14,23 @@ and bf16 counts flip the sign of the update.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = [
-    "BIAS_RULES",
-    "BiasState",
-    "BiasCorrection",
-    "bias_correction",
-    "expert_load",
-    "update_bias",
-]
+from sigmoid_moe._checks import check_token_mask, concrete_value, require_choice
+
+__all__ = ["BIAS_RULES", "BiasRule", "expert_load", "update_bias"]
 
 BiasRule = Literal["sign", "sign_zero_mean", "proportional"]
 BIAS_RULES: tuple[str, ...] = get_args(BiasRule)
-Rate = float | Callable[[jax.Array], jax.Array]
+Rate = float | jax.Array | Callable[[jax.Array], jax.Array]
 AxisName = str | Sequence[str] | None
+
+
+INT32_MAX = 2**31 - 1
 
 
 def expert_load(
@@ -40,13 +39,16 @@ def expert_load(
     """Exact tokens per expert.
 
     Args:
-      expert_ids: ``[..., k]`` integer expert choices.
+      expert_ids: ``[..., k]`` integer expert choices. An id outside ``[0, E)`` names no
+        expert and is not counted (dispatch counts such an assignment as dropped).
       num_experts: E (static).
-      token_mask: optional ``[...]`` bool (or 0/1) mask; tokens where it is False
-        (padding, eval-only tokens) are not counted.
+      token_mask: optional ``[...]`` bool mask; tokens where it is False (padding,
+        eval-only tokens) are not counted. Integer or float masks are refused: a mask of
+        2 would count a token twice.
 
     Returns:
-      ``[E]`` int32 counts; ``sum == k * (number of unmasked tokens)``.
+      ``[E]`` int32 counts; ``sum == k * (number of unmasked tokens)`` when every id is
+      in range.
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}.")
@@ -55,25 +57,27 @@ def expert_load(
     ids = jnp.asarray(expert_ids, jnp.int32)
     if ids.ndim < 1:
         raise ValueError(f"expert_ids must have shape [..., k], got {ids.shape}.")
-    if token_mask is None:
-        weight = jnp.ones(ids.shape, jnp.int32)
-    else:
-        token_mask = jnp.asarray(token_mask)
-        if token_mask.shape != ids.shape[:-1]:
-            raise ValueError(
-                f"token_mask must have the token shape {ids.shape[:-1]} of expert_ids "
-                f"{ids.shape}, got {token_mask.shape}."
-            )
-        weight = jnp.broadcast_to(token_mask.astype(jnp.int32)[..., None], ids.shape)
-    # Integer scatter-add: exact for any count below 2**31.
+    counted = (ids >= 0) & (ids < num_experts)
+    if token_mask is not None:
+        token_mask = check_token_mask(token_mask, ids.shape[:-1], "token_mask")
+        counted = counted & token_mask[..., None]
+    # Integer scatter-add: exact for any count below 2**31. Uncounted ids go to index E,
+    # which mode="drop" discards (a negative id would otherwise wrap to the last expert).
     return (
         jnp.zeros((num_experts,), jnp.int32)
-        .at[ids.reshape(-1)]
-        .add(weight.reshape(-1), mode="drop")
+        .at[jnp.where(counted, ids, num_experts).reshape(-1)]
+        .add(1, mode="drop")
     )
 
 
 def _rate_at(rate: Rate, step: jax.Array | int | None) -> jax.Array:
+    """The rate ``u`` as a float32 scalar.
+
+    A concrete value (a float, a concrete array, or what a schedule returns outside jit)
+    must be finite and ``>= 0``, or this raises. A value only known inside jit (a traced
+    rate, or a schedule of a traced step) cannot raise: a negative or non-finite ``u``
+    becomes 0, so that update leaves the bias as it is rather than flipping or poisoning it.
+    """
     if callable(rate):
         if step is None:
             raise ValueError(
@@ -81,20 +85,55 @@ def _rate_at(rate: Rate, step: jax.Array | int | None) -> jax.Array:
             )
         value = rate(step)
     else:
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        numeric = (int, float, np.ndarray, np.generic, jax.Array)
+        if isinstance(rate, bool) or not isinstance(rate, numeric):
             raise TypeError(f"rate must be a float or a schedule callable, got {rate!r}.")
         value = rate
-    try:
-        concrete = float(value)
-    except (jax.errors.ConcretizationTypeError, TypeError):
-        concrete = None  # a traced schedule value: nothing to check at trace time
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"rate must be a scalar, got shape {jnp.shape(value)}.")
+    concrete = concrete_value(value)
     if concrete is not None:
-        if not concrete >= 0:  # also catches NaN
+        if not (np.isfinite(concrete) and concrete >= 0):
             raise ValueError(
-                f"rate must be >= 0, got {concrete}: a negative rate feeds back positively "
-                "(over-loaded experts get more attractive) and collapses routing."
+                f"rate must be >= 0 and finite, got {float(concrete)}: a negative rate feeds "
+                "back positively (over-loaded experts get more attractive) and collapses "
+                "routing; an infinite one makes the bias non-finite."
             )
-    return jnp.asarray(value, jnp.float32)
+        return jnp.asarray(concrete, jnp.float32)
+    u = jnp.asarray(value, jnp.float32)
+    return jnp.where(jnp.isfinite(u) & (u > 0), u, 0.0)
+
+
+def _as_counts(load) -> jax.Array:
+    """``load`` as int32 counts.
+
+    Concrete loads are checked: non-negative, and a total below ``2**31`` (so neither a
+    count nor the sum wraps in int32; NumPy int64 would wrap silently on conversion).
+    Traced loads cannot raise: negative counts count as 0 and unsigned counts above
+    ``2**31 - 1`` saturate there before the int32 cast, so the sign keeps its direction.
+    """
+    load_dtype = jnp.result_type(load)
+    if not jnp.issubdtype(load_dtype, jnp.integer):
+        raise TypeError(
+            f"load must be integer token counts, got dtype {load_dtype}; use expert_load()."
+        )
+    concrete = concrete_value(load)
+    if concrete is not None:
+        counts = concrete.astype(np.int64) if concrete.dtype != np.uint64 else concrete
+        if (counts < 0).any():
+            raise ValueError(f"load holds negative counts {counts[counts < 0].tolist()}.")
+        if int(counts.sum(dtype=np.uint64)) > INT32_MAX:
+            raise ValueError(
+                f"load sums to {int(counts.sum(dtype=np.uint64))} assignments, beyond the "
+                "int32 counts the update is exact for (< 2**31 per step)."
+            )
+        return jnp.asarray(counts.astype(np.int32))
+    load = jnp.asarray(load)
+    if jnp.issubdtype(load.dtype, jnp.unsignedinteger):
+        load = jnp.minimum(load, jnp.asarray(INT32_MAX, load.dtype))
+    else:
+        load = jnp.maximum(load, 0)
+    return load.astype(jnp.int32)
 
 
 def _sign_of_mean_minus(load: jax.Array) -> jax.Array:
@@ -126,39 +165,40 @@ def update_bias(
       changes no ranking.
     - ``"proportional"`` (LFB Table 3): ``b_i += rate * e_i / mean(load)``.
 
+    This is the one array-level update; a model's biases are updated by
+    :func:`sigmoid_moe.routing_bias_update`, which calls it per layer.
+
     Args:
       bias: ``[E]`` float32 current bias.
       load: ``[E]`` integer tokens per expert (:func:`expert_load`). With gradient
-        accumulation pass the *sum* over micro-batches: the sign is taken once, on the total.
-      rate: ``u >= 0``, or an optax-style schedule ``step -> u`` (DeepSeek-V3:
-        ``optax.piecewise_constant_schedule(1e-3, {N: 0.0})``).
+        accumulation pass the *sum* over micro-batches: the sign is taken once, on the
+        total. Concrete loads must be ``>= 0`` and sum below ``2**31``; inside jit a
+        negative count counts as 0.
+      rate: ``u >= 0`` (a float or a scalar array), or an optax-style schedule
+        ``step -> u`` (DeepSeek-V3: ``optax.piecewise_constant_schedule(1e-3, {N: 0.0})``).
+        A concrete negative, NaN or infinite rate raises; a traced one (known only inside
+        jit) that is negative or non-finite gives no update (``u`` taken as 0).
       rule: one of :data:`BIAS_RULES`.
       step: the optimizer step, required when ``rate`` is a schedule.
       axis_name: mesh axis name(s) to sum the load over first (inside ``shard_map``), so
         the update uses the global load and every replica gets the identical bias.
 
     Returns:
-      The new ``[E]`` float32 bias.
+      The new ``[E]`` float32 bias; finite whenever ``bias`` is.
     """
-    if rule not in BIAS_RULES:
-        raise ValueError(f"rule={rule!r} is not supported; choose one of {BIAS_RULES}.")
+    require_choice("rule", rule, BIAS_RULES)
     bias_dtype = jnp.result_type(bias)
     if bias_dtype != jnp.float32:
         raise TypeError(
             f"bias must be float32, got {bias_dtype}: in bf16 a 1e-3 step near 0.5 rounds "
             "away. Keep the routing bias in float32 under any dtype policy."
         )
-    load_dtype = jnp.result_type(load)
-    if not jnp.issubdtype(load_dtype, jnp.integer):
-        raise TypeError(
-            f"load must be integer token counts, got dtype {load_dtype}; use expert_load()."
-        )
     if jnp.ndim(bias) != 1 or jnp.shape(load) != jnp.shape(bias):
         raise ValueError(
             f"bias and load must both have shape [E]; got {jnp.shape(bias)} and {jnp.shape(load)}."
         )
+    load = _as_counts(load)
     u = _rate_at(rate, step)
-    load = jnp.asarray(load, jnp.int32)
     if axis_name is not None:
         load = jax.lax.psum(load, axis_name)
 
@@ -171,44 +211,3 @@ def update_bias(
         if rule == "sign_zero_mean":
             delta = delta - jnp.mean(delta)
     return bias + u * delta
-
-
-class BiasState(NamedTuple):
-    """Optax-style state of the bias correction."""
-
-    bias: jax.Array  # [E] float32
-    step: jax.Array  # [] int32, updates applied so far (drives a rate schedule)
-
-
-class BiasCorrection(NamedTuple):
-    """An ``(init, update)`` pair of pure functions, like an optax transformation."""
-
-    init: Callable[[int], BiasState]
-    update: Callable[..., BiasState]
-
-
-def bias_correction(
-    rate: Rate, rule: BiasRule = "sign", *, axis_name: AxisName = None
-) -> BiasCorrection:
-    """The bias correction as an ``init``/``update`` pair.
-
-    Example::
-
-        corrector = bias_correction(optax.piecewise_constant_schedule(1e-3, {1000: 0.0}))
-        state = corrector.init(num_experts)
-        state = corrector.update(state, expert_load(routing.expert_ids, num_experts))
-    """
-    if rule not in BIAS_RULES:
-        raise ValueError(f"rule={rule!r} is not supported; choose one of {BIAS_RULES}.")
-    _rate_at(rate, 0)  # validate eagerly
-
-    def init(num_experts: int) -> BiasState:
-        return BiasState(bias=jnp.zeros((num_experts,), jnp.float32), step=jnp.zeros((), jnp.int32))
-
-    def update(state: BiasState, load: jax.Array) -> BiasState:
-        bias = update_bias(
-            state.bias, load, rate=rate, rule=rule, step=state.step, axis_name=axis_name
-        )
-        return BiasState(bias=bias, step=state.step + 1)
-
-    return BiasCorrection(init=init, update=update)

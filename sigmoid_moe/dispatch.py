@@ -87,11 +87,26 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def _valid_a(expert_ids_tk: jax.Array, token_mask_t: jax.Array | None) -> jax.Array:
-    """``[T, k]`` bool: which assignments belong to real (unmasked) tokens."""
-    if token_mask_t is None:
-        return jnp.ones(expert_ids_tk.shape, bool)
-    return jnp.broadcast_to(jnp.asarray(token_mask_t).astype(bool)[:, None], expert_ids_tk.shape)
+def _assignments(
+    expert_ids_tk: jax.Array, token_mask_t: jax.Array | None, num_experts: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(real_tk, valid_tk)`` bool ``[T, k]``: assignments of real (unmasked) tokens, and
+    those of them whose expert id is in ``[0, E)``.
+
+    An id outside ``[0, E)`` names no expert: its assignment gets no slot or row,
+    contributes 0 and is counted as dropped (as :func:`sigmoid_moe.expert_load` does not
+    count it), so nothing is lost silently.
+    """
+    real_tk = jnp.ones(expert_ids_tk.shape, bool)
+    if token_mask_t is not None:
+        real_tk = jnp.broadcast_to(jnp.asarray(token_mask_t)[:, None], expert_ids_tk.shape)
+    in_range = (expert_ids_tk >= 0) & (expert_ids_tk < num_experts)
+    return real_tk, real_tk & in_range
+
+
+def _empty(x_td: jax.Array) -> Dispatched:
+    """The result for zero tokens: an empty ``[0, d]`` output, nothing dropped."""
+    return Dispatched(jnp.zeros(x_td.shape, x_td.dtype), jnp.zeros((), jnp.int32))
 
 
 def _rank_within_expert(
@@ -139,7 +154,7 @@ class CapacitySlots(NamedTuple):
     slot_a: jax.Array  # [k*T] int32 slot e * C + rank, E * C where dropped or masked
     src_s: jax.Array  # [E*C] int32 token per slot, T (a zero row) where empty
     kept_a: jax.Array  # [k*T] bool placed in a slot
-    dropped: jax.Array  # [] int32 unmasked assignments that found no slot
+    dropped: jax.Array  # [] int32 unmasked assignments that found no slot (or no expert)
     count_e: jax.Array  # [E] int32 unmasked assignments per expert, dropped included
 
 
@@ -153,7 +168,8 @@ def capacity_slots(
     """
     num_tokens, k = expert_ids_tk.shape
     expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # [k*T]
-    valid_a = _valid_a(expert_ids_tk, token_mask_t).T.reshape(-1)  # [k*T]
+    real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
+    valid_a = valid_tk.T.reshape(-1)  # [k*T]
     token_a = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)  # [k*T]
     rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
     kept_a = valid_a & (rank_a < slots)
@@ -165,7 +181,7 @@ def capacity_slots(
         slot_a=slot_a,
         src_s=src_s,
         kept_a=kept_a,
-        dropped=jnp.sum(valid_a & ~kept_a, dtype=jnp.int32),
+        dropped=jnp.sum(real_tk, dtype=jnp.int32) - jnp.sum(kept_a, dtype=jnp.int32),
         count_e=count_e,
     )
 
@@ -199,7 +215,8 @@ def capacity_moe(
     Every expert has ``C = capacity(T, k, E, capacity_factor)`` slots. Overflow is dropped
     by priority *choice rank first, then token order*: all first choices are placed
     before any second choice (GShard), and within one rank earlier tokens win. The number
-    of dropped (unmasked) assignments is returned; a dropped assignment contributes 0
+    of dropped (unmasked) assignments is returned, assignments to an expert id outside
+    ``[0, E)`` included; a dropped assignment contributes 0
     (its weight is not renormalised over the survivors).
 
     Kernels (equal up to float rounding; ``kernel="auto"`` picks by backend):
@@ -214,6 +231,8 @@ def capacity_moe(
     kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     num_tokens, k = expert_ids_tk.shape
     num_experts, d_model, _ = w_in_edf.shape
+    if num_tokens == 0:
+        return _empty(x_td)
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
     placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
     w_in = w_in_edf.astype(x_td.dtype)
@@ -267,8 +286,10 @@ def dropless_moe(
        tokens own zero rows / blocks.
     3. Combine each copy's output with its routing weight.
 
-    No assignment is ever dropped; ``dropped`` is 0. Masked tokens are sorted out of the
-    computed rows entirely.
+    No assignment is ever dropped for lack of room; ``dropped`` counts only assignments to
+    an expert id outside ``[0, E)`` (0 for any routing from :func:`sigmoid_moe.route`).
+    Masked tokens are sorted out of the computed rows entirely. Zero tokens give an empty
+    output.
 
     To map over groups of tokens that share experts, flatten the groups into the token
     axis (as :class:`MoELayer` does) rather than ``jax.vmap``: under vmap,
@@ -282,8 +303,10 @@ def dropless_moe(
     num_experts = w_in_edf.shape[0]
     num_assign = num_tokens * k
 
+    if num_tokens == 0:
+        return _empty(x_td)
     expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
-    valid_tk = _valid_a(expert_ids_tk, token_mask_t)
+    real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
     valid_a = valid_tk.reshape(-1)
     rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
     if kernel == "blocked":
@@ -304,13 +327,13 @@ def dropless_moe(
     )
     w_in = w_in_edf.astype(x_td.dtype)
     w_out = w_out_efd.astype(x_td.dtype)
-    no_drops = jnp.zeros((), jnp.int32)
+    no_expert = jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32)  # ids outside [0, E)
     if kernel == "blocked":
-        return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), no_drops)
+        return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), no_expert)
 
     x_pd = gather_rows(x_td, layout.src_bm.reshape(-1))
     # Rows past sum(count_e) (masked tokens' share) belong to no group.
     h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
     o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
     y_ad = gather_rows(o_pd, layout.row_a)  # [T*k, d]
-    return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), no_drops)
+    return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), no_expert)

@@ -41,7 +41,7 @@ from flax import nnx
 
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.layer import MoEConfig, MoELayer
-from sigmoid_moe.routing_bias import apply_routing_bias_update
+from sigmoid_moe.routing_bias import ExpertLoad, apply_routing_bias_update
 from sigmoid_moe.sharding import DEFAULT_RULES, logical_sharding, make_mesh, rules_for_mesh
 
 # jax is imported but no backend is started at import, so a worker can still set its
@@ -124,19 +124,19 @@ def make_train_step(rate: float = BIAS_RATE):
     """``step(model, optimizer, tokens) -> (loss, load [E], dropped)``, jitted, in place."""
 
     def loss_fn(model, tokens_bs):
-        logits_bsv, aux = model(tokens_bs)
+        (logits_bsv, aux), loads = nnx.capture(model, ExpertLoad)(tokens_bs)
         ce = optax.softmax_cross_entropy_with_integer_labels(
             logits_bsv[:, :-1].astype(jnp.float32), tokens_bs[:, 1:]
         ).mean()
-        return ce + aux.aux_loss, (aux.expert_load, aux.dropped)
+        return ce + aux.aux_loss, (aux.expert_load, aux.dropped, loads)
 
     @nnx.jit
     def train_step(model, optimizer, tokens_bs):
         grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-        (loss, (load_e, dropped)), grads = grad_fn(model, tokens_bs)
+        (loss, (load_e, dropped, loads)), grads = grad_fn(model, tokens_bs)
         optimizer.update(model, grads)
         # After the optimizer, from the global int32 load: identical on every replica.
-        apply_routing_bias_update(model, load_e[None], rate=rate)
+        apply_routing_bias_update(model, loads, rate=rate)
         return loss, load_e, dropped
 
     return train_step, loss_fn

@@ -13,14 +13,13 @@ Everything but the parameters and the dispatch choice lives in pure functions
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sigmoid_moe._checks import require_choice, require_float, require_int
+from sigmoid_moe._checks import check_token_mask, require_choice, require_float, require_int
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.dispatch import (
@@ -41,7 +40,7 @@ from sigmoid_moe.losses import (
     sequence_balance_loss,
 )
 from sigmoid_moe.routing import route
-from sigmoid_moe.routing_bias import RoutingBias
+from sigmoid_moe.routing_bias import RoutingBias, record_load
 
 __all__ = ["PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
 
@@ -177,36 +176,45 @@ class MoEConfig:
 
 
 class MoEAux(NamedTuple):
-    """What the layer reports besides its output. Sum or stack it over layers."""
+    """What the layer reports besides its output (``...``: the token shape of ``x``).
+
+    Callers use these values; they never route again to get them. The same load reaches
+    the bias update through ``nnx.capture(model, ExpertLoad)`` (see
+    :mod:`sigmoid_moe.routing_bias`), which carries each layer's place in the model.
+    """
 
     expert_load: jax.Array  # [E] int32 assignments per expert, padding not counted
+    expert_ids: jax.Array  # [..., k] int32 the experts each token was routed to
     dropped: jax.Array  # [] int32 assignments dropped by capacity (0 when dropless)
+    nonfinite_tokens: jax.Array  # [] int32 real tokens not routed: a NaN/inf logit or bias
     balance_loss: jax.Array  # [] float32 Switch loss, unscaled (0 when its coef is 0)
     seq_balance_loss: jax.Array  # [] float32 DeepSeek-V3 sequence loss, unscaled
     z_loss: jax.Array  # [] float32 router z-loss, unscaled
     aux_loss: jax.Array  # [] float32 sum of coef * loss: add this to the training loss
 
 
-def _dispatch_fn(config: MoEConfig):
-    """``(x_td, ids_tk, weights_tk, w_in, w_out, mask_t) -> (y_td, dropped)`` for ``config``."""
+def _dispatch(config: MoEConfig, *args) -> tuple[jax.Array, jax.Array]:
+    """``(y_td, dropped)`` from ``(x_td, ids_tk, weights_tk, w_in, w_out, mask_t)`` by the
+    dispatch ``config`` chooses (a function of the config, so no callable is stored on the
+    layer and identically configured layers have equal graphdefs)."""
     if config.expert_axis is not None:
-        expert_parallel = functools.partial(
-            expert_parallel_moe,
+        # Its psum-ed load equals expert_load of the (global-view) routing, counted in _aux.
+        out = expert_parallel_moe(
+            *args,
             expert_axis=config.expert_axis,
             capacity_factor=config.capacity_factor if config.dispatch == "capacity" else None,
             kernel=config.kernel,
             block_size=config.block_size,
         )
-        # Its psum-ed load equals expert_load of the (global-view) routing, counted in _aux.
-        return lambda *args: expert_parallel(*args)[:2]
+        return out.y_td, out.dropped
     if config.dispatch == "capacity":
-        return functools.partial(
-            capacity_moe,
+        return capacity_moe(
+            *args,
             capacity_factor=config.capacity_factor,
             kernel=config.kernel,
             block_size=config.block_size,
         )
-    return functools.partial(dropless_moe, kernel=config.kernel, block_size=config.block_size)
+    return dropless_moe(*args, kernel=config.kernel, block_size=config.block_size)
 
 
 class MoELayer(nnx.Module):
@@ -226,7 +234,6 @@ class MoELayer(nnx.Module):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}.")
         self.config = config
-        self._dispatch = _dispatch_fn(config)
         d, f, e = config.d_model, config.d_ff, config.num_experts
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         dense_init = nnx.initializers.lecun_normal()
@@ -264,11 +271,8 @@ class MoELayer(nnx.Module):
             raise ValueError(
                 f"x must have shape [..., d_model={self.config.d_model}], got {jnp.shape(x)}."
             )
-        if token_mask is not None and jnp.shape(token_mask) != jnp.shape(x)[:-1]:
-            raise ValueError(
-                f"token_mask must have x's token shape {jnp.shape(x)[:-1]}, "
-                f"got {jnp.shape(token_mask)}."
-            )
+        if token_mask is not None:
+            check_token_mask(token_mask, jnp.shape(x)[:-1], "token_mask")
         if self.config.seq_balance_loss_coef > 0 and jnp.ndim(x) != 3:
             raise ValueError(
                 f"seq_balance_loss_coef > 0 needs x as [batch, seq, d_model], got {jnp.shape(x)}; "
@@ -282,11 +286,17 @@ class MoELayer(nnx.Module):
         cfg = self.config
         lead = jnp.shape(x)[:-1]
         x_td = jnp.reshape(x, (-1, cfg.d_model)).astype(cfg.dtype)
-        mask_t = None if token_mask is None else jnp.reshape(token_mask, (-1,)).astype(bool)
+        mask_t = None if token_mask is None else jnp.reshape(token_mask, (-1,))
 
         logits_te = jnp.dot(x_td.astype(jnp.float32), self.router_w_de[...].astype(jnp.float32))
         routing = route(logits_te, self.bias_e[...], cfg.router)
-        y_td, dropped = self._dispatch(
+        # Tokens route() could not route (non-finite logits) are masked from here on: no
+        # expert, no load, no loss; MoEAux.nonfinite_tokens counts the real ones.
+        real_t = jnp.ones(x_td.shape[:1], bool) if mask_t is None else mask_t
+        nonfinite = jnp.sum(real_t & ~routing.routed, dtype=jnp.int32)
+        mask_t = real_t & routing.routed
+        y_td, dropped = _dispatch(
+            cfg,
             x_td,
             routing.expert_ids,
             routing.weights,
@@ -301,10 +311,11 @@ class MoELayer(nnx.Module):
                 self.shared_w_out_fd[...].astype(cfg.dtype),
             )
             y_td = y_td + shared_td
-        aux = self._aux(logits_te, routing, mask_t, lead, dropped)
+        aux = self._aux(logits_te, routing, mask_t, lead, dropped, nonfinite)
+        record_load(self, aux.expert_load)  # only inside nnx.capture(..., ExpertLoad)
         return y_td.reshape(*lead, cfg.d_model), aux
 
-    def _aux(self, logits_te, routing, mask_t, lead, dropped) -> MoEAux:
+    def _aux(self, logits_te, routing, mask_t, lead, dropped, nonfinite) -> MoEAux:
         cfg = self.config
         zero = jnp.zeros((), jnp.float32)
         load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
@@ -313,7 +324,7 @@ class MoELayer(nnx.Module):
             balance = load_balancing_loss(router_probs(routing.scores), routing.expert_ids, mask_t)
         if cfg.seq_balance_loss_coef > 0:
             shape = lambda a: a.reshape(*lead, a.shape[-1])  # noqa: E731
-            seq_mask = None if mask_t is None else mask_t.reshape(lead)
+            seq_mask = mask_t.reshape(lead)
             seq_balance = sequence_balance_loss(
                 shape(router_probs(routing.scores)), shape(routing.expert_ids), seq_mask
             )
@@ -326,7 +337,9 @@ class MoELayer(nnx.Module):
         )
         return MoEAux(
             expert_load=load,
+            expert_ids=routing.expert_ids.reshape(*lead, cfg.router.top_k),
             dropped=dropped,
+            nonfinite_tokens=nonfinite,
             balance_loss=balance,
             seq_balance_loss=seq_balance,
             z_loss=z,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sigmoid_moe._checks import check_token_mask
 from sigmoid_moe.balancing import AxisName, expert_load
 
 __all__ = [
@@ -33,10 +34,13 @@ def router_probs(scores: jax.Array) -> jax.Array:
 def _mask(shape: tuple[int, ...], token_mask: jax.Array | None) -> jax.Array:
     if token_mask is None:
         return jnp.ones(shape, jnp.float32)
-    token_mask = jnp.asarray(token_mask)
-    if token_mask.shape != shape:
-        raise ValueError(f"token_mask must have the token shape {shape}, got {token_mask.shape}.")
-    return token_mask.astype(jnp.float32)
+    return check_token_mask(token_mask, shape, "token_mask").astype(jnp.float32)
+
+
+def _masked(values_e: jax.Array, mask: jax.Array) -> jax.Array:
+    """``values_e [..., E]`` in float32 with masked tokens' rows set to 0, so that a masked
+    token contributes exactly 0 (and no NaN, by value or by gradient) whatever it holds."""
+    return jnp.where(mask[..., None] > 0, jnp.asarray(values_e, jnp.float32), 0.0)
 
 
 def _check(probs: jax.Array, expert_ids: jax.Array) -> tuple[int, int]:
@@ -68,9 +72,7 @@ def load_balancing_loss(
     mask = _mask(jnp.shape(probs)[:-1], token_mask)
     count = expert_load(expert_ids, num_experts, token_mask=mask > 0).astype(jnp.float32)
     num_tokens = jnp.sum(mask)
-    mean_prob = jnp.einsum("...e,...->e", probs.astype(jnp.float32), mask) / jnp.maximum(
-        num_tokens, 1
-    )
+    mean_prob = jnp.einsum("...e,...->e", _masked(probs, mask), mask) / jnp.maximum(num_tokens, 1)
     return _balance(count, mean_prob, num_tokens, k)
 
 
@@ -99,8 +101,7 @@ def sequence_balance_loss(
     count = jnp.einsum("bse,bs->be", one_hot, mask)
     num_tokens = jnp.sum(mask, axis=-1)  # [B]
     mean_prob = (
-        jnp.einsum("bse,bs->be", probs.astype(jnp.float32), mask)
-        / jnp.maximum(num_tokens, 1)[:, None]
+        jnp.einsum("bse,bs->be", _masked(probs, mask), mask) / jnp.maximum(num_tokens, 1)[:, None]
     )
     per_seq = _balance(count, mean_prob, num_tokens, k)  # [B]
     has_tokens = (num_tokens > 0).astype(jnp.float32)
@@ -128,7 +129,7 @@ def global_batch_balance_loss(
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name)
         num_tokens = jax.lax.psum(num_tokens, axis_name)
-    mean_prob = jnp.einsum("...e,...->e", probs.astype(jnp.float32), mask) / jnp.maximum(
+    mean_prob = jnp.einsum("...e,...->e", _masked(probs, mask), mask) / jnp.maximum(
         num_tokens_local, 1
     )
     return _balance(count.astype(jnp.float32), mean_prob, num_tokens.astype(jnp.float32), k)
@@ -141,5 +142,5 @@ def router_z_loss(logits: jax.Array, token_mask: jax.Array | None = None) -> jax
     """
     logits = jnp.asarray(logits, jnp.float32)
     mask = _mask(jnp.shape(logits)[:-1], token_mask)
-    z = jax.nn.logsumexp(logits, axis=-1)
+    z = jax.nn.logsumexp(_masked(logits, mask), axis=-1)
     return jnp.sum(z**2 * mask) / jnp.maximum(jnp.sum(mask), 1)

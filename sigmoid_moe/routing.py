@@ -10,6 +10,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ class Routing(NamedTuple):
     weights: jax.Array  # [..., k] float32 combine weights, aligned with expert_ids
     scores: jax.Array  # [..., E] float32 gate scores the weights are taken from
     selection_scores: jax.Array  # [..., E] float32 what top-k ranked (-inf: group-excluded)
+    routed: jax.Array  # [...] bool False: a non-finite logit or bias; ids -1, weights 0
 
 
 def _check_inputs(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> None:
@@ -125,10 +127,20 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
         weights = route_scale * s[chosen] / sum(s[chosen])  # unbiased; no division if not normalize
 
     With ``bias_mode="logit"`` (the reference problem) ``s = score_fn(logits + bias)``,
-    ``chosen = top_k(s)`` and the weights are those biased scores, normalised.
+    ``chosen = top_k(s)`` and the weights are those biased scores, normalised. The ranking
+    uses the biased float32 logits, equal to ranking ``s`` because the score function is
+    strictly increasing, except where float32 ``s`` saturates into ties (two logits above
+    ~17 both give 1.0): there the larger logit wins, where :func:`sigmoid_moe_router`
+    (the reference's float64 scores) may tie and take the lower index.
 
     Group-limited routing first keeps the ``topk_groups`` groups with the largest group
     score (computed from ``s + bias``) and masks the other experts with ``-inf``.
+
+    Non-finite values have one behaviour: a token whose logits hold a NaN or an infinity
+    (and every token, if the bias does) is not routed. It gets ``expert_ids = -1``,
+    ``weights = 0``, ``scores = 0`` and ``routed = False``; :func:`sigmoid_moe.expert_load`
+    does not count an id of -1, the dispatch gives such a token no expert, and
+    :class:`sigmoid_moe.MoELayer` reports how many there were (``MoEAux.nonfinite_tokens``).
 
     Everything is computed in float32 whatever the input dtype. Normalised weights are a
     softmax of the chosen log-scores (``log_sigmoid``), so they sum to 1 even when every
@@ -148,6 +160,11 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
     if bias is None:
         bias = jnp.zeros((config.num_experts,), jnp.float32)
     bias = jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
+    # A token with a NaN or infinite logit, or any token when the bias is not finite, is
+    # not routed. Its logits are zeroed first, so neither its forward values nor its
+    # gradients can carry a NaN into the rest of the batch.
+    routed = jnp.all(jnp.isfinite(logits), axis=-1) & jnp.all(jnp.isfinite(bias))
+    logits = jnp.where(routed[..., None], logits, 0.0)
 
     if config.bias_mode == "logit":
         logits = logits + bias
@@ -164,6 +181,7 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
     else:
         # The score function is strictly increasing in the logit, so ranking the biased
         # logits ranks the scores, without the ties a saturated float32 sigmoid creates.
+        # (sigmoid_moe_router, the reference drop-in, ranks float64 sigmoids instead.)
         selection = logits
         group_source = scores
     if config.group_limited:
@@ -182,10 +200,11 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
         weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     weights = weights * jnp.float32(config.route_scale)
     return Routing(
-        expert_ids=expert_ids,
-        weights=weights,
-        scores=scores,
+        expert_ids=jnp.where(routed[..., None], expert_ids, -1),
+        weights=jnp.where(routed[..., None], weights, 0.0),
+        scores=jnp.where(routed[..., None], scores, 0.0),
         selection_scores=selection,
+        routed=routed,
     )
 
 
@@ -195,20 +214,27 @@ def sigmoid_moe_router(
     expert_bias: list[float],
     top_k: int,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Drop-in for the reference problem's router: lists in, lists out.
+    """Drop-in for the reference problem's router: lists in, lists out, its exact answer.
 
-    ``logit_be = expert_bias[e] + token_embeddings[b] . expert_weights[e]``; each token
-    keeps the ``top_k`` largest ``sigmoid(logit)`` (ties to the lower expert index) and
-    their scores normalised to sum 1. Backed by :func:`route` with ``bias_mode="logit"``.
+    For token ``b`` and expert ``e``: ``z = expert_bias[e] + sum_j x[b][j] * w[e][j]``
+    (the products summed in order ``j = 0, 1, ...``), clamped to ``[-500, 500]``, scored
+    ``s = 1 / (1 + exp(-z))``, all in float64. Each token keeps the ``top_k`` largest
+    scores, equal scores going to the lower expert index, and returns them divided by
+    their sum (taken in rank order).
+
+    The arithmetic is the reference's, operation for operation, so the answer is too,
+    ties included: with ``x = [100, 100]`` two experts can both score exactly ``1.0`` in
+    float64, and the lower index ranks first. :func:`route` with ``bias_mode="logit"``
+    ranks float32 logits instead (see there), which is what a model wants, not this.
 
     Args:
       token_embeddings: ``[B][d]``.
       expert_weights: ``[E][d]``.
       expert_bias: ``[E]``.
-      top_k: experts per token.
+      top_k: experts per token, ``1 <= top_k <= E``.
 
     Returns:
-      ``(indices [B][top_k], weights [B][top_k])`` as Python lists.
+      ``(indices [B][top_k], weights [B][top_k])`` as Python ints and floats.
     """
     x_bd = np.asarray(token_embeddings, dtype=np.float64)
     w_ed = np.asarray(expert_weights, dtype=np.float64)
@@ -223,13 +249,21 @@ def sigmoid_moe_router(
             f"expert_bias must have one entry per expert ({w_ed.shape[0]}), got shape "
             f"{bias_e.shape}."
         )
+    RouterConfig(num_experts=max(1, w_ed.shape[0]), top_k=top_k)  # validates top_k
     if x_bd.shape[0] == 0:
         return [], []
-    config = RouterConfig(num_experts=w_ed.shape[0], top_k=top_k, bias_mode="logit")
-    # The dot product in float64 as the reference does; routing itself is float32.
-    logits_be = (x_bd @ w_ed.T).astype(np.float32)
-    routing = route(logits_be, bias_e.astype(np.float32), config)
-    return (
-        np.asarray(routing.expert_ids).tolist(),
-        np.asarray(routing.weights, dtype=np.float64).tolist(),
-    )
+    # sum(...) in Python starts at 0 and adds each product in turn: accumulate the same way.
+    dot_be = np.zeros((x_bd.shape[0], w_ed.shape[0]), np.float64)
+    for j in range(x_bd.shape[1]):
+        dot_be = dot_be + x_bd[:, j, None] * w_ed[None, :, j]
+    z_be = np.clip(bias_e + dot_be, -500.0, 500.0)
+    # math.exp (the C library's), not np.exp, whose vectorised exp may differ in the last bit.
+    exp_be = np.vectorize(math.exp, otypes=[np.float64])(-z_be)
+    scores_be = 1.0 / (1.0 + exp_be)
+    order_bk = np.argsort(-scores_be, axis=-1, kind="stable")[:, :top_k]
+    chosen_bk = np.take_along_axis(scores_be, order_bk, axis=-1)
+    total_b = np.zeros(chosen_bk.shape[0], np.float64)
+    for j in range(top_k):  # the sum in rank order, as sum() over the sorted pairs
+        total_b = total_b + chosen_bk[:, j]
+    total_b = np.where(total_b == 0.0, 1.0, total_b)
+    return order_bk.tolist(), (chosen_bk / total_b[:, None]).tolist()

@@ -1,19 +1,32 @@
-"""The routing bias as its own NNX variable type, and its update across a whole model.
+"""The routing bias and the load that moves it, as NNX variable types, joined by structure.
 
 The bias is state, not a parameter: it gets no gradient, must stay out of the optimizer
 (weight decay would shrink it every step) and must stay float32 under any dtype policy.
 Giving it its own :class:`nnx.Variable` type makes all three hold by filter, with no path
-strings or class-name matching::
+strings or class-name matching.
+
+Each :class:`~sigmoid_moe.MoELayer` records the tokens it routed as an
+:class:`ExpertLoad` next to its :class:`RoutingBias`, but only inside
+``nnx.capture(..., ExpertLoad)``. The captured loads come back as an ``nnx.State`` with
+the model's own structure, so every layer's load meets its own layer's bias by path,
+whatever the model looks like (a list of blocks, a dict, ``layer0 .. layer11``
+attributes, an encoder/decoder pair, an ``nnx.scan`` stack)::
 
     optimizer = nnx.Optimizer(model, optax.adamw(3e-4), wrt=nnx.Param)  # bias excluded
-    ...
-    (loss, loads_le), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-    optimizer.update(model, grads)
-    apply_routing_bias_update(model, loads_le, rate=1e-3)            # once per step
 
-The loads are values the layers *return* (``MoEAux.expert_load``), so eval forwards and
-remat recomputation can never leak into the update: only what the train step passes in
-counts.
+    def loss_fn(model, batch):
+        logits, loads = nnx.capture(model, ExpertLoad)(batch)    # loads: nnx.State
+        return loss(logits, batch), loads
+
+    (loss, loads), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    optimizer.update(model, grads)
+    apply_routing_bias_update(model, loads, rate=1e-3)           # once per step
+
+What counts is what the train step captures: an uncaptured forward (evaluation) records
+nothing, and remat recomputation in the backward pass does not run the capture again.
+With gradient accumulation, sum the micro-batches' loads first (exact int32)::
+
+    loads = jax.tree.map(jnp.add, loads_micro_1, loads_micro_2)
 
 References:
   Wang et al., Auxiliary-Loss-Free Load Balancing (arXiv 2408.15664), Algorithm 1.
@@ -22,7 +35,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -30,79 +43,154 @@ from flax import nnx
 
 from sigmoid_moe.balancing import BiasRule, Rate, update_bias
 
-__all__ = ["RoutingBias", "apply_routing_bias_update", "routing_bias_update"]
+__all__ = [
+    "ExpertLoad",
+    "RoutingBias",
+    "apply_routing_bias_update",
+    "record_load",
+    "routing_bias_update",
+]
 
 
 class RoutingBias(nnx.Variable):
-    """Per-expert selection bias ``[E]`` (float32), updated only by the bias rule."""
+    """Per-expert selection bias ``[E]`` (float32; ``[L, E]`` when stacked for
+    ``nnx.scan``), moved only by :func:`routing_bias_update`."""
 
 
-def _stack_loads(loads: jax.Array | Sequence[jax.Array]) -> jax.Array:
-    if isinstance(loads, (list, tuple)):
-        loads = jnp.stack([jnp.asarray(load) for load in loads])
-    loads = jnp.asarray(loads)
-    if loads.ndim == 1:  # one layer's [E]: a model with a single MoE layer
-        loads = loads[None]
-    if not jnp.issubdtype(loads.dtype, jnp.integer):
+class ExpertLoad(nnx.Variable):
+    """Tokens routed per expert ``[E]`` int32 (``[L, E]`` when stacked), recorded by a
+    layer inside ``nnx.capture(fn, ExpertLoad)`` and summed over calls of that layer."""
+
+
+def record_load(module: nnx.Module, load_e: jax.Array, name: str = "expert_load") -> None:
+    """Records ``load_e`` as ``module``'s :class:`ExpertLoad` when a capture is running.
+
+    Several calls of one module in a capture sum their loads (int32). Outside
+    ``nnx.capture(..., ExpertLoad)`` nothing is recorded and the module is not changed, so
+    evaluation forwards never count. (flax marks a module under capture with its
+    ``__captures__`` attribute; without it ``Module.sow`` would set a new attribute.)
+    """
+    if not hasattr(module, "__captures__"):
+        return
+    module.sow(
+        ExpertLoad,
+        name,
+        jnp.asarray(load_e, jnp.int32),
+        reduce_fn=operator.add,
+        init_fn=lambda: jnp.zeros(jnp.shape(load_e), jnp.int32),
+    )
+
+
+def _by_module(state: nnx.State, kind: type[nnx.Variable], what: str) -> dict:
+    """``{module path: array}`` of the ``kind`` variables of ``state`` (one per module)."""
+    out = {}
+    for path, leaf in nnx.to_flat_state(state):
+        if not isinstance(leaf, kind):
+            raise TypeError(
+                f"{what} must hold only {kind.__name__} variables, got {type(leaf).__name__} "
+                f"at {'.'.join(map(str, path))}."
+            )
+        module = tuple(path[:-1])
+        if module in out:
+            raise ValueError(
+                f"{what} has two {kind.__name__} variables in module "
+                f"{_path_str(module)}; one bias and one load per MoE layer are expected."
+            )
+        out[module] = leaf[...]
+    return out
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(map(str, path)) or "<root>"
+
+
+def _check_state(value, kind: type[nnx.Variable], what: str, how: str) -> None:
+    if not isinstance(value, nnx.State):
         raise TypeError(
-            f"loads must be integer token counts (MoEAux.expert_load), got dtype {loads.dtype}."
+            f"{what} must be an nnx.State of {kind.__name__} ({how}), got {type(value).__name__}."
         )
-    return loads
 
 
 def routing_bias_update(
     bias_state: nnx.State,
-    loads: jax.Array | Sequence[jax.Array],
+    loads: nnx.State,
     *,
     rate: Rate,
     rule: BiasRule = "sign",
     step: jax.Array | int | None = None,
 ) -> nnx.State:
-    """Pure: new bias state from per-layer loads (:func:`sigmoid_moe.update_bias` per layer).
+    """Pure: the new bias state, each layer's bias moved by its own layer's load.
+
+    Biases and loads are joined by module path (``blocks.3.moe``), never by position, and
+    each pair goes through :func:`sigmoid_moe.update_bias` (vmapped over the layer axis of
+    ``nnx.scan``-stacked ``[L, E]`` leaves).
 
     Args:
-      bias_state: ``nnx.state(model, RoutingBias)``. Each leaf is ``[E]``, or ``[L, E]``
-        for layers stacked for ``nnx.scan``.
-      loads: ``[num_layers, E]`` integer loads (or a list of ``[E]``, or one ``[E]`` for
-        a model with a single MoE layer), one row per bias row, in the order
-        ``jax.tree.leaves(bias_state)`` lists them (for a list of layers: their index
-        order). Sum micro-batches before passing them.
+      bias_state: ``nnx.state(model, RoutingBias)``.
+      loads: the :class:`ExpertLoad` state from ``nnx.capture(model, ExpertLoad)(...)``
+        (summed over micro-batches with ``jax.tree.map(jnp.add, ...)`` before passing it).
       rate, rule, step: as in :func:`sigmoid_moe.update_bias`.
 
     Returns:
-      A state of the same structure with the updated float32 biases.
+      A state of the same structure as ``bias_state`` with the updated float32 biases.
+
+    Raises:
+      ValueError: the two states do not pair up (a bias without a load, a load without a
+        bias, or different shapes); the message lists both structures.
     """
-    leaves, treedef = jax.tree.flatten(bias_state)
-    if not leaves:
-        raise ValueError("the state holds no RoutingBias variable; is this an MoE model?")
-    loads_le = _stack_loads(loads)
-    num_experts = leaves[0].shape[-1]
-    rows = [leaf.reshape(-1, leaf.shape[-1]) for leaf in leaves]
-    total = sum(row.shape[0] for row in rows)
-    if loads_le.shape != (total, num_experts):
+    _check_state(bias_state, RoutingBias, "bias_state", "nnx.state(model, RoutingBias)")
+    _check_state(loads, ExpertLoad, "loads", "nnx.capture(model, ExpertLoad)(...)")
+    biases = _by_module(bias_state, RoutingBias, "bias_state")
+    counts = _by_module(loads, ExpertLoad, "loads")
+    if not biases:
+        raise ValueError("bias_state holds no RoutingBias variable; is this an MoE model?")
+    mismatched = set(biases) ^ set(counts) or {
+        m for m in biases if jnp.shape(biases[m]) != jnp.shape(counts[m])
+    }
+    if mismatched:
+
+        def listing(table):
+            return ", ".join(
+                f"{_path_str(m)} {tuple(jnp.shape(v))}"
+                for m, v in sorted(table.items(), key=lambda item: tuple(map(str, item[0])))
+            )
+
         raise ValueError(
-            f"loads must be [num_layers, E] = ({total}, {num_experts}) for this model's "
-            f"RoutingBias variables, got {loads_le.shape}."
+            "loads do not pair up with the biases by module path (mismatch at "
+            f"{', '.join(sorted(map(_path_str, mismatched)))}).\n"
+            f"  biases: {listing(biases)}\n  loads:  {listing(counts)}\n"
+            "Capture the loads from the same model: nnx.capture(model, ExpertLoad)(...), "
+            "with every MoE layer called."
         )
-    new_leaves, start = [], 0
-    for leaf, row in zip(leaves, rows, strict=True):
-        stop = start + row.shape[0]
-        updated = jax.vmap(lambda b, c: update_bias(b, c, rate=rate, rule=rule, step=step))(
-            row, loads_le[start:stop]
+
+    def update(bias, load):
+        num_experts = bias.shape[-1]
+        rows = jax.vmap(lambda b, c: update_bias(b, c, rate=rate, rule=rule, step=step))(
+            bias.reshape(-1, num_experts), load.reshape(-1, num_experts)
         )
-        new_leaves.append(updated.reshape(leaf.shape))
-        start = stop
-    return jax.tree.unflatten(treedef, new_leaves)
+        return rows.reshape(bias.shape)
+
+    new = {m: update(biases[m], counts[m]) for m in biases}
+
+    def replace(path, variable):
+        return variable.replace(new[tuple(path[:-1])])
+
+    return nnx.map_state(replace, bias_state)
 
 
 def apply_routing_bias_update(
     model: nnx.Module,
-    loads: jax.Array | Sequence[jax.Array],
+    loads: nnx.State,
     *,
     rate: Rate,
     rule: BiasRule = "sign",
     step: jax.Array | int | None = None,
 ) -> None:
-    """Updates every :class:`RoutingBias` of ``model`` in place (call after the optimizer)."""
+    """In place: every :class:`RoutingBias` of ``model`` moved by its layer's load.
+
+    Call it after the optimizer step, with the loads captured in that step (see the module
+    docstring). Equal to ``nnx.update(model, routing_bias_update(nnx.state(model,
+    RoutingBias), loads, ...))``.
+    """
     state = nnx.state(model, RoutingBias)
     nnx.update(model, routing_bias_update(state, loads, rate=rate, rule=rule, step=step))

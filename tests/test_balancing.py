@@ -15,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 from sigmoid_moe import (
     BIAS_RULES,
     RouterConfig,
-    bias_correction,
     expert_load,
     max_violation,
     route,
@@ -170,24 +169,6 @@ def test_update_errors(kwargs, error, match):
     bias, load = args.pop("bias"), args.pop("load")
     with pytest.raises(error, match=match):
         update_bias(bias, load, **args)
-
-
-def test_bias_correction_init_update_pair():
-    schedule = optax.piecewise_constant_schedule(0.5, {2: 0.0})
-    corrector = bias_correction(schedule, "sign")
-    state = corrector.init(3)
-    assert state.bias.dtype == jnp.float32 and int(state.step) == 0
-    update = jax.jit(corrector.update)
-    load = jnp.array([0, 3, 3])
-    for _ in range(4):
-        state = update(state, load)
-    # Two updates at 0.5, then frozen.
-    np.testing.assert_array_equal(state.bias, [1.0, -1.0, -1.0])
-    assert int(state.step) == 4
-    with pytest.raises(ValueError, match="rate must be >= 0"):
-        bias_correction(-1.0)
-    with pytest.raises(ValueError, match="rule="):
-        bias_correction(1e-3, "max")
 
 
 # ------------------------------------------------------------- counting scope (global)

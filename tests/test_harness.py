@@ -172,3 +172,23 @@ def test_cli_bad_flags_get_clear_errors(tmp_path, capsys, argv, message):
         main(["compare", "--preset", "tiny", "--quiet", "--out", str(tmp_path), *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_second_run_of_the_same_config_compiles_nothing(tmp_path, corpus, reference_run):
+    # Two models of one config have equal graphdefs (the layer keeps no per-instance
+    # callables), so the cached train step and the evaluator's jit hit.
+    config, _ = reference_run
+    import jax.monitoring
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train(config, tmp_path / "again", progress=False, corpus=corpus)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from sigmoid_moe import (
     DEFAULT_RULES,
     PARAM_AXES,
+    ExpertLoad,
     MoEConfig,
     MoELayer,
     RouterConfig,
@@ -58,11 +59,11 @@ def _inputs(batch: int = 8, seq: int = 8, d_model: int = 16):
 @nnx.jit
 def _forward_grads(layer, x_bsd, ct_bsd, mask_bs):
     def loss_fn(layer):
-        y_bsd, aux = layer(x_bsd, mask_bs)
-        return jnp.sum(y_bsd * ct_bsd) + aux.aux_loss, (y_bsd, aux)
+        (y_bsd, aux), loads = nnx.capture(layer, ExpertLoad)(x_bsd, mask_bs)
+        return jnp.sum(y_bsd * ct_bsd) + aux.aux_loss, (y_bsd, aux, loads)
 
-    (_, (y_bsd, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(layer)
-    apply_routing_bias_update(layer, aux.expert_load[None], rate=1e-3)
+    (_, (y_bsd, aux, loads)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(layer)
+    apply_routing_bias_update(layer, loads, rate=1e-3)
     return y_bsd, aux, grads
 
 

@@ -10,23 +10,17 @@ token count: what perfectly uniform random routing would show.
 
 from __future__ import annotations
 
-import functools
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.harness.data import Corpus
-from sigmoid_moe.metrics import uniform_maxvio_floor
+from sigmoid_moe.metrics import max_violation, uniform_maxvio_floor
 
-__all__ = [
-    "batch_size_curve",
-    "eval_subset",
-    "evaluate",
-    "maxvio_np",
-    "validation_loss",
-]
+__all__ = ["batch_size_curve", "eval_subset", "evaluate", "validation_loss"]
 
 EVAL_BATCH = 32
 CHUNK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -39,38 +33,43 @@ def eval_subset(corpus: Corpus, num_windows: int) -> np.ndarray:
     return corpus.val[index]
 
 
-@functools.partial(nnx.jit, static_argnames="return_ids")
-def _forward(model, tokens, return_ids: bool):
-    tokens = tokens.astype(jnp.int32)
-    out = model(tokens[:, :-1], return_ids=return_ids)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:])
-    return ce.sum(axis=-1), out.expert_ids
+@nnx.jit
+def _forward(model, tokens_bs1, real_b):
+    """Per-row summed cross-entropy ``[B]``, the layers' loads ``[L, E]`` (real rows only)
+    and their routing ``expert_ids [L, B, S, k]``: the values the model returned."""
+    tokens_bs1 = tokens_bs1.astype(jnp.int32)
+    mask_bs = jnp.broadcast_to(real_b[:, None], (tokens_bs1.shape[0], tokens_bs1.shape[1] - 1))
+    out = model(tokens_bs1[:, :-1], mask_bs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens_bs1[:, 1:])
+    return ce.sum(axis=-1), out.aux.expert_load, out.aux.expert_ids
 
 
 def _batches(windows: np.ndarray):
     for start in range(0, windows.shape[0], EVAL_BATCH):
         chunk = windows[start : start + EVAL_BATCH]
-        pad = EVAL_BATCH - chunk.shape[0]
-        if pad:  # fixed shape, one compilation; padded rows are dropped below
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        yield chunk, EVAL_BATCH - pad
+        real = chunk.shape[0]
+        if real < EVAL_BATCH:  # fixed shape, one compilation; padded rows are masked out
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], EVAL_BATCH - real, axis=0)])
+        yield chunk, real, np.arange(EVAL_BATCH) < real
 
 
 def validation_loss(model, windows: np.ndarray) -> float:
     """Mean next-byte cross-entropy (nats) over ``windows [N, S+1]``."""
     total, count = 0.0, 0
-    for chunk, real in _batches(windows):
-        ce, _ = _forward(model, jnp.asarray(chunk), False)
+    for chunk, real, real_b in _batches(windows):
+        ce, _, _ = _forward(model, jnp.asarray(chunk), jnp.asarray(real_b))
         total += float(np.asarray(ce)[:real].sum())
         count += real * (windows.shape[1] - 1)
     return total / count
 
 
-def maxvio_np(load: np.ndarray) -> np.ndarray:
-    """MaxVio over the last axis, NumPy."""
-    load = np.asarray(load, np.float64)
-    mean = load.mean(axis=-1)
-    return np.where(mean > 0, (load.max(axis=-1) - mean) / np.where(mean > 0, mean, 1), 0.0)
+def _chunk_loads(ids_ltk: jax.Array, num_experts: int, size: int) -> jax.Array:
+    """``[L, chunks, E]`` loads of consecutive chunks of ``size`` tokens."""
+    num_layers, tokens, top_k = ids_ltk.shape
+    chunks = tokens // size
+    ids = ids_ltk[:, : chunks * size].reshape(num_layers * chunks, size, top_k)
+    loads = jax.vmap(lambda i: expert_load(i, num_experts))(ids)
+    return loads.reshape(num_layers, chunks, num_experts)
 
 
 def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -> dict:
@@ -81,25 +80,24 @@ def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -
     Returns:
       ``{"sizes": [...], "maxvio": [...], "floor": [...]}`` for each ``b <= T``.
     """
-    num_layers, tokens, top_k = ids_ltk.shape
+    _, tokens, top_k = ids_ltk.shape
+    ids_ltk = jnp.asarray(ids_ltk, jnp.int32)
     out = {"sizes": [], "maxvio": [], "floor": []}
     for size in sizes:
-        chunks = tokens // size
-        if chunks < 1:
+        if tokens // size < 1:
             break
-        ids = ids_ltk[:, : chunks * size].reshape(num_layers, chunks, size * top_k)
-        onehot = np.zeros((num_layers, chunks, num_experts), np.int64)
-        for layer in range(num_layers):
-            for c in range(chunks):
-                onehot[layer, c] = np.bincount(ids[layer, c], minlength=num_experts)
+        vio = max_violation(_chunk_loads(ids_ltk, num_experts, size))
         out["sizes"].append(int(size))
-        out["maxvio"].append(float(maxvio_np(onehot).mean()))
+        out["maxvio"].append(float(jnp.mean(vio)))
         out["floor"].append(uniform_maxvio_floor(int(size), num_experts, top_k))
     return out
 
 
 def evaluate(model, corpus: Corpus) -> dict:
     """Everything measured on the full validation set with the bias frozen.
+
+    The loads are the ones the layers return (exact int32, summed over batches) and the
+    routing is the one they used (``MoEAux.expert_ids``); nothing is routed again.
 
     Returns a JSON-ready dict: ``val_loss``, ``val_ppl``, ``val_tokens``,
     ``maxvio_global`` (mean over layers) with ``maxvio_global_per_layer`` and
@@ -108,23 +106,20 @@ def evaluate(model, corpus: Corpus) -> dict:
     """
     num_experts = model.config.num_experts
     top_k = model.config.top_k
-    total, ids = 0.0, []
-    for chunk, real in _batches(corpus.val):
-        ce, chunk_ids = _forward(model, jnp.asarray(chunk), True)
+    total, load_le, ids = 0.0, 0, []
+    for chunk, real, real_b in _batches(corpus.val):
+        ce, chunk_load, chunk_ids = _forward(model, jnp.asarray(chunk), jnp.asarray(real_b))
         total += float(np.asarray(ce)[:real].sum())
+        load_le = load_le + np.asarray(chunk_load, np.int64)
         ids.append(np.asarray(chunk_ids)[:, :real])  # [L, real, S, k]
     ids_lnsk = np.concatenate(ids, axis=1)
     num_layers, n, s, _ = ids_lnsk.shape
     tokens = n * s
-    ids_ltk = ids_lnsk.reshape(num_layers, tokens, top_k)
-    load = np.stack(
-        [np.bincount(ids_ltk[i].ravel(), minlength=num_experts) for i in range(num_layers)]
-    )
-    vio = maxvio_np(load)
+    vio = np.asarray(max_violation(jnp.asarray(load_le)), np.float64)
     domain_fraction = {}
     for d, name in enumerate(corpus.domains):
-        rows = ids_lnsk[:, corpus.val_domain == d].reshape(num_layers, -1)
-        dl = np.stack([np.bincount(r, minlength=num_experts) for r in rows]).astype(np.float64)
+        rows = jnp.asarray(ids_lnsk[:, corpus.val_domain == d])  # [L, n_d, S, k]
+        dl = np.stack([np.asarray(expert_load(r, num_experts)) for r in rows]).astype(np.float64)
         domain_fraction[name] = (dl / dl.sum(axis=-1, keepdims=True)).round(5).tolist()
     val_loss = total / tokens
     return {
@@ -135,7 +130,7 @@ def evaluate(model, corpus: Corpus) -> dict:
         "maxvio_global": float(vio.mean()),
         "maxvio_global_per_layer": vio.tolist(),
         "maxvio_global_floor": uniform_maxvio_floor(int(tokens), num_experts, top_k),
-        "load_fraction": (load / load.sum(axis=-1, keepdims=True)).round(5).tolist(),
+        "load_fraction": (load_le / load_le.sum(axis=-1, keepdims=True)).round(5).tolist(),
         "domain_fraction": domain_fraction,
-        "batch_curve": batch_size_curve(ids_ltk, num_experts),
+        "batch_curve": batch_size_curve(ids_lnsk.reshape(num_layers, tokens, top_k), num_experts),
     }

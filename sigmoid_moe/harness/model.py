@@ -20,7 +20,6 @@ from sigmoid_moe._checks import require_float, require_int
 from sigmoid_moe.config import RouterConfig, ScoreFn
 from sigmoid_moe.dispatch import Kernel
 from sigmoid_moe.layer import MoEAux, MoEConfig, MoELayer
-from sigmoid_moe.routing import route
 
 __all__ = ["ModelConfig", "ModelOutput", "TransformerLM"]
 
@@ -87,13 +86,10 @@ class ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-    """``logits [B, S, 256]``; ``aux``: :class:`MoEAux` with a leading layer axis
-    (``expert_load [L, E]`` int32, losses ``[L]``); ``expert_ids [L, B, S, k]`` int32 when
-    asked for (the routing decisions, for evaluation), else None."""
+    """What the model returns: its logits and its layers' :class:`MoEAux`, stacked."""
 
-    logits: jax.Array
-    aux: MoEAux
-    expert_ids: jax.Array | None
+    logits: jax.Array  # [B, S, 256] float32 next-byte logits
+    aux: MoEAux  # leading layer axis: expert_load [L, E], expert_ids [L, B, S, k], losses [L]
 
 
 class RMSNorm(nnx.Module):
@@ -142,15 +138,10 @@ class Block(nnx.Module):
         if config.router_init_scale != 1.0:
             self.moe.router_w_de[...] = self.moe.router_w_de[...] * config.router_init_scale
 
-    def __call__(self, x_bsd: jax.Array, return_ids: bool):
+    def __call__(self, x_bsd: jax.Array, token_mask_bs: jax.Array | None):
         x_bsd = x_bsd + self.attn(self.attn_norm(x_bsd))
-        h_bsd = self.ffn_norm(x_bsd)
-        y_bsd, aux = self.moe(h_bsd)
-        ids = None
-        if return_ids:  # the same routing the layer did, kept per token for evaluation
-            logits = h_bsd.astype(jnp.float32) @ self.moe.router_w_de[...].astype(jnp.float32)
-            ids = route(logits, self.moe.bias_e[...], self.moe.config.router).expert_ids
-        return x_bsd + y_bsd, aux, ids
+        y_bsd, aux = self.moe(self.ffn_norm(x_bsd), token_mask_bs)
+        return x_bsd + y_bsd, aux
 
 
 class TransformerLM(nnx.Module):
@@ -168,16 +159,16 @@ class TransformerLM(nnx.Module):
         init = nnx.initializers.lecun_normal()
         self.unembed_dv = nnx.Param(init(rngs.params(), (d, VOCAB_SIZE), jnp.float32))
 
-    def __call__(self, tokens_bs: jax.Array, *, return_ids: bool = False) -> ModelOutput:
+    def __call__(self, tokens_bs: jax.Array, token_mask_bs: jax.Array | None = None) -> ModelOutput:
+        """``tokens_bs [B, S]`` int32; ``token_mask_bs [B, S]`` bool marks real tokens
+        (False: padding, which the MoE layers do not count or route)."""
         s = tokens_bs.shape[-1]
         if s > self.config.seq_len:
             raise ValueError(f"tokens have length {s} > seq_len={self.config.seq_len}.")
         x = self.embed_vd[...][tokens_bs] + self.pos_sd[...][:s]
-        auxes, ids = [], []
+        auxes = []
         for block in self.blocks:
-            x, aux, layer_ids = block(x, return_ids)
+            x, aux = block(x, token_mask_bs)
             auxes.append(aux)
-            ids.append(layer_ids)
         logits = self.final_norm(x) @ self.unembed_dv[...]
-        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-        return ModelOutput(logits, aux, jnp.stack(ids) if return_ids else None)
+        return ModelOutput(logits, jax.tree.map(lambda *a: jnp.stack(a), *auxes))

@@ -39,9 +39,9 @@ from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_bat
 from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
 from sigmoid_moe.metrics import max_violation
-from sigmoid_moe.routing_bias import RoutingBias, routing_bias_update
+from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "make_train_step", "per_layer", "train"]
 
 RateSchedule = Literal["constant", "cosine"]
 RATE_SCHEDULES: tuple[str, ...] = get_args(RateSchedule)
@@ -158,6 +158,14 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def per_layer(state: nnx.State) -> jax.Array:
+    """``[L, E]``: the one ``[E]`` leaf of each layer of a bias or load state, stacked.
+
+    Bias and load states of one model share their module paths, so their rows line up.
+    """
+    return jnp.stack(jax.tree.leaves(state))
+
+
 @functools.lru_cache(maxsize=8)
 def make_train_step(graphdef, config: TrainConfig) -> Callable:
     """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
@@ -170,28 +178,29 @@ def make_train_step(graphdef, config: TrainConfig) -> Callable:
 
     def loss_fn(params, bias, tokens):
         model = nnx.merge(graphdef, params, bias)
-        out = model(tokens[:, :-1])
+        # Each layer's load, recorded where the layer sits in the model (its ExpertLoad).
+        out, loads = nnx.capture(model, ExpertLoad)(tokens[:, :-1])
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:]).mean()
-        return ce + jnp.sum(out.aux.aux_loss), (ce, out.aux)
+        return ce + jnp.sum(out.aux.aux_loss), (ce, out.aux, loads)
 
     def step_fn(params, bias, opt_state, tokens, step):
         tokens = tokens.astype(jnp.int32)
-        (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, bias, tokens)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (ce, aux, loads)), grads = grad_fn(params, bias, tokens)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if config.bias_rate > 0:
-            bias = routing_bias_update(
-                bias, aux.expert_load, rate=rate, rule=config.bias_rule, step=step
-            )
+            bias = routing_bias_update(bias, loads, rate=rate, rule=config.bias_rule, step=step)
+        load = per_layer(loads)
         metrics = {
             "loss": ce,
             "lr": lr(step),
             "bias_rate": rate(step),
             "aux_loss": aux.aux_loss,
             "balance_loss": aux.balance_loss,
-            "load": aux.expert_load,
-            "maxvio": max_violation(aux.expert_load),
-            "bias": jnp.stack(jax.tree.leaves(bias)),
+            "load": load,
+            "maxvio": max_violation(load),
+            "bias": per_layer(bias),
         }
         return params, bias, opt_state, metrics
 
