@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
 Layout = Literal["fused", "per_expert"]
 SCALE_SUFFIX = "_scale_inv"
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_ALIGN = 64  # bytes; XLA's CPU buffers
 #: Stored dtypes a weight may have (FP8 only with its ``_scale_inv``).
 WEIGHT_DTYPES = (np.dtype(np.float32), _BF16, np.dtype(np.float16), np.dtype(np.float64))
 
@@ -155,6 +157,14 @@ class ArraySource:
         return materialize(name, raw, scale, self._block, dtype)
 
 
+def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array on a 64-byte boundary, so XLA's CPU client can alias it."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(size + _ALIGN, np.uint8)
+    start = (-buf.ctypes.data) % _ALIGN
+    return buf[start : start + size].view(dtype).reshape(shape)
+
+
 def expert_names(layout: Layout, num_experts: int) -> list[str]:
     """The routed-expert tensor names of ``layout``."""
     if layout == "fused":
@@ -190,9 +200,9 @@ def build_layer(
 ) -> MoELayer:
     """A :class:`MoELayer` holding the MoE block that ``source`` reads.
 
-    Each stacked weight is assembled expert by expert into one preallocated
-    ``param_dtype`` array, so the peak memory is about the layer's size plus one
-    expert's temporaries (plus, off CPU, the copy to the device). The layer is created
+    Each stacked weight is assembled expert by expert into one preallocated, aligned
+    ``param_dtype`` host array that the CPU backend then uses in place, so the peak
+    host memory is about the layer's size plus one expert's temporaries. The layer is created
     abstractly (``nnx.eval_shape``): no random initialisation is spent on it.
 
     Args:
@@ -222,7 +232,7 @@ def build_layer(
         used.update((name, name + SCALE_SUFFIX))
         return source.read(name, shape, as_dtype, index)
 
-    router_w_de = np.empty((d, e), dtype)
+    router_w_de = _host_empty((d, e), dtype)
     router_w_de[...] = read("gate.weight", (e, d)).T
     bias_e = np.zeros((e,), np.float32)
     if "gate.e_score_correction_bias" in source.names and fam.has_bias:
@@ -234,8 +244,8 @@ def build_layer(
             "allow_missing_bias=True to route with a zero bias on purpose."
         )
 
-    w_in_edf = np.empty((e, d, 2 * f), dtype)
-    w_out_efd = np.empty((e, f, d), dtype)
+    w_in_edf = _host_empty((e, d, 2 * f), dtype)
+    w_out_efd = _host_empty((e, f, d), dtype)
     if _stored_layout(source.names) == "fused":
         for i in range(e):
             w_in_edf[i] = read("experts.gate_up_proj", (e, 2 * f, d), index=i).T
@@ -248,18 +258,18 @@ def build_layer(
     arrays = {"router_w_de": router_w_de, "w_in_edf": w_in_edf, "w_out_efd": w_out_efd}
     if shared:
         fs = moe_config.shared_width
-        shared_in = np.empty((d, 2 * fs), dtype)
+        shared_in = _host_empty((d, 2 * fs), dtype)
         shared_in[:, :fs] = read("shared_experts.gate_proj.weight", (fs, d)).T
         shared_in[:, fs:] = read("shared_experts.up_proj.weight", (fs, d)).T
-        shared_out = np.empty((fs, d), dtype)
+        shared_out = _host_empty((fs, d), dtype)
         shared_out[...] = read("shared_experts.down_proj.weight", (d, fs)).T
         arrays.update(shared_w_in_df=shared_in, shared_w_out_fd=shared_out)
 
     _refuse_unused(source.names - used, shared, fam, context)
     layer = nnx.eval_shape(lambda: MoELayer(moe_config, rngs=nnx.Rngs(0)))
     for name, value in arrays.items():
-        # jnp.asarray keeps the host buffer on CPU (no second copy of the layer).
-        getattr(layer, name).set_value(jnp.asarray(value))
+        # On CPU the aligned host buffer becomes the array (no second copy of the layer).
+        getattr(layer, name).set_value(jax.device_put(value, may_alias=True))
     layer.bias_e.set_value(jnp.asarray(bias_e))
     return layer
 
