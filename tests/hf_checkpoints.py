@@ -223,8 +223,8 @@ def fused_from_truth(truth: dict[str, np.ndarray], prefix: str, cfg: dict) -> di
     return out
 
 
-def hf_forward_numpy(cfg: dict, state: dict, x: np.ndarray) -> np.ndarray:
-    """DeepSeek's MoE forward in float64, transcribed line by line (fused state).
+def hf_route(cfg: dict, state: dict, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek's gate in float64, transcribed line by line: ``(topk_idx, topk_w) [T, k]``.
 
     V3 family (``noaux_tc``, transformers' ``DeepseekV3MoE``): sigmoid, ``+ bias`` for
     the choice, group score = sum of a group's top 2, excluded groups filled with 0.0,
@@ -233,13 +233,10 @@ def hf_forward_numpy(cfg: dict, state: dict, x: np.ndarray) -> np.ndarray:
     ``group_limited_greedy`` (group max), renormalise if ``top_k > 1 and
     norm_topk_prob`` else scale.
     """
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-    linear = lambda v, w: v @ w.T  # noqa: E731  torch F.linear, weight [out, in]
     s = {k: np.asarray(v, np.float64) for k, v in state.items()}
     e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     v2 = cfg.get("model_type") == "deepseek_v2"
-    h = x.reshape(-1, cfg["hidden_size"]).astype(np.float64)
-    logits = linear(h, s["gate.weight"])
+    logits = np.asarray(h, np.float64) @ s["gate.weight"].T
     if v2:
         scores = np.exp(logits - logits.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
@@ -270,6 +267,17 @@ def hf_forward_numpy(cfg: dict, state: dict, x: np.ndarray) -> np.ndarray:
         if cfg.get("norm_topk_prob"):
             topk_w = topk_w / (topk_w.sum(-1, keepdims=True) + 1e-20)
         topk_w = topk_w * cfg.get("routed_scaling_factor", 1.0)
+    return topk_idx, topk_w
+
+
+def hf_forward_numpy(cfg: dict, state: dict, x: np.ndarray) -> np.ndarray:
+    """DeepSeek's MoE forward in float64 (fused state), routing by :func:`hf_route`."""
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    linear = lambda v, w: v @ w.T  # noqa: E731  torch F.linear, weight [out, in]
+    s = {k: np.asarray(v, np.float64) for k, v in state.items()}
+    k = cfg["num_experts_per_tok"]
+    h = x.reshape(-1, cfg["hidden_size"]).astype(np.float64)
+    topk_idx, topk_w = hf_route(cfg, state, h)
     y = np.zeros_like(h)
     f = cfg["moe_intermediate_size"]
     for t in range(len(h)):  # per token, per chosen expert: SwiGLU, weighted sum
