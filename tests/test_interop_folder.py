@@ -206,13 +206,35 @@ def test_bad_folders_get_clear_errors(tmp_path):
             ValueError,
             r"unused.*experts.0.gate_proj.bias",
         ),
+        (  # corrupt values
+            lambda t: t[P + "gate.e_score_correction_bias"].__setitem__(3, np.nan),
+            ValueError,
+            r"e_score_correction_bias' \(layer 1\) holds NaN or inf",
+        ),
+        (
+            lambda t: t.update(
+                {P + "experts.5.down_proj.weight_scale_inv": np.full((2, 1), np.inf, np.float32)}
+            ),
+            ValueError,
+            r"experts.5.down_proj.weight' \(layer 1\) holds NaN or inf",
+        ),
         (  # a missing bias for a V3 gate
             lambda t: t.pop(P + "gate.e_score_correction_bias"),
             ValueError,
             r"e_score_correction_bias' \(layer 1\) is missing.*allow_missing_bias",
         ),
     ],
-    ids=["shape", "int8", "e5m2", "no_scale", "scale_shape", "unknown_key", "no_bias"],
+    ids=[
+        "shape",
+        "int8",
+        "e5m2",
+        "no_scale",
+        "scale_shape",
+        "unknown_key",
+        "nan_bias",
+        "inf_scale",
+        "no_bias",
+    ],
 )
 def test_damaged_shards_are_refused(tmp_path, damage, error, match):
     write_folder(tmp_path, V3_CONFIG, _layers(), stored="fp8")
@@ -384,6 +406,15 @@ def test_save_refuses_what_would_not_reload(tmp_path):
     v2[1].bias_e.set_value(jnp.ones(8, jnp.float32))
     with pytest.raises(ValueError, match="bias is nonzero"):
         save_moe_layers(tmp_path / "e", v2, V2_LITE_CONFIG)
+
+
+def test_multi_token_prediction_layers_load_when_asked(tmp_path):
+    layers = _loaded(tmp_path)
+    cfg = dict(V3_CONFIG, num_nextn_predict_layers=1)  # layer 3 is DeepSeek-V3's MTP block
+    save_moe_layers(tmp_path / "mtp", {2: layers[2], 3: layers[1]}, cfg)
+    _same_weights(layers[1], load_moe_layers(tmp_path / "mtp", [3])[3])
+    with pytest.raises(KeyError, match=r"no tensor under 'model.layers.1.mlp.'.*\[2, 3\]"):
+        load_moe_layers(tmp_path / "mtp")  # default: the decoder's MoE layers 1 and 2
 
 
 def _v2_folder(path):

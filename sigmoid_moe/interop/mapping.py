@@ -21,7 +21,7 @@ group-excluded experts with 0.0 where we use -inf; they agree whenever the chose
 
 Every tensor under the prefix is used or refused: :func:`build_layer` raises on any name
 it did not consume (shared experts the config does not declare, a bias for a family that
-has none, a stray scale, both layouts at once).
+has none, a stray scale, both layouts at once), and on any NaN or inf it reads.
 """
 
 from __future__ import annotations
@@ -230,7 +230,14 @@ def build_layer(
 
     def read(name, shape, as_dtype=dtype, index=None):
         used.update((name, name + SCALE_SUFFIX))
-        return source.read(name, shape, as_dtype, index)
+        value = source.read(name, shape, as_dtype, index)
+        if not np.all(np.isfinite(value)):
+            part = "" if index is None else f" (expert {index})"
+            raise ValueError(
+                f"{_where(name, context)}{part} holds NaN or inf: a corrupt checkpoint, or an "
+                "overflow in its conversion; refusing to route with it."
+            )
+        return value
 
     router_w_de = _host_empty((d, e), dtype)
     router_w_de[...] = read("gate.weight", (e, d)).T
