@@ -117,35 +117,23 @@ class RouterConfig:
 
     @classmethod
     def from_hf(cls, mapping: Mapping[str, Any], **overrides: Any) -> RouterConfig:
-        """Builds a config from a Hugging Face DeepSeek-V3 / Moonlight / Kimi config.
+        """Builds a config from a Hugging Face DeepSeek-family ``config.json``.
 
-        Reads ``n_routed_experts``, ``num_experts_per_tok``, ``n_group``, ``topk_group``,
-        ``routed_scaling_factor``, ``norm_topk_prob`` and ``scoring_func``. The
-        ``e_score_correction_bias`` of these models is a selection-only bias, so
-        ``bias_mode="selection"``. Keyword ``overrides`` replace any field.
+        Families by ``model_type``: ``deepseek_v3`` (V3, R1, Moonlight; also a config
+        without ``model_type``), ``kimi_k2``, ``glm4_moe`` (GLM-4.5) route as DeepSeek-V3
+        (sigmoid, ``group_score="top2_sum"``); ``deepseek_v2`` (V2, V2-Lite) as V2
+        (softmax, ``"greedy"`` or ``"group_limited_greedy"`` = ``group_score="max"``).
+        Reads ``n_routed_experts``, ``num_experts_per_tok``, ``scoring_func``,
+        ``topk_method``, ``n_group``, ``topk_group``, ``norm_topk_prob`` and
+        ``routed_scaling_factor`` strictly: a wrong type is a TypeError and a bad value a
+        ValueError, each naming the HF key; absent keys take the defaults documented in
+        :func:`sigmoid_moe._hf_config.router_fields`; a variant the family's reference
+        code does not run is refused. The bias is selection-only (``bias_mode=
+        "selection"``). Keyword ``overrides`` replace any field (and settle the two
+        cases where DeepSeek's code and transformers disagree).
         """
-        if not isinstance(mapping, Mapping):
-            # transformers' PretrainedConfig has to_dict(); accept it without importing it.
-            to_dict = getattr(mapping, "to_dict", None)
-            if to_dict is None:
-                raise TypeError(
-                    "mapping must be a dict-like Hugging Face config, got "
-                    f"{type(mapping).__name__}."
-                )
-            mapping = to_dict()
-        for key in ("n_routed_experts", "num_experts_per_tok"):
-            if mapping.get(key) is None:
-                raise ValueError(f"Hugging Face config is missing {key!r}; is it an MoE config?")
-        fields = dict(
-            num_experts=int(mapping["n_routed_experts"]),
-            top_k=int(mapping["num_experts_per_tok"]),
-            score_fn=mapping.get("scoring_func", "sigmoid") or "sigmoid",
-            bias_mode="selection",
-            normalize=bool(mapping.get("norm_topk_prob", True)),
-            route_scale=float(mapping.get("routed_scaling_factor", 1.0) or 1.0),
-            num_groups=int(mapping.get("n_group", 1) or 1),
-            topk_groups=int(mapping.get("topk_group", 1) or 1),
-            group_score="top2_sum",
-        )
+        from sigmoid_moe._hf_config import as_mapping, router_fields
+
+        fields = router_fields(as_mapping(mapping, "mapping"), overrides)
         fields.update(overrides)
         return cls(**fields)

@@ -1,12 +1,15 @@
-"""Hugging Face DeepSeek-V3 MoE interop: load both layouts, match HF's forward, export back."""
+"""State-dict interop: both layouts, HF's forward, export back, every tensor used or refused."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_checkpoints import hf_forward_numpy, moe_state, per_expert
 
 from sigmoid_moe.interop import from_hf_deepseek_v3_moe, to_hf_deepseek_v3_moe
 
@@ -26,70 +29,10 @@ HF_CONFIG = {
 
 
 def _fused_state(seed, cfg=HF_CONFIG):
-    rng = np.random.default_rng(seed)
-    e, d, f = cfg["n_routed_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
-    fs = f * (cfg["n_shared_experts"] or 0)
-    state = {
-        "gate.weight": rng.normal(size=(e, d)),
-        # Non-negative: HF masks excluded groups with 0.0 and we with -inf; equal then.
-        "gate.e_score_correction_bias": rng.random(e) * 0.2,
-        "experts.gate_up_proj": rng.normal(size=(e, 2 * f, d)) / np.sqrt(d),
-        "experts.down_proj": rng.normal(size=(e, d, f)) / np.sqrt(f),
-    }
-    if fs:
-        state["shared_experts.gate_proj.weight"] = rng.normal(size=(fs, d)) / np.sqrt(d)
-        state["shared_experts.up_proj.weight"] = rng.normal(size=(fs, d)) / np.sqrt(d)
-        state["shared_experts.down_proj.weight"] = rng.normal(size=(d, fs)) / np.sqrt(fs)
-    return {k: v.astype(np.float32) for k, v in state.items()}
+    return moe_state(cfg, seed)
 
 
-def _per_expert(fused):
-    f = fused["experts.down_proj"].shape[2]
-    out = {k: v for k, v in fused.items() if not k.startswith("experts.")}
-    for i, (gate_up, down) in enumerate(
-        zip(fused["experts.gate_up_proj"], fused["experts.down_proj"], strict=True)
-    ):
-        out[f"experts.{i}.gate_proj.weight"] = gate_up[:f]
-        out[f"experts.{i}.up_proj.weight"] = gate_up[f:]
-        out[f"experts.{i}.down_proj.weight"] = down
-    return out
-
-
-def hf_forward_numpy(cfg, state, x):
-    """A line-by-line NumPy transcription of transformers' DeepseekV3MoE.forward (float64)."""
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-    linear = lambda v, w: v @ w.T  # noqa: E731  torch F.linear, weight [out, in]
-    s = {k: np.asarray(v, np.float64) for k, v in state.items()}
-    e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
-    n_group, topk_group = cfg["n_group"], cfg["topk_group"]
-    h = x.reshape(-1, cfg["hidden_size"]).astype(np.float64)
-    scores = 1 / (1 + np.exp(-linear(h, s["gate.weight"])))  # DeepseekV3TopkRouter
-    choice = scores + s["gate.e_score_correction_bias"][None]
-    grouped = choice.reshape(-1, n_group, e // n_group)
-    group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
-    group_idx = np.argsort(-group_scores, axis=-1, kind="stable")[:, :topk_group]
-    group_mask = np.zeros_like(group_scores)
-    np.put_along_axis(group_mask, group_idx, 1, axis=1)
-    score_mask = np.repeat(group_mask, e // n_group, axis=1)
-    choice = np.where(score_mask > 0, choice, 0.0)
-    topk_idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k]
-    topk_w = np.take_along_axis(scores, topk_idx, axis=1)
-    if cfg["norm_topk_prob"]:
-        topk_w = topk_w / (topk_w.sum(-1, keepdims=True) + 1e-20)
-    topk_w = topk_w * cfg["routed_scaling_factor"]
-    y = np.zeros_like(h)
-    f = cfg["moe_intermediate_size"]
-    for t in range(len(h)):  # DeepseekV3NaiveMoe: per expert, gather, SwiGLU, index_add
-        for j in range(k):
-            ex = topk_idx[t, j]
-            gate, up = np.split(linear(h[t], s["experts.gate_up_proj"][ex]), [f])
-            y[t] += topk_w[t, j] * linear(silu(gate) * up, s["experts.down_proj"][ex])
-    if cfg.get("n_shared_experts"):
-        shared = silu(linear(h, s["shared_experts.gate_proj.weight"])) * linear(
-            h, s["shared_experts.up_proj.weight"]
-        )
-        y += linear(shared, s["shared_experts.down_proj.weight"])
-    return y.reshape(x.shape)
+_per_expert = per_expert
 
 
 @nnx.jit
@@ -183,3 +126,61 @@ def test_parity_with_transformers():
         want = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.asarray(_call(layer, jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
     jax.tree.map(np.asarray, to_hf_deepseek_v3_moe(layer))  # exports without torch
+
+
+# --- Issue 12: interop never drops weights -------------------------------------------
+
+
+def test_shared_experts_without_n_shared_experts_are_refused():
+    fused = _fused_state(7)  # has shared-expert tensors
+    for cfg in (dict(HF_CONFIG, n_shared_experts=0), dict(HF_CONFIG, n_shared_experts=None)):
+        with pytest.raises(ValueError, match=r"n_shared_experts is 0 or absent.*shared_experts"):
+            from_hf_deepseek_v3_moe(cfg, fused)
+
+
+def test_missing_bias_is_refused_unless_opted_in():
+    fused = _fused_state(8)
+    del fused["gate.e_score_correction_bias"]
+    with pytest.raises(ValueError, match="e_score_correction_bias.*allow_missing_bias"):
+        from_hf_deepseek_v3_moe(HF_CONFIG, fused)
+    layer = from_hf_deepseek_v3_moe(HF_CONFIG, fused, allow_missing_bias=True)
+    np.testing.assert_array_equal(np.asarray(layer.bias_e[...]), np.zeros(8, np.float32))
+    x = np.random.default_rng(9).normal(size=(6, 8)).astype(np.float32)
+    want = hf_forward_numpy(
+        HF_CONFIG, dict(fused, **{"gate.e_score_correction_bias": np.zeros(8)}), x
+    )
+    np.testing.assert_allclose(np.asarray(_call(layer, jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"experts.0.gate_proj.bias": np.zeros(4)},  # unknown
+        {"gate.bias": np.zeros(8)},  # unknown
+        {"experts.0.gate_proj.weight": np.zeros((4, 8))},  # per-expert beside fused: unused
+        {"experts.gate_up_proj_scale_inv": np.ones((8, 1, 1), np.float32)},  # scale, not FP8
+    ],
+)
+def test_unknown_or_unused_keys_are_listed(extra):
+    fused = dict(_fused_state(10), **extra)
+    with pytest.raises(ValueError, match=re.escape(repr(next(iter(extra))))):
+        from_hf_deepseek_v3_moe(HF_CONFIG, fused)
+
+
+def test_state_dict_types_are_checked():
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        from_hf_deepseek_v3_moe(HF_CONFIG, None)
+    with pytest.raises(TypeError, match="config must be a Hugging Face config"):
+        from_hf_deepseek_v3_moe(None, _fused_state(11))
+    cfg = {k: v for k, v in HF_CONFIG.items() if k != "hidden_size"}
+    with pytest.raises(ValueError, match="'hidden_size'"):
+        from_hf_deepseek_v3_moe(cfg, _fused_state(11))
+    bad = dict(_fused_state(11), **{"gate.weight": np.zeros((8, 8), np.int32)})
+    with pytest.raises(ValueError, match="int32"):
+        from_hf_deepseek_v3_moe(HF_CONFIG, bad)
+
+
+def test_bias_for_a_family_without_one_is_refused():
+    cfg = dict(HF_CONFIG, model_type="deepseek_v2", scoring_func="softmax", norm_topk_prob=False)
+    with pytest.raises(ValueError, match="e_score_correction_bias, which DeepSeek-V2"):
+        from_hf_deepseek_v3_moe(cfg, _fused_state(12))
