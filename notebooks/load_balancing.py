@@ -127,6 +127,63 @@ plt.show()
 # quantile balancing, set from the previous batch's score quantiles, stays above it
 # because those quantiles are themselves noisy at 16 tokens per expert per batch.
 #
+# ## The bias of a whole model: loads meet their own layer by structure
+# In a model, every `MoELayer` records its load as an `ExpertLoad` variable inside
+# `nnx.capture`, so the captured loads have the model's own structure and each one moves
+# its own layer's bias, however the layers are named or nested. Here an encoder/decoder
+# pair (whose attribute names sort the other way round from the call order) runs a few
+# train steps; each layer balances its own skew.
+
+# %%
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sigmoid_moe import (  # noqa: E402
+    ExpertLoad,
+    MoEConfig,
+    MoELayer,
+    apply_routing_bias_update,
+)
+
+layer_config = MoEConfig(d_model=D, d_ff=16, router=RouterConfig(E, K))
+
+
+class EncoderDecoder(nnx.Module):
+    def __init__(self, rngs):
+        self.encoder_moe = MoELayer(layer_config, rngs=rngs)
+        self.decoder_moe = MoELayer(layer_config, rngs=rngs)
+
+    def __call__(self, x):
+        memory, _ = self.encoder_moe(x)
+        out, _ = self.decoder_moe(jnp.tanh(x + memory))
+        return out
+
+
+model = EncoderDecoder(nnx.Rngs(0))
+model.encoder_moe.router_w_de[...] = model.encoder_moe.router_w_de[...] + 0.5  # skewed
+optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+
+@nnx.jit
+def train_step(model, optimizer, x):
+    def loss_fn(model):
+        y, loads = nnx.capture(model, ExpertLoad)(x)
+        return jnp.mean(y**2), loads
+
+    (_, loads), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    apply_routing_bias_update(model, loads, rate=1e-2)
+    return {name: max_violation(loads[name]["expert_load"][...]) for name in loads}
+
+
+history = []
+for step in range(20 if SMALL else 200):
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(5), step), (TOKENS, D))
+    history.append({k: float(v) for k, v in train_step(model, optimizer, x).items()})
+for name in ("encoder_moe", "decoder_moe"):
+    print(f"{name}: MaxVio {history[0][name]:.3f} -> {history[-1][name]:.3f}")
+
+# %% [markdown]
 # ## A short real training run
 # The harness's byte-level MoE LM (`sigmoid_moe.harness`) with the loss-free bias.
 

@@ -60,6 +60,8 @@ def idle_experts(load: jax.Array) -> jax.Array:
 
 
 class LoadStats(NamedTuple):
+    """Balance statistics of one load (:func:`load_stats`)."""
+
     max_violation: jax.Array  # [...] float32
     coefficient_of_variation: jax.Array  # [...] float32
     idle_experts: jax.Array  # [...] int32

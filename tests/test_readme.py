@@ -46,3 +46,19 @@ def test_moe_layer_example_trains_and_moves_only_the_bias_by_its_rule():
     step = np.asarray(layer.bias_e[...]) - bias_before
     np.testing.assert_allclose(np.abs(step[step != 0]), 1e-3, rtol=1e-5)
     assert layer.bias_e[...].dtype == jnp.float32
+
+
+def test_every_exported_name_is_documented():
+    import sigmoid_moe
+
+    text = README.read_text()
+    api = text[text.index("## API") :]
+    for name in sigmoid_moe.__all__:
+        obj = getattr(sigmoid_moe, name)
+        if callable(obj):  # functions and classes; a NamedTuple's generated doc is not one
+            doc = (obj.__doc__ or "").strip()
+            assert doc and not doc.startswith(f"{name}("), f"{name} has no docstring"
+        assert f"`{name}`" in api, f"{name} is not in the README's API section"
+    # Kernel internals stay in their modules, not at the top level.
+    for internal in ("BlockLayout", "block_layout", "blocked_expert_ffn", "bias_correction"):
+        assert internal not in sigmoid_moe.__all__ and not hasattr(sigmoid_moe, internal)
