@@ -13,6 +13,7 @@ and bf16 counts flip the sign of the update.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
@@ -172,8 +173,11 @@ def update_bias(
       bias: ``[E]`` float32 current bias.
       load: ``[E]`` integer tokens per expert (:func:`expert_load`). With gradient
         accumulation pass the *sum* over micro-batches: the sign is taken once, on the
-        total. Concrete loads must be ``>= 0`` and sum below ``2**31``; inside jit a
-        negative count counts as 0.
+        total (the global balancing scope, as LFB and DeepSeek-V3 do). ``[G, E]`` gives
+        one load per group (a micro-batch or a sequence: a narrower scope, as in "Demons
+        in the Detail", arXiv 2501.11873): each group's step is taken, then averaged.
+        Concrete loads must be ``>= 0`` and sum below ``2**31``; inside jit a negative
+        count counts as 0.
       rate: ``u >= 0`` (a float or a scalar array), or an optax-style schedule
         ``step -> u`` (DeepSeek-V3: ``optax.piecewise_constant_schedule(1e-3, {N: 0.0})``).
         A concrete negative, NaN or infinite rate raises; a traced one (known only inside
@@ -193,21 +197,33 @@ def update_bias(
             f"bias must be float32, got {bias_dtype}: in bf16 a 1e-3 step near 0.5 rounds "
             "away. Keep the routing bias in float32 under any dtype policy."
         )
-    if jnp.ndim(bias) != 1 or jnp.shape(load) != jnp.shape(bias):
+    grouped = jnp.ndim(load) == 2
+    if (
+        jnp.ndim(bias) != 1
+        or jnp.ndim(load) not in (1, 2)
+        or jnp.shape(load)[-1:] != jnp.shape(bias)
+    ):
         raise ValueError(
-            f"bias and load must both have shape [E]; got {jnp.shape(bias)} and {jnp.shape(load)}."
+            f"bias must have shape [E] and load [E] (or [G, E] groups); got {jnp.shape(bias)} "
+            f"and {jnp.shape(load)}."
         )
     load = _as_counts(load)
     u = _rate_at(rate, step)
     if axis_name is not None:
         load = jax.lax.psum(load, axis_name)
+    delta = jax.vmap(functools.partial(_delta, rule=rule))(load) if grouped else _delta(load, rule)
+    if grouped:  # one update per group, averaged: the micro-batch / sequence scopes
+        delta = jnp.mean(delta, axis=0)
+    return bias + u * delta
 
+
+def _delta(load: jax.Array, rule: BiasRule) -> jax.Array:
+    """The rule's step direction ``[E]`` for one ``[E]`` int32 load (before the rate)."""
     if rule == "proportional":
         load_f = load.astype(jnp.float32)
         mean = jnp.mean(load_f)
-        delta = jnp.where(mean > 0, (mean - load_f) / jnp.maximum(mean, 1.0), 0.0)
-    else:
-        delta = _sign_of_mean_minus(load)
-        if rule == "sign_zero_mean":
-            delta = delta - jnp.mean(delta)
-    return bias + u * delta
+        return jnp.where(mean > 0, (mean - load_f) / jnp.maximum(mean, 1.0), 0.0)
+    delta = _sign_of_mean_minus(load)
+    if rule == "sign_zero_mean":
+        delta = delta - jnp.mean(delta)
+    return delta

@@ -128,7 +128,10 @@ def routing_bias_update(
     Args:
       bias_state: ``nnx.state(model, RoutingBias)``.
       loads: the :class:`ExpertLoad` state from ``nnx.capture(model, ExpertLoad)(...)``
-        (summed over micro-batches with ``jax.tree.map(jnp.add, ...)`` before passing it).
+        (summed over micro-batches with ``jax.tree.map(jnp.add, ...)`` before passing it:
+        the global scope). A load leaf may carry a group axis before ``E`` (``[G, E]``,
+        e.g. micro-batches stacked, or sequences): then each group's step is taken and the
+        steps averaged (:func:`sigmoid_moe.update_bias`), a narrower balancing scope.
       rate, rule, step: as in :func:`sigmoid_moe.update_bias`.
 
     Returns:
@@ -144,16 +147,22 @@ def routing_bias_update(
     counts = _by_module(loads, ExpertLoad, "loads")
     if not biases:
         raise ValueError("bias_state holds no RoutingBias variable; is this an MoE model?")
+
+    def pairs(bias_shape, load_shape):  # [..., E] with [..., E] or [..., G, E]
+        return load_shape == bias_shape or (
+            len(load_shape) == len(bias_shape) + 1
+            and load_shape[:-2] == bias_shape[:-1]
+            and load_shape[-1] == bias_shape[-1]
+        )
+
     mismatched = set(biases) ^ set(counts) or {
-        m for m in biases if jnp.shape(biases[m]) != jnp.shape(counts[m])
+        m for m in biases if not pairs(jnp.shape(biases[m]), jnp.shape(counts[m]))
     }
     if mismatched:
 
         def listing(table):
-            return ", ".join(
-                f"{_path_str(m)} {tuple(jnp.shape(v))}"
-                for m, v in sorted(table.items(), key=lambda item: tuple(map(str, item[0])))
-            )
+            rows = sorted(table.items(), key=lambda item: tuple(map(str, item[0])))
+            return ", ".join(f"{_path_str(m)} {tuple(jnp.shape(v))}" for m, v in rows)
 
         raise ValueError(
             "loads do not pair up with the biases by module path (mismatch at "
@@ -165,10 +174,12 @@ def routing_bias_update(
 
     def update(bias, load):
         num_experts = bias.shape[-1]
-        rows = jax.vmap(lambda b, c: update_bias(b, c, rate=rate, rule=rule, step=step))(
-            bias.reshape(-1, num_experts), load.reshape(-1, num_experts)
+        rows = bias.reshape(-1, num_experts)
+        load = load.reshape(rows.shape[0], *load.shape[bias.ndim - 1 :])  # [rows, (G,) E]
+        new_rows = jax.vmap(lambda b, c: update_bias(b, c, rate=rate, rule=rule, step=step))(
+            rows, load
         )
-        return rows.reshape(bias.shape)
+        return new_rows.reshape(bias.shape)
 
     new = {m: update(biases[m], counts[m]) for m in biases}
 

@@ -283,3 +283,19 @@ def test_negated_rule_collapses_routing():
     assert float(first) < 0.3  # iid logits start near balance
     # Every over-loaded expert keeps rising: the rest end with no token at all.
     assert float(last) > 1.0 and int(jnp.sum(loads[-1] == 0)) >= 3
+
+
+def test_grouped_loads_average_the_groups_steps():
+    # Two groups: the global sign (loads summed) and the mean of the groups' signs differ.
+    groups = jnp.array([[6, 0, 0], [0, 1, 5]], jnp.int32)
+    bias = jnp.zeros(3, jnp.float32)
+    per_group = np.stack([np.asarray(update_bias(bias, g, rate=1.0)) for g in groups])
+    np.testing.assert_array_equal(update_bias(bias, groups, rate=1.0), per_group.mean(axis=0))
+    np.testing.assert_array_equal(per_group.mean(axis=0), [0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(update_bias(bias, groups.sum(0), rate=1.0), [-1.0, 1.0, -1.0])
+    for rule in BIAS_RULES:
+        got = update_bias(bias, groups, rate=0.5, rule=rule)
+        want = np.mean([np.asarray(update_bias(bias, g, rate=0.5, rule=rule)) for g in groups], 0)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match=r"\[G, E\]"):
+        update_bias(bias, jnp.ones((2, 2, 3), jnp.int32), rate=1.0)

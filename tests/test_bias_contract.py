@@ -264,3 +264,17 @@ def test_loads_must_be_the_captured_state():
         apply_routing_bias_update(model, jnp.ones((2, E), jnp.int32), rate=RATE)
     with pytest.raises(TypeError, match="only ExpertLoad"):
         routing_bias_update(nnx.state(model, RoutingBias), nnx.state(model, RoutingBias), rate=RATE)
+
+
+def test_grouped_loads_give_the_mean_of_the_groups_steps():
+    # Micro-batch scope: the micro-batches' loads stacked [G, E] instead of summed.
+    model = EncoderDecoder()
+    x = _x(tokens=8)
+    _, first = nnx.capture(model, ExpertLoad)(x[:4])
+    _, second = nnx.capture(model, ExpertLoad)(x[4:])
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), first, second)
+    assert stacked["encoder_moe"]["expert_load"][...].shape == (2, E)
+    new = routing_bias_update(nnx.state(model, RoutingBias), stacked, rate=RATE)
+    for name, expert in (("encoder_moe", 0), ("decoder_moe", 1)):
+        # Each micro-batch sends all its tokens to the same expert: the mean step is one step.
+        np.testing.assert_array_equal(np.asarray(new[name]["bias_e"][...]), _after_one_step(expert))

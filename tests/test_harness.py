@@ -192,3 +192,67 @@ def test_a_second_run_of_the_same_config_compiles_nothing(tmp_path, corpus, refe
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_validation_windows_are_spread_through_every_region():
+    from sigmoid_moe.harness.data import val_window_mask
+
+    config = DataConfig(val_fraction=0.05)
+    held = val_window_mask(1000, config, domain_index=0)
+    assert held.sum() == 50
+    # One window out of every stratum of 20 consecutive windows: every region is sampled.
+    np.testing.assert_array_equal(held.reshape(50, 20).sum(axis=1), np.ones(50))
+    np.testing.assert_array_equal(held, val_window_mask(1000, config, 0))  # deterministic
+    assert not np.array_equal(held, val_window_mask(1000, config, 1))  # per domain
+    other = dataclasses.replace(config, split_seed=1)
+    assert not np.array_equal(held, val_window_mask(1000, other, 0))
+    tail = val_window_mask(1000, dataclasses.replace(config, val_split="tail"), 0)
+    assert tail.sum() == 50 and tail[-50:].all()  # the domain-shift probe: the end only
+
+
+def test_built_corpus_validates_on_windows_of_every_file(tmp_path):
+    # Five files of one domain, each of one repeated letter and 40 windows long: the spread
+    # split holds out windows of every file (the tail split only of the last one).
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"f{i}.txt").write_bytes(bytes([65 + i]) * (40 * 33 - 1))
+    paths = (f"text={folder}",)
+    spread = build_corpus(DataConfig(paths=paths, val_fraction=0.05), seq_len=32)
+    letters = {chr(b) for b in np.unique(spread.val) if 65 <= b < 70}
+    assert letters == set("ABCDE")
+    train_rows = {row.tobytes() for row in spread.train}
+    assert len(spread.val) == 10 and len(spread.train) == 189  # 199 windows (files joined by \n)
+    tail = build_corpus(DataConfig(paths=paths, val_split="tail"), seq_len=32)
+    assert {chr(b) for b in np.unique(tail.val) if 65 <= b < 70} == {"E"}
+    assert train_rows  # windows are disjoint by construction: each one is in one split
+    with pytest.raises(ValueError, match="val_split"):
+        DataConfig(val_split="random")
+
+
+def test_specialisation_mutual_information_hand_worked():
+    from sigmoid_moe.harness.evaluate import specialisation
+
+    domain = np.array([0, 0, 1, 1])
+    # Layer 0: domain 0 uses experts {0, 1}, domain 1 experts {2, 3}: I = H(D) = 1 bit.
+    # Layer 1: both domains spread evenly over all four experts: I = 0.
+    split = np.array([[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]])
+    even = np.ones((4, 4), np.int64)
+    mi, floor = specialisation(np.stack([split, even]), domain)
+    np.testing.assert_allclose(mi, [1.0, 0.0], atol=1e-12)
+    assert 0.0 <= floor <= 1.0  # shuffled labels of 4 windows: at most the split's 1 bit
+
+
+def test_evaluate_reports_train_window_balance_dead_experts_and_mi(reference_run, corpus):
+    config, out = reference_run
+    from sigmoid_moe.harness.evaluate import evaluate
+
+    result = train(config, out, progress=False, corpus=corpus)  # resumes: nothing to train
+    got = evaluate(result.model, corpus)
+    layers = config.model.num_layers
+    assert len(got["maxvio_global_train_per_layer"]) == layers
+    assert len(got["dead_experts_per_layer"]) == layers
+    assert all(0 <= d <= config.model.num_experts for d in got["dead_experts_per_layer"])
+    assert len(got["specialisation_mi_per_layer"]) == layers
+    assert all(0 <= v <= 1.0 for v in got["specialisation_mi_per_layer"])
+    assert sum(got["domain_tokens"].values()) == got["val_tokens"]

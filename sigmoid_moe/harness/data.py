@@ -9,12 +9,18 @@ The default corpus needs no download. It is built from files every CPython insta
 Every source file is recorded with its size and sha256 (:attr:`Corpus.manifest`), so a
 run states exactly what it trained on (the files differ between Python versions).
 
-Each domain's bytes are concatenated and split once: the first ``1 - val_fraction`` for
-training, the rest for validation. Both are cut into non-overlapping windows of
-``seq_len + 1`` bytes. Training batches are drawn from a fresh permutation of the
-windows per epoch, seeded by ``(seed, epoch)``, so the batch at any step is a pure
-function of the config and the *data position* (windows consumed): resuming needs only
-that integer.
+Each domain's bytes are concatenated and cut into non-overlapping windows of
+``seq_len + 1`` bytes, and ``val_fraction`` of them are held out for validation, spread
+through the whole stream (``val_split="spread"``, the default): the windows are taken in
+strata of ``round(1 / val_fraction)`` consecutive windows and one window of each stratum,
+at a position fixed by ``split_seed``, goes to validation. Every region of every domain
+(every file of a long enough stream) is then represented, so validation is
+in-distribution. ``val_split="tail"`` holds out the last ``val_fraction`` of each stream
+instead: the end of the alphabetically last code file and the last help topics, a
+*domain-shift probe* rather than a fair validation set. Training batches are drawn from a
+fresh permutation of the windows per epoch, seeded by ``(seed, epoch)``, so the batch at
+any step is a pure function of the config and the *data position* (windows consumed):
+resuming needs only that integer.
 """
 
 from __future__ import annotations
@@ -25,8 +31,14 @@ import hashlib
 import pathlib
 import sysconfig
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
+
+from sigmoid_moe._checks import require_choice, require_int
+
+ValSplit = Literal["spread", "tail"]
+VAL_SPLITS: tuple[str, ...] = get_args(ValSplit)
 
 __all__ = ["Corpus", "DataConfig", "build_corpus", "default_sources", "train_batch"]
 
@@ -43,12 +55,18 @@ class DataConfig:
       code_bytes: byte budget of the built-in ``code`` domain.
       prose_bytes: byte budget of the built-in ``prose`` domain.
       val_fraction: share of each domain held out for validation.
+      val_split: ``"spread"`` (windows held out all through each domain) or ``"tail"``
+        (the end of each domain's stream: a domain-shift probe), see the module docstring.
+      split_seed: which window of each stratum is held out (``"spread"``); independent of
+        the training seed, so runs of every seed are validated on the same windows.
     """
 
     paths: tuple[str, ...] = ()
     code_bytes: int = 600_000
     prose_bytes: int = 600_000
     val_fraction: float = 0.05
+    val_split: ValSplit = "spread"
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, (str, pathlib.Path)) or not all(
@@ -65,6 +83,8 @@ class DataConfig:
             raise ValueError(
                 f"val_fraction must be a float in (0, 0.5), got {self.val_fraction!r}; e.g. 0.05."
             )
+        require_choice("val_split", self.val_split, VAL_SPLITS)
+        require_int("split_seed", self.split_seed, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +176,26 @@ def _windows(data: bytes, width: int) -> np.ndarray:
     return np.frombuffer(data[: n * width], np.uint8).reshape(n, width)
 
 
+def val_window_mask(num_windows: int, config: DataConfig, domain_index: int) -> np.ndarray:
+    """``[num_windows]`` bool: which of a domain's windows are held out for validation."""
+    held = np.zeros(num_windows, bool)
+    if config.val_split == "tail":
+        cut = num_windows - int(round(num_windows * config.val_fraction))
+        held[cut:] = True
+        return held
+    stride = max(2, int(round(1 / config.val_fraction)))
+    strata = -(-num_windows // stride)
+    rng = np.random.default_rng([config.split_seed, domain_index])
+    pick = np.arange(strata) * stride + rng.integers(0, stride, size=strata)
+    held[pick[pick < num_windows]] = True
+    return held
+
+
+def _split(windows: np.ndarray, config: DataConfig, domain_index: int):
+    held = val_window_mask(len(windows), config, domain_index)
+    return windows[~held], windows[held]
+
+
 def build_corpus(config: DataConfig, seq_len: int) -> Corpus:
     """Reads the sources and cuts them into train/validation windows (deterministic)."""
     if not isinstance(config, DataConfig):
@@ -169,8 +209,7 @@ def build_corpus(config: DataConfig, seq_len: int) -> Corpus:
     train, val, val_domain = [], [], []
     for index, domain in enumerate(domains):
         data = b"\n".join(text for d, _, text in sources if d == domain)
-        cut = int(len(data) * (1 - config.val_fraction))
-        train_w, val_w = _windows(data[:cut], width), _windows(data[cut:], width)
+        train_w, val_w = _split(_windows(data, width), config, index)
         if len(train_w) < 1 or len(val_w) < 1:
             raise ValueError(
                 f"domain {domain!r} has {len(data)} bytes, too few for one training and one "

@@ -18,9 +18,9 @@ from flax import nnx
 
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.harness.data import Corpus
-from sigmoid_moe.metrics import max_violation, uniform_maxvio_floor
+from sigmoid_moe.metrics import idle_experts, max_violation, uniform_maxvio_floor
 
-__all__ = ["batch_size_curve", "eval_subset", "evaluate", "validation_loss"]
+__all__ = ["batch_size_curve", "eval_subset", "evaluate", "specialisation", "validation_loss"]
 
 EVAL_BATCH = 32
 CHUNK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -93,34 +93,99 @@ def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -
     return out
 
 
-def evaluate(model, corpus: Corpus) -> dict:
-    """Everything measured on the full validation set with the bias frozen.
-
-    The loads are the ones the layers return (exact int32, summed over batches) and the
-    routing is the one they used (``MoEAux.expert_ids``); nothing is routed again.
-
-    Returns a JSON-ready dict: ``val_loss``, ``val_ppl``, ``val_tokens``,
-    ``maxvio_global`` (mean over layers) with ``maxvio_global_per_layer`` and
-    ``maxvio_global_floor``; ``load_fraction [L][E]``; ``domain_fraction
-    {domain: [L][E]}`` (which experts each domain uses); ``batch_curve``.
-    """
-    num_experts = model.config.num_experts
-    top_k = model.config.top_k
+def _loads_and_ids(model, windows: np.ndarray):
+    """Cross-entropy sum, the summed ``[L, E]`` load and ``expert_ids [L, N, S, k]`` of
+    ``windows [N, S+1]``, as the layers returned them (bias frozen)."""
     total, load_le, ids = 0.0, 0, []
-    for chunk, real, real_b in _batches(corpus.val):
+    for chunk, real, real_b in _batches(windows):
         ce, chunk_load, chunk_ids = _forward(model, jnp.asarray(chunk), jnp.asarray(real_b))
         total += float(np.asarray(ce)[:real].sum())
         load_le = load_le + np.asarray(chunk_load, np.int64)
         ids.append(np.asarray(chunk_ids)[:, :real])  # [L, real, S, k]
-    ids_lnsk = np.concatenate(ids, axis=1)
+    return total, load_le, np.concatenate(ids, axis=1)
+
+
+def _mutual_information_bits(joint_lde: np.ndarray) -> np.ndarray:
+    """``I(domain; expert)`` in bits per layer from joint counts ``[L, D, E]``."""
+    joint = joint_lde / np.maximum(joint_lde.sum(axis=(1, 2), keepdims=True), 1)
+    p_d = joint.sum(axis=2, keepdims=True)
+    p_e = joint.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(joint > 0, joint * np.log2(joint / (p_d * p_e)), 0.0)
+    return terms.sum(axis=(1, 2))
+
+
+def specialisation(window_load_lne: np.ndarray, window_domain: np.ndarray, shuffles: int = 8):
+    """Mutual information between a token's domain and the experts it is routed to.
+
+    ``I(D; X) = sum_{d,e} p(d,e) log2(p(d,e) / (p(d) p(e)))`` over the routed assignments,
+    per layer, in bits (0: every domain uses the experts alike; at most ``H(D)``, 1 bit for
+    two equal domains). A finite sample shows a small positive MI even when routing ignores
+    the domain, so the floor is the mean MI after shuffling the windows' domain labels
+    (``shuffles`` seeded permutations, which keep each window's own correlations).
+
+    Args:
+      window_load_lne: ``[L, N, E]`` int loads of each validation window.
+      window_domain: ``[N]`` int domain of each window.
+
+    Returns:
+      ``(mi_per_layer [L], floor)``, both in bits.
+    """
+    domains = int(window_domain.max()) + 1
+
+    def joint(labels):
+        onehot = np.eye(domains, dtype=np.int64)[labels]  # [N, D]
+        return np.einsum("nd,lne->lde", onehot, window_load_lne)
+
+    mi = _mutual_information_bits(joint(window_domain))
+    rng = np.random.default_rng(0)
+    floor = np.mean(
+        [
+            _mutual_information_bits(joint(rng.permutation(window_domain))).mean()
+            for _ in range(shuffles)
+        ]
+    )
+    return mi, float(floor)
+
+
+def evaluate(model, corpus: Corpus, *, train_sample_seed: int = 0) -> dict:
+    """Everything measured with the bias frozen, on the validation set and on a sample of
+    training windows of the same size.
+
+    The loads are the ones the layers return (exact int32, summed over batches) and the
+    routing is the one they used (``MoEAux.expert_ids``); nothing is routed again.
+
+    Returns a JSON-ready dict: ``val_loss``, ``val_ppl`` (per byte), ``val_bits_per_byte``,
+    ``val_tokens``; ``maxvio_global`` (mean over layers) with ``maxvio_global_per_layer`` and
+    ``maxvio_global_floor``; ``maxvio_global_train`` (+ ``_per_layer``): the same on
+    training windows, so a distribution shift shows as a gap, not as imbalance;
+    ``dead_experts_per_layer`` (zero validation load); ``load_fraction [L][E]``;
+    ``domain_fraction {domain: [L][E]}`` and ``domain_tokens``; ``specialisation_mi_per_layer``
+    with its ``specialisation_mi_floor`` (:func:`specialisation`); ``batch_curve``.
+    """
+    num_experts = model.config.num_experts
+    top_k = model.config.top_k
+    total, load_le, ids_lnsk = _loads_and_ids(model, corpus.val)
     num_layers, n, s, _ = ids_lnsk.shape
     tokens = n * s
     vio = np.asarray(max_violation(jnp.asarray(load_le)), np.float64)
-    domain_fraction = {}
+    window_load = np.asarray(
+        jax.vmap(jax.vmap(lambda i: expert_load(i, num_experts)))(jnp.asarray(ids_lnsk)), np.int64
+    )  # [L, N, E]
+    domain_fraction, domain_tokens = {}, {}
     for d, name in enumerate(corpus.domains):
-        rows = jnp.asarray(ids_lnsk[:, corpus.val_domain == d])  # [L, n_d, S, k]
-        dl = np.stack([np.asarray(expert_load(r, num_experts)) for r in rows]).astype(np.float64)
-        domain_fraction[name] = (dl / dl.sum(axis=-1, keepdims=True)).round(5).tolist()
+        dl = window_load[:, corpus.val_domain == d].sum(axis=1).astype(np.float64)
+        domain_fraction[name] = (
+            (dl / np.maximum(dl.sum(axis=-1, keepdims=True), 1)).round(5).tolist()
+        )
+        domain_tokens[name] = int(np.sum(corpus.val_domain == d)) * s
+    mi, mi_floor = specialisation(window_load, corpus.val_domain)
+    rng = np.random.default_rng(train_sample_seed)
+    sample = np.sort(
+        rng.choice(corpus.train.shape[0], size=min(n, corpus.train.shape[0]), replace=False)
+    )
+    _, train_load, _ = _loads_and_ids(model, corpus.train[sample])
+    train_vio = np.asarray(max_violation(jnp.asarray(train_load)), np.float64)
     val_loss = total / tokens
     return {
         "val_loss": val_loss,
@@ -130,7 +195,13 @@ def evaluate(model, corpus: Corpus) -> dict:
         "maxvio_global": float(vio.mean()),
         "maxvio_global_per_layer": vio.tolist(),
         "maxvio_global_floor": uniform_maxvio_floor(int(tokens), num_experts, top_k),
+        "maxvio_global_train": float(train_vio.mean()),
+        "maxvio_global_train_per_layer": train_vio.tolist(),
+        "dead_experts_per_layer": np.asarray(idle_experts(jnp.asarray(load_le))).tolist(),
         "load_fraction": (load_le / load_le.sum(axis=-1, keepdims=True)).round(5).tolist(),
         "domain_fraction": domain_fraction,
+        "domain_tokens": domain_tokens,
+        "specialisation_mi_per_layer": mi.tolist(),
+        "specialisation_mi_floor": mi_floor,
         "batch_curve": batch_size_curve(ids_lnsk.reshape(num_layers, tokens, top_k), num_experts),
     }
