@@ -13,7 +13,7 @@ Everything but the parameters and the dispatch choice lives in pure functions
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,10 @@ from sigmoid_moe.losses import (
 from sigmoid_moe.routing import route
 from sigmoid_moe.routing_bias import RoutingBias, record_load
 
-__all__ = ["PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
+__all__ = ["LOAD_GROUPS", "PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
+
+LoadGroups = Literal["call", "sequence"]
+LOAD_GROUPS: tuple[str, ...] = get_args(LoadGroups)
 
 # Logical axis names per parameter, attached as flax ``out_sharding=`` metadata and mapped
 # onto mesh axes by sigmoid_moe.sharding.DEFAULT_RULES. The router's expert axis has its own
@@ -96,6 +99,11 @@ class MoEConfig:
         ``"expert"`` splits the experts over that axis of the mesh set by ``jax.set_mesh``
         and moves tokens with all-to-alls. There ``"capacity"`` uses ``capacity_factor``
         per (sending device, expert) and ``"dropless"`` uses drop-free ``T_local`` slots.
+      load_groups: how the layer's :class:`~sigmoid_moe.routing_bias.ExpertLoad` is
+        recorded. ``"call"``: one ``[E]`` load per call (summing calls gives the global
+        balancing scope, stacking them the micro-batch scope). ``"sequence"``: one load per
+        sequence, ``[B, E]`` for ``x [B, S, d]``, so the bias update averages the
+        sequences' steps (the sequence scope; DeepSeek-V3 section 4.5.3 compares it).
     """
 
     d_model: int
@@ -113,6 +121,7 @@ class MoEConfig:
     seq_balance_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     expert_axis: str | None = None
+    load_groups: LoadGroups = "call"
 
     def __post_init__(self) -> None:
         require_int("d_model", self.d_model)
@@ -152,6 +161,7 @@ class MoEConfig:
         _float_dtype("param_dtype", self.param_dtype)
         for name in ("balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef"):
             require_float(name, getattr(self, name), hint=" (0 turns the loss off)")
+        require_choice("load_groups", self.load_groups, LOAD_GROUPS)
         if self.expert_axis is not None and (
             not isinstance(self.expert_axis, str) or not self.expert_axis
         ):
@@ -185,6 +195,7 @@ class MoEAux(NamedTuple):
 
     expert_load: jax.Array  # [E] int32 assignments per expert, padding not counted
     expert_ids: jax.Array  # [..., k] int32 the experts each token was routed to
+    router_prob: jax.Array  # [E] float32 mean router probability over real tokens (P_i)
     dropped: jax.Array  # [] int32 assignments dropped by capacity (0 when dropless)
     nonfinite_tokens: jax.Array  # [] int32 real tokens not routed: a NaN/inf logit or bias
     balance_loss: jax.Array  # [] float32 Switch loss, unscaled (0 when its coef is 0)
@@ -273,6 +284,10 @@ class MoELayer(nnx.Module):
             )
         if token_mask is not None:
             check_token_mask(token_mask, jnp.shape(x)[:-1], "token_mask")
+        if self.config.load_groups == "sequence" and jnp.ndim(x) != 3:
+            raise ValueError(
+                f"load_groups='sequence' needs x as [batch, seq, d_model], got {jnp.shape(x)}."
+            )
         if self.config.seq_balance_loss_coef > 0 and jnp.ndim(x) != 3:
             raise ValueError(
                 f"seq_balance_loss_coef > 0 needs x as [batch, seq, d_model], got {jnp.shape(x)}; "
@@ -312,13 +327,21 @@ class MoELayer(nnx.Module):
             )
             y_td = y_td + shared_td
         aux = self._aux(logits_te, routing, mask_t, lead, dropped, nonfinite)
-        record_load(self, aux.expert_load)  # only inside nnx.capture(..., ExpertLoad)
+        recorded = aux.expert_load
+        if cfg.load_groups == "sequence":  # [B, E]: one load per sequence
+            mask_bs = mask_t.reshape(lead)
+            count = lambda i, m: expert_load(i, cfg.num_experts, m)  # noqa: E731
+            recorded = jax.vmap(count)(aux.expert_ids, mask_bs)
+        record_load(self, recorded)  # only inside nnx.capture(..., ExpertLoad)
         return y_td.reshape(*lead, cfg.d_model), aux
 
     def _aux(self, logits_te, routing, mask_t, lead, dropped, nonfinite) -> MoEAux:
         cfg = self.config
         zero = jnp.zeros((), jnp.float32)
         load = expert_load(routing.expert_ids, cfg.num_experts, token_mask=mask_t)
+        real = mask_t.astype(jnp.float32)
+        probs = jnp.where(mask_t[:, None], router_probs(routing.scores), 0.0)
+        mean_prob = jnp.sum(probs, axis=0) / jnp.maximum(jnp.sum(real), 1.0)
         balance = seq_balance = z = zero
         if cfg.balance_loss_coef > 0:
             balance = load_balancing_loss(router_probs(routing.scores), routing.expert_ids, mask_t)
@@ -338,6 +361,7 @@ class MoELayer(nnx.Module):
         return MoEAux(
             expert_load=load,
             expert_ids=routing.expert_ids.reshape(*lead, cfg.router.top_k),
+            router_prob=mean_prob,
             dropped=dropped,
             nonfinite_tokens=nonfinite,
             balance_loss=balance,

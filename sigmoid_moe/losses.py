@@ -15,6 +15,7 @@ from sigmoid_moe._checks import check_token_mask
 from sigmoid_moe.balancing import AxisName, expert_load
 
 __all__ = [
+    "balance_loss",
     "global_batch_balance_loss",
     "load_balancing_loss",
     "router_probs",
@@ -52,10 +53,30 @@ def _check(probs: jax.Array, expert_ids: jax.Array) -> tuple[int, int]:
     return jnp.shape(probs)[-1], jnp.shape(expert_ids)[-1]
 
 
-def _balance(count: jax.Array, mean_prob: jax.Array, num_tokens: jax.Array, k: int) -> jax.Array:
+def balance_loss(
+    count: jax.Array, mean_prob: jax.Array, num_tokens: jax.Array, top_k: int
+) -> jax.Array:
+    """The Switch-form balance loss from its statistics: ``sum_i f_i P_i``.
+
+    ``f_i = E / (k T) * count_i`` (a constant: no gradient) and ``P_i = mean_prob_i``.
+    The other losses here are this with the statistics taken over a batch, a sequence or
+    a global batch; call it directly when the counts come from elsewhere, e.g. summed
+    over the micro-batches of one optimizer step (the global-batch scope of "Demons in
+    the Detail", arXiv 2501.11873) while ``P`` is the current micro-batch's.
+
+    Args:
+      count: ``[..., E]`` assignments per expert over ``num_tokens`` tokens.
+      mean_prob: ``[..., E]`` mean router probability (:func:`router_probs`) per expert.
+      num_tokens: ``[...]`` the tokens ``count`` was taken over.
+      top_k: k.
+
+    Returns:
+      ``[...]`` float32; 1 under perfect balance.
+    """
     num_experts = count.shape[-1]
-    f = num_experts / (k * jnp.maximum(num_tokens, 1.0))[..., None] * count
-    return jnp.sum(jax.lax.stop_gradient(f) * mean_prob, axis=-1)
+    num_tokens = jnp.asarray(num_tokens, jnp.float32)
+    f = num_experts / (top_k * jnp.maximum(num_tokens, 1.0))[..., None] * count
+    return jnp.sum(jax.lax.stop_gradient(f.astype(jnp.float32)) * mean_prob, axis=-1)
 
 
 def load_balancing_loss(
@@ -73,7 +94,7 @@ def load_balancing_loss(
     count = expert_load(expert_ids, num_experts, token_mask=mask > 0).astype(jnp.float32)
     num_tokens = jnp.sum(mask)
     mean_prob = jnp.einsum("...e,...->e", _masked(probs, mask), mask) / jnp.maximum(num_tokens, 1)
-    return _balance(count, mean_prob, num_tokens, k)
+    return balance_loss(count, mean_prob, num_tokens, k)
 
 
 def sequence_balance_loss(
@@ -103,7 +124,7 @@ def sequence_balance_loss(
     mean_prob = (
         jnp.einsum("bse,bs->be", _masked(probs, mask), mask) / jnp.maximum(num_tokens, 1)[:, None]
     )
-    per_seq = _balance(count, mean_prob, num_tokens, k)  # [B]
+    per_seq = balance_loss(count, mean_prob, num_tokens, k)  # [B]
     has_tokens = (num_tokens > 0).astype(jnp.float32)
     return jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1)
 
@@ -132,7 +153,7 @@ def global_batch_balance_loss(
     mean_prob = jnp.einsum("...e,...->e", _masked(probs, mask), mask) / jnp.maximum(
         num_tokens_local, 1
     )
-    return _balance(count.astype(jnp.float32), mean_prob, num_tokens.astype(jnp.float32), k)
+    return balance_loss(count.astype(jnp.float32), mean_prob, num_tokens.astype(jnp.float32), k)
 
 
 def router_z_loss(logits: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
