@@ -8,7 +8,8 @@ For one forward+backward step of the MoE dispatch (routing included) this prints
    has none) with padded buffers; and the step time against the unsharded layer.
 2. **The cuda lowering of dropless EP** (``jax.export`` with ``platforms=("cuda",)`` on
    an ``AbstractMesh``: no GPU needed) at E64/k6 and E256/k8: the real
-   ``ragged_all_to_all`` ops and every other collective of the program.
+   ``ragged_all_to_all`` ops and every other collective of the program; next to it, the
+   same step compiled for the 8 CPU devices, whose exchange is the emulation.
 
 Both against the minimum ``T * k * d_model * itemsize * (n - 1) / n`` per direction (a
 step has 4: dispatch and return, forward and backward; ``n`` = expert-axis size).
@@ -26,7 +27,8 @@ router sends off-device (from its expert ids); "worst" is all of them (``n / (n 
 
     python benchmarks/sharding.py                       # T4096 d256 F512 E16 k2, (1,8) (2,4)
     python benchmarks/sharding.py --tokens 1024 --repeats 3
-    python benchmarks/sharding.py --lowering-only       # part 2 only (seconds)
+    python benchmarks/sharding.py --lowering-only       # part 2 only
+    python benchmarks/sharding.py --lowering-only --skip-cpu-compile   # lowering only (seconds)
 
 On a machine without 8 devices the script asks XLA for 8 host (CPU) devices; 8 devices
 sharing 2 cores make the time ratio a smoke figure, not a speed-up measurement.
@@ -240,7 +242,7 @@ def lowering_section(args) -> None:
     print(
         f"{'config':16s} {'mesh':5s} {'ragged':>6s} {'sent/dev':>9s} {'recv buf':>9s} "
         f"{'int KB':>7s} {'float a2a':>9s} {'moved MB':>9s} {'min MB':>8s} {'ratio':>6s} "
-        f"{'this routing':>12s} {'worst':>6s} {'padded was':>10s}"
+        f"{'this routing':>12s} {'worst':>6s} {'padded was':>10s} {'CPU emulated':>12s}"
     )
     for config in args.lowering_configs.split(","):
         e, k, f = (int(v) for v in config.split("x"))
@@ -267,11 +269,16 @@ def lowering_section(args) -> None:
             moved = total * crossing + int_bytes * crossing
             routed = total * _off_device_fraction(ids, data, expert, e) + int_bytes * crossing
             minimum = len(ragged) * all_to_all_bytes_minimum(t, k, d, itemsize, expert)
+            emulated = "-"
+            if not args.skip_cpu_compile:
+                emulated_bytes = _cpu_emulated_bytes(data, expert, params, t, d, router)
+                emulated = f"{emulated_bytes / minimum:11.2f}x"
             print(
                 f"{f'E{e} k{k} F{f}':16s} {spec:5s} {len(ragged):6d} {sent_rows:9d} {recv_rows:9d} "
                 f"{int_bytes / devices / 1e3:7.2f} {len(float_others):9d} {moved / 1e6:9.1f} "
                 f"{minimum / 1e6:8.1f} {moved / minimum:6.3f} {routed / minimum:11.3f}x "
-                f"{(total + int_bytes * crossing) / minimum:6.3f} {e / k:9.1f}x"
+                f"{(total + int_bytes * crossing) / minimum:6.3f} {e / k:9.1f}x "
+                f"{emulated:>12s}"
             )
     print(
         "sent/dev: rows of a dispatch-side ragged_all_to_all operand (T_l*k); recv buf: rows "
@@ -279,32 +286,47 @@ def lowering_section(args) -> None:
         "int KB: the other collectives per device (all int32 sizes/offsets); float a2a: "
         "collectives other than ragged_all_to_all that carry activations (must be 0). "
         "moved/this routing/worst: (n-1)/n, the measured share, all of the copies cross. "
-        "padded was: the T_l slots per (device, expert) exchange this replaces (E/k x)."
+        "padded was: the T_l slots per (device, expert) exchange this replaces (E/k x). "
+        "CPU emulated: the same step compiled for the 8 CPU devices (kernel blocked), all its "
+        "all-to-all / all-gather / reduce-scatter bytes x (n-1)/n over the minimum: n x by "
+        "design, and 2n x here since XLA:CPU runs bf16 collectives in float32."
     )
+
+
+def _dropless_step(mesh, params, t, d, router, kernel: str):
+    """The jitted dropless-EP step and its abstract arguments (no arrays allocated)."""
+
+    def dispatch(*a):
+        return expert_parallel_moe(*a, mesh=mesh, capacity_factor=None, kernel=kernel)
+
+    def spec(shape, dtype, partition):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, partition))
+
+    abstract = {
+        "router_w_de": spec(params["router_w_de"].shape, params["router_w_de"].dtype, P()),
+        "w_in_edf": spec(params["w_in_edf"].shape, params["w_in_edf"].dtype, P("expert")),
+        "w_out_efd": spec(params["w_out_efd"].shape, params["w_out_efd"].dtype, P("expert")),
+    }
+    tokens = P(mesh.axis_names)
+    args = (abstract, spec((t, d), jnp.bfloat16, tokens), spec((t, d), jnp.float32, tokens))
+    return jax.jit(_step(dispatch), static_argnums=3), (*args, router)
 
 
 def _export(mesh, params, t, d, router, platform: str):
-    def dispatch(*a):
-        return expert_parallel_moe(*a, mesh=mesh, capacity_factor=None, kernel="ragged_dot")
-
-    def spec(x, partition):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, partition))
-
-    abstract = {
-        "router_w_de": spec(params["router_w_de"], P()),
-        "w_in_edf": spec(params["w_in_edf"], P("expert")),
-        "w_out_efd": spec(params["w_out_efd"], P("expert")),
-    }
-    tokens = jax.ShapeDtypeStruct(
-        (t, d), jnp.bfloat16, sharding=NamedSharding(mesh, P(mesh.axis_names))
-    )
-    ct = jax.ShapeDtypeStruct((t, d), jnp.float32, sharding=tokens.sharding)
-    step = jax.jit(_step(dispatch), static_argnums=3)
+    step, args = _dropless_step(mesh, params, t, d, router, "ragged_dot")
     return jax.export.export(
         step,
         platforms=(platform,),
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")],
-    )(abstract, tokens, ct, router)
+    )(*args)
+
+
+def _cpu_emulated_bytes(data, expert, params, t, d, router) -> float:
+    """Bytes crossing devices in the CPU-compiled program (the emulated exchange)."""
+    mesh = make_mesh(data=data, expert=expert)
+    step, args = _dropless_step(mesh, params, t, d, router, "blocked")
+    ops = hlo_collectives(step.lower(*args).compile().as_text(), expert)
+    return sum(op.bytes_per_device for op in ops) * mesh.size * (expert - 1) / expert
 
 
 def _routing(params, x_td, router):
@@ -329,7 +351,10 @@ def main() -> None:
     parser.add_argument("--lowering-tokens", type=int, default=16384)
     parser.add_argument("--lowering-d-model", type=int, default=2048)
     parser.add_argument("--platform", default="cuda", choices=("cuda", "rocm", "tpu"))
-    parser.add_argument("--lowering-only", action="store_true")
+    parser.add_argument("--lowering-only", action="store_true", help="skip part 1")
+    parser.add_argument(
+        "--skip-cpu-compile", action="store_true", help="part 2 without the CPU-compiled column"
+    )
     args = parser.parse_args()
     if not args.lowering_only:
         cpu_section(args)
