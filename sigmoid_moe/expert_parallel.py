@@ -21,7 +21,7 @@ Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens, ``k
     unsort + combine                 -> y [T_l, d]
 
 Each copy crosses the wire once per direction, so the bytes moved are the minimum
-``T * k * d * itemsize * (n - 1) / n`` per direction for balanced routing, plus ``2 E``
+``T * k * d * itemsize * (n - 1) / n`` per direction for balanced routing, plus ``3 E``
 int32 per device for the plan. The receive buffer is allocated for the worst case
 (:func:`sigmoid_moe.ragged_exchange.dropless_receive_rows`, ``n * T_l * k`` rows: all
 copies on one device), so nothing is ever dropped; it is allocated, not sent. On CPU the

@@ -9,6 +9,7 @@ XLA:CPU has no ``ragged-all-to-all``, :func:`emulated_ragged_all_to_all`, built 
 all-gather / all-to-all of padded buffers that XLA:CPU has. A program lowered for
 ``platforms=("cuda",)`` on a CPU-only host (``jax.export``) so contains the real
 collective, and everything around it (the sizes and offsets) is the code tested on CPU.
+Both branches are traced (also under autodiff); the lowering keeps the platform's only.
 
 Semantics (``jax.lax.ragged_all_to_all``; ``n`` devices on ``axis_name``, ``K`` slices
 per device, ``K = n * per_device``): slice ``i`` of each device goes to device
@@ -24,7 +25,8 @@ and every row of ``result_j`` that no slice writes keeps the value of ``output_j
 receive buffer, allocated on the receiver and never sent.
 
 :func:`expert_exchange` computes the sizes and offsets of dropless expert parallelism
-from each device's per-expert copy counts with two small all-to-alls of ``E`` int32s.
+from each device's per-expert copy counts with two small all-to-alls (``3 E`` int32s
+per device).
 
 References:
   jax.lax.ragged_all_to_all (JAX docs); XLA ``RaggedAllToAll`` (openxla.org operation
@@ -105,9 +107,10 @@ def emulated_ragged_all_to_all(
 
     Where the primitive's behaviour is undefined (slices overlapping in ``output``, sizes
     that disagree between sender and receiver, offsets out of range) this one writes no
-    row outside ``output``, reads zeros outside ``operand``, and lets the slice that
-    starts last win an overlap. Differentiable (reverse and forward mode) in ``operand``
-    and ``output`` through the collectives it is made of.
+    row outside ``output`` and reads none outside ``operand``; an output row belongs to
+    the non-empty slice that starts last at or before it. Differentiable (reverse and
+    forward mode) in ``operand`` and ``output`` through the collectives it is made of;
+    operand rows sent twice get the sum of both cotangents.
     """
     offsets_and_sizes = {
         "input_offsets": input_offsets,
@@ -270,7 +273,7 @@ def expert_exchange(count_e: jax.Array, axis_name) -> ExpertExchange:
 
     One all-to-all gives each device, per sender, the counts and send-buffer offsets for
     its local experts; it lays the rows out expert-major (sender-minor) and a second
-    all-to-all tells each sender where its rows land. ``2 * E`` int32s per device.
+    all-to-all tells each sender where its rows land: ``3 E`` int32s per device.
     """
     names = _axis_names(axis_name)
     num_shards = math.prod(jax.lax.axis_size(name) for name in names)
