@@ -12,7 +12,16 @@ import jax.numpy as jnp
 
 from sigmoid_moe._checks import check_token_mask, require_int
 
-__all__ = ["check_block_size", "check_dispatch_args", "gather_rows", "resolve_kernel"]
+__all__ = [
+    "check_block_size",
+    "check_dispatch_args",
+    "combine_rows",
+    "gather_rows",
+    "rank_within_expert",
+    "resolve_kernel",
+    "vary",
+    "varying",
+]
 
 
 def check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t):
@@ -68,3 +77,56 @@ def resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> st
 def gather_rows(rows_nd: jax.Array, index_p: jax.Array) -> jax.Array:
     """``rows_nd[index_p]`` along axis 0, with an index ``>= N`` reading a zero row."""
     return jnp.take(rows_nd, index_p, axis=0, mode="fill", fill_value=0)
+
+
+def rank_within_expert(
+    expert_a: jax.Array, valid_a: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array]:
+    """Each assignment's rank among the earlier assignments of its expert.
+
+    A stable sort by expert (invalid assignments last) and each position minus its
+    expert's start: ``O(A log A)`` time and ``O(A)`` memory, where a one-hot running count
+    needs an ``[A, E]`` tensor (537 MB at 65536 tokens x top-8 x 256 experts).
+
+    Args:
+      expert_a: ``[A]`` int32 expert per assignment, in priority order.
+      valid_a: ``[A]`` bool; invalid assignments take no rank and are not counted.
+
+    Returns:
+      ``rank_a [A]`` int32 (``-1`` where invalid) and ``count_e [E]`` int32.
+    """
+    num_assign = expert_a.shape[0]
+    key_a = jnp.where(valid_a, expert_a, num_experts).astype(jnp.int32)  # invalid: last
+    order_a = jnp.argsort(key_a, stable=True)  # priority order kept within an expert
+    count_e = jnp.zeros((num_experts + 1,), jnp.int32).at[key_a].add(1)
+    start_e = jnp.cumsum(count_e) - count_e  # exclusive
+    rank_sorted = jnp.arange(num_assign, dtype=jnp.int32) - start_e[key_a[order_a]]
+    rank_a = jnp.zeros((num_assign,), jnp.int32).at[order_a].set(rank_sorted)
+    return jnp.where(valid_a, rank_a, -1), count_e[:num_experts]
+
+
+def combine_rows(y_ad: jax.Array, weights_tk: jax.Array, kept_tk: jax.Array, dtype) -> jax.Array:
+    """``y_t = sum_j w_tj * y_(t,j)`` over kept assignments, accumulated in float32."""
+    num_tokens, k = weights_tk.shape
+    y_tkd = y_ad.reshape(num_tokens, k, -1)
+    # where, not multiply: a dropped row must contribute exactly 0 whatever it holds.
+    w_tk = jnp.where(kept_tk, weights_tk.astype(jnp.float32), 0.0)
+    y_td = jnp.einsum("tkd,tk->td", y_tkd, w_tk, preferred_element_type=jnp.float32)
+    return y_td.astype(dtype)
+
+
+def varying(array) -> frozenset:
+    """Mesh axes ``array`` varies over inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(array)
+    manual = getattr(aval, "manual_axis_type", None)
+    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def vary(array, axes) -> jax.Array:
+    """``array`` marked as varying over ``axes`` too (a no-op outside ``shard_map``).
+
+    Fresh constants (zeros) vary over no axis; a collective's output buffer or a
+    ``lax.cond`` branch must be told that its value differs from device to device.
+    """
+    missing = tuple(sorted(frozenset(axes) - varying(array)))
+    return jax.lax.pcast(array, missing, to="varying") if missing else array

@@ -35,7 +35,9 @@ import jax.numpy as jnp
 from sigmoid_moe._dispatch_common import (
     check_block_size,
     check_dispatch_args,
+    combine_rows,
     gather_rows,
+    rank_within_expert,
     resolve_kernel,
 )
 from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
@@ -109,42 +111,6 @@ def _empty(x_td: jax.Array) -> Dispatched:
     return Dispatched(jnp.zeros(x_td.shape, x_td.dtype), jnp.zeros((), jnp.int32))
 
 
-def _rank_within_expert(
-    expert_a: jax.Array, valid_a: jax.Array, num_experts: int
-) -> tuple[jax.Array, jax.Array]:
-    """Each assignment's rank among the earlier assignments of its expert.
-
-    A stable sort by expert (invalid assignments last) and each position minus its
-    expert's start: ``O(A log A)`` time and ``O(A)`` memory, where a one-hot running count
-    needs an ``[A, E]`` tensor (537 MB at 65536 tokens x top-8 x 256 experts).
-
-    Args:
-      expert_a: ``[A]`` int32 expert per assignment, in priority order.
-      valid_a: ``[A]`` bool; invalid assignments take no rank and are not counted.
-
-    Returns:
-      ``rank_a [A]`` int32 (``-1`` where invalid) and ``count_e [E]`` int32.
-    """
-    num_assign = expert_a.shape[0]
-    key_a = jnp.where(valid_a, expert_a, num_experts).astype(jnp.int32)  # invalid: last
-    order_a = jnp.argsort(key_a, stable=True)  # priority order kept within an expert
-    count_e = jnp.zeros((num_experts + 1,), jnp.int32).at[key_a].add(1)
-    start_e = jnp.cumsum(count_e) - count_e  # exclusive
-    rank_sorted = jnp.arange(num_assign, dtype=jnp.int32) - start_e[key_a[order_a]]
-    rank_a = jnp.zeros((num_assign,), jnp.int32).at[order_a].set(rank_sorted)
-    return jnp.where(valid_a, rank_a, -1), count_e[:num_experts]
-
-
-def _combine(y_ad: jax.Array, weights_tk: jax.Array, kept_tk: jax.Array, dtype) -> jax.Array:
-    """``y_t = sum_j w_tj * y_(t,j)`` over kept assignments, accumulated in float32."""
-    num_tokens, k = weights_tk.shape
-    y_tkd = y_ad.reshape(num_tokens, k, -1)
-    # where, not multiply: a dropped row must contribute exactly 0 whatever it holds.
-    w_tk = jnp.where(kept_tk, weights_tk.astype(jnp.float32), 0.0)
-    y_td = jnp.einsum("tkd,tk->td", y_tkd, w_tk, preferred_element_type=jnp.float32)
-    return y_td.astype(dtype)
-
-
 # --------------------------------------------------------------------------- capacity
 
 
@@ -171,7 +137,7 @@ def capacity_slots(
     real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
     valid_a = valid_tk.T.reshape(-1)  # [k*T]
     token_a = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k)  # [k*T]
-    rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
+    rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
     kept_a = valid_a & (rank_a < slots)
     out_of_range = num_experts * slots
     slot_a = jnp.where(kept_a, expert_a * slots + rank_a, out_of_range)
@@ -195,7 +161,7 @@ def combine_slots(
     # Back to token-major [T, k] order for the combine.
     y_ad = y_ad.reshape(k, num_tokens, -1).transpose(1, 0, 2).reshape(num_tokens * k, -1)
     kept_tk = placement.kept_a.reshape(k, num_tokens).T
-    return _combine(y_ad, weights_tk, kept_tk, dtype)
+    return combine_rows(y_ad, weights_tk, kept_tk, dtype)
 
 
 def capacity_moe(
@@ -308,7 +274,7 @@ def dropless_moe(
     expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
     real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
     valid_a = valid_tk.reshape(-1)
-    rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
+    rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
     if kernel == "blocked":
         # Blocks no longer than an expert's average share keep the padding (at most one
         # partly filled block per expert) small when there are few tokens per expert.
@@ -336,4 +302,4 @@ def dropless_moe(
     h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
     o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
     y_ad = gather_rows(o_pd, layout.row_a)  # [T*k, d]
-    return Dispatched(_combine(y_ad, weights_tk, valid_tk, x_td.dtype), no_expert)
+    return Dispatched(combine_rows(y_ad, weights_tk, valid_tk, x_td.dtype), no_expert)

@@ -9,7 +9,26 @@ Pure array functions; no Flax. :func:`expert_parallel_moe` has the dispatch sign
 * expert weights ``[E, ...]`` are split over the expert axis (``E / n_expert`` local
   experts per device) and replicated over the others.
 
-Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens)::
+Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens, ``k``):
+
+**Dropless** (``capacity_factor=None``), a ragged exchange of exactly the routed copies::
+
+    sort the T_l * k copies by global expert (= by owner device, then local expert)
+    all_to_all of per-expert counts  -> sizes and offsets (sigmoid_moe.ragged_exchange)
+    ragged_all_to_all                -> received rows grouped by local expert
+    local experts                    -> ragged_dot (GPU/TPU) or the blocked kernel (CPU)
+    ragged_all_to_all back           -> every copy's output in the sender's sorted order
+    unsort + combine                 -> y [T_l, d]
+
+Each copy crosses the wire once per direction, so the bytes moved are the minimum
+``T * k * d * itemsize * (n - 1) / n`` per direction for balanced routing, plus ``3 E``
+int32 per device for the plan. The receive buffer is allocated for the worst case
+(:func:`sigmoid_moe.ragged_exchange.dropless_receive_rows`, ``n * T_l * k`` rows: all
+copies on one device), so nothing is ever dropped; it is allocated, not sent. On CPU the
+exchange is emulated (XLA:CPU has no ragged-all-to-all) with padded collectives, ``n``
+times the bytes; the offsets, the sort and the kernels are the same code as on GPU/TPU.
+
+**Capacity** (``capacity_factor`` a float), static slot buffers::
 
     buffer  [E, C, d]    = capacity-bounded slots of the local tokens, per global expert
     all_to_all           -> [n_src, E_l, C, d]: every sender's rows for my experts
@@ -17,20 +36,12 @@ Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens)::
     all_to_all back      -> [E, C, d] in the sender's slot order
     gather + combine     -> y [T_l, d]
 
-The local experts run as a batched matmul over every slot (``kernel="batched"``, GPU/TPU)
-or, on CPU, through :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` over the filled
-slots only (``kernel="blocked"``): the per-(sender, expert) fill counts travel with one
-more small all-to-all, and empty slots, most of the buffer in the drop-free mode, cost no
-FLOPs.
-
-``C = capacity(T_l, k, E, capacity_factor)`` slots per (sender, expert) keep every shape
-static, so the same program runs on every backend. Overflow is dropped with the priority
-of :func:`sigmoid_moe.capacity_moe` (choice rank first, then token order), counted, and
-summed over the mesh. ``capacity_factor=None`` (``dispatch="dropless"``) gives ``C = T_l``:
-a token picks an expert at most once, so no slot can overflow and nothing is dropped, at
-``E / k`` times the useful traffic. A truly ragged dropless exchange would use
-``jax.lax.ragged_all_to_all``; XLA:CPU does not implement it, so it is not offered here
-(see :func:`ragged_all_to_all_available`).
+``C = capacity(T_l, k, E, capacity_factor)`` slots per (sender, expert); overflow is
+dropped with the priority of :func:`sigmoid_moe.capacity_moe` (choice rank first, then
+token order), counted, and summed over the mesh. The local experts run as a batched
+matmul over every slot (``kernel="batched"``, GPU/TPU) or, on CPU, through
+:func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` over the filled slots only
+(``kernel="blocked"``; the fill counts travel with one more small all-to-all).
 
 The expert load is counted per device and ``psum``-ed in int32 over every mesh axis, so
 each replica sees the same global load, and so the bit-identical bias after an update.
@@ -38,10 +49,12 @@ each replica sees the same global load, and so the bit-identical bias after an u
 References:
   GShard (arXiv 2006.16668): capacity buffers and all-to-all expert parallelism.
   DeepSeek-V3 (arXiv 2412.19437), section 3.2: EP with all-to-all dispatch and combine.
+  MegaBlocks (arXiv 2211.15841): dropless grouped matmuls over variable-size groups.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, get_args
 
 import jax
@@ -51,19 +64,28 @@ from jax.sharding import PartitionSpec as P
 from sigmoid_moe._dispatch_common import (
     check_block_size,
     check_dispatch_args,
+    combine_rows,
     gather_rows,
+    rank_within_expert,
     resolve_kernel,
 )
 from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
-from sigmoid_moe.dispatch import CapacityKernel, capacity, capacity_slots, combine_slots
+from sigmoid_moe.dispatch import (
+    CapacityKernel,
+    DroplessKernel,
+    Kernel,
+    capacity,
+    capacity_slots,
+    combine_slots,
+)
 from sigmoid_moe.experts import swiglu
+from sigmoid_moe.ragged_exchange import dropless_receive_rows, expert_exchange, ragged_all_to_all
 
 __all__ = [
     "ExpertParallelOut",
     "all_to_all_bytes_minimum",
     "expert_parallel_capacity",
     "expert_parallel_moe",
-    "ragged_all_to_all_available",
 ]
 
 
@@ -75,20 +97,10 @@ class ExpertParallelOut(NamedTuple):
     expert_load: jax.Array  # [E] int32 global assignments per expert (unmasked), replicated
 
 
-def ragged_all_to_all_available() -> bool:
-    """Whether the backend implements ``jax.lax.ragged_all_to_all`` (not XLA:CPU)."""
-    return jax.default_backend() in ("gpu", "tpu")
-
-
 def expert_parallel_capacity(
-    local_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None
+    local_tokens: int, top_k: int, num_experts: int, capacity_factor: float
 ) -> int:
-    """Slots per (sending device, expert): ``ceil(factor * T_l * k / E)``, or ``T_l``.
-
-    ``capacity_factor=None`` means dropless: ``T_l`` slots, which no expert can overflow.
-    """
-    if capacity_factor is None:
-        return max(1, local_tokens)
+    """Slots per (sending device, expert) of capacity EP: ``ceil(factor * T_l * k / E)``."""
     return capacity(local_tokens, top_k, num_experts, capacity_factor)
 
 
@@ -148,7 +160,7 @@ def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int
     return out_rd.reshape(num_src, local_experts, slots, d_model)
 
 
-def _local_moe(
+def _capacity_local_moe(
     x_td,
     expert_ids_tk,
     weights_tk,
@@ -159,11 +171,11 @@ def _local_moe(
     expert_axis: str,
     num_shards: int,
     token_axes: tuple[str, ...],
-    capacity_factor: float | None,
+    capacity_factor: float,
     kernel: str,
     block_size: int,
 ):
-    """The per-device body inside ``shard_map`` (all shapes are local).
+    """The per-device body of capacity EP inside ``shard_map`` (all shapes are local).
 
     Args:
       x_td: ``[T_l, d]`` this device's tokens.
@@ -208,6 +220,104 @@ def _local_moe(
     return y_td, dropped, load_e
 
 
+def _grouped_ffn(rows_md, group_sizes_l, w_in_ldf, w_out_lfd, kernel: str, block_size: int):
+    """SwiGLU of each received row with its local expert; rows past the groups give 0.
+
+    Args:
+      rows_md: ``[M, d]`` received rows, grouped by local expert from the front.
+      group_sizes_l: ``[E_l]`` int32 rows per local expert (sum at most ``M``).
+    """
+    if kernel == "ragged_dot":
+        h_mf2 = jax.lax.ragged_dot(rows_md, w_in_ldf, group_sizes_l)
+        return jax.lax.ragged_dot(swiglu(h_mf2), w_out_lfd, group_sizes_l)
+    num_rows, local_experts = rows_md.shape[0], group_sizes_l.shape[0]
+    row_m = jnp.arange(num_rows, dtype=jnp.int32)
+    group_end_l = jnp.cumsum(group_sizes_l)
+    expert_m = jnp.searchsorted(group_end_l, row_m, side="right").astype(jnp.int32)
+    placed_m = expert_m < local_experts
+    expert_m = jnp.minimum(expert_m, local_experts - 1)
+    rank_m = row_m - (group_end_l - group_sizes_l)[expert_m]
+    layout = block_layout(
+        expert_m,
+        rank_m,
+        placed_m,
+        row_m,  # each row is its own "token"
+        jnp.ones((num_rows,), jnp.float32),  # combine weights apply at the sender
+        group_sizes_l,
+        num_tokens=num_rows,
+        block_size=block_size,
+    )
+    return blocked_expert_ffn(rows_md, layout, w_in_ldf, w_out_lfd)
+
+
+def _dropless_local_moe(
+    x_td,
+    expert_ids_tk,
+    weights_tk,
+    w_in_ldf,
+    w_out_lfd,
+    mask_t,
+    *,
+    expert_axis: str,
+    num_shards: int,
+    token_axes: tuple[str, ...],
+    kernel: str,
+    block_size: int,
+):
+    """The per-device body of dropless EP inside ``shard_map`` (all shapes are local).
+
+    Args as :func:`_capacity_local_moe`. Copy ``a = t * k + j`` sits at row
+    ``send_offsets_e[e_a] + rank_a`` of the send buffer (sorted by global expert, token
+    order within an expert); masked tokens' copies are not sent.
+    """
+    num_tokens, k = expert_ids_tk.shape
+    local_experts, d_model, _ = w_in_ldf.shape
+    num_experts = local_experts * num_shards
+    num_copies = num_tokens * k
+    expert_a = expert_ids_tk.reshape(-1)
+    real_tk = jnp.broadcast_to(mask_t[:, None], expert_ids_tk.shape)
+    # An id outside [0, E) names no expert: not sent, counted as dropped (as in dropless_moe).
+    valid_tk = real_tk & (expert_ids_tk >= 0) & (expert_ids_tk < num_experts)
+    valid_a = valid_tk.reshape(-1)
+    expert_a = jnp.where(valid_a, expert_a, 0)
+    rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
+    plan = expert_exchange(count_e, expert_axis)
+    row_a = jnp.where(valid_a, plan.send_offsets_e[expert_a] + rank_a, num_copies)
+    token_a = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    token_p = jnp.full((num_copies,), num_tokens, jnp.int32).at[row_a].set(token_a, mode="drop")
+    send_pd = gather_rows(x_td, token_p)  # [T_l * k, d], unsent rows (masked) zero
+
+    recv_rows = dropless_receive_rows(num_tokens, k, num_shards)
+    recv_md = ragged_all_to_all(
+        send_pd,
+        jnp.zeros((recv_rows, d_model), x_td.dtype),
+        plan.send_offsets_e,
+        plan.send_sizes_e,
+        plan.land_offsets_e,
+        plan.recv_sizes_q,
+        axis_name=expert_axis,
+    )
+    # Blocks no longer than a local expert's average share (T_l * k / E_l rows).
+    block_size = min(block_size, max(1, -(-num_copies // local_experts)))
+    w_in, w_out = w_in_ldf.astype(x_td.dtype), w_out_lfd.astype(x_td.dtype)
+    out_md = _grouped_ffn(recv_md, plan.group_sizes_l, w_in, w_out, kernel, block_size)
+    # The inverse exchange: my received slices go back to where they came from.
+    back_pd = ragged_all_to_all(
+        out_md,
+        jnp.zeros((num_copies, d_model), x_td.dtype),
+        plan.recv_offsets_q,
+        plan.recv_sizes_q,
+        plan.origin_offsets_q,
+        plan.send_sizes_e,
+        axis_name=expert_axis,
+    )
+    y_td = combine_rows(gather_rows(back_pd, row_a), weights_tk, valid_tk, x_td.dtype)
+    # Integer psum: exact, so every replica holds the same global counts.
+    load_e = jax.lax.psum(count_e, token_axes)
+    no_expert = jax.lax.psum(jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32), token_axes)
+    return y_td, no_expert, load_e
+
+
 def expert_parallel_moe(
     x_td: jax.Array,
     expert_ids_tk: jax.Array,
@@ -219,7 +329,7 @@ def expert_parallel_moe(
     mesh=None,
     expert_axis: str = "expert",
     capacity_factor: float | None = 1.25,
-    kernel: CapacityKernel = "auto",
+    kernel: Kernel = "auto",
     block_size: int = 128,
 ) -> ExpertParallelOut:
     """Expert-parallel dispatch over ``mesh`` (see the module docstring for the data flow).
@@ -231,12 +341,15 @@ def expert_parallel_moe(
       w_in_edf: ``[E, d_model, 2*d_ff]``; ``E`` must divide by the expert-axis size.
       w_out_efd: ``[E, d_ff, d_model]``.
       token_mask_t: optional ``[T]`` bool, False for padding.
-      mesh: a ``jax.sharding.Mesh``; default the one set by ``jax.set_mesh``.
+      mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``, to lower without devices);
+        default the one set by ``jax.set_mesh``.
       expert_axis: the mesh axis the experts are split over.
-      capacity_factor: slots per (sender, expert) ``= ceil(factor * T_l * k / E)``;
-        ``None`` for the drop-free ``T_l`` slots.
-      kernel: the local experts' kernel: ``"batched"`` over every slot, ``"blocked"``
-        over the filled slots, or ``"auto"`` (blocked on CPU, batched elsewhere).
+      capacity_factor: ``None`` for dropless EP through the ragged exchange; a float for
+        capacity EP with ``ceil(factor * T_l * k / E)`` slots per (sender, expert).
+      kernel: the local experts' kernel. Dropless: ``"ragged_dot"`` or ``"blocked"``;
+        capacity: ``"batched"`` over every slot or ``"blocked"`` over the filled slots;
+        ``"auto"`` picks ``"blocked"`` on CPU and ``"ragged_dot"`` / ``"batched"``
+        elsewhere (by the default backend: to lower for GPU on a CPU host, name it).
       block_size: rows per block of the blocked kernel.
 
     Returns:
@@ -245,7 +358,17 @@ def expert_parallel_moe(
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     check_block_size(block_size)
-    kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
+    if capacity_factor is None:
+        kernels, gpu_choice, mode = get_args(DroplessKernel), "ragged_dot", "dropless"
+    else:
+        capacity(1, 1, 1, capacity_factor)  # checks the factor
+        kernels, gpu_choice, mode = get_args(CapacityKernel), "batched", "capacity"
+    if kernel not in kernels:
+        raise ValueError(
+            f"kernel={kernel!r} is not supported by {mode} expert parallelism "
+            f"(capacity_factor={capacity_factor}); choose one of {kernels}."
+        )
+    kernel = resolve_kernel(kernel, kernels, gpu_choice=gpu_choice)
     mesh = _resolve_mesh(mesh)
     if expert_axis not in mesh.axis_names:
         raise ValueError(
@@ -266,20 +389,27 @@ def expert_parallel_moe(
             f"x_td has {num_tokens} tokens, not divisible by the mesh's {num_devices} devices "
             f"{dict(mesh.shape)}; pad the batch (token_mask=False) to a multiple of {num_devices}."
         )
+    if num_tokens == 0:
+        zeros = jnp.zeros((), jnp.int32)
+        return ExpertParallelOut(
+            jnp.zeros(x_td.shape, x_td.dtype), zeros, jnp.zeros((num_experts,), jnp.int32)
+        )
     if token_mask_t is None:
         token_mask_t = jnp.ones((num_tokens,), bool)
     token_axes = tuple(mesh.axis_names)
     tok = P(token_axes)
+    local_moe = functools.partial(
+        _dropless_local_moe if capacity_factor is None else _capacity_local_moe,
+        expert_axis=expert_axis,
+        num_shards=num_shards,
+        token_axes=token_axes,
+        kernel=kernel,
+        block_size=block_size,
+    )
+    if capacity_factor is not None:
+        local_moe = functools.partial(local_moe, capacity_factor=capacity_factor)
     body = jax.shard_map(
-        lambda *args: _local_moe(
-            *args,
-            expert_axis=expert_axis,
-            num_shards=num_shards,
-            token_axes=token_axes,
-            capacity_factor=capacity_factor,
-            kernel=kernel,
-            block_size=block_size,
-        ),
+        local_moe,
         mesh=mesh,
         in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), tok),
         out_specs=(tok, P(), P()),

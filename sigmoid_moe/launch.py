@@ -63,7 +63,7 @@ __all__ = [
 
 def model_config(expert_axis: str | None) -> MoEConfig:
     """The tiny model's layer; ``expert_axis="expert"`` for the sharded run."""
-    # Dropless (drop-free T_local slots under EP) so the sharded and unsharded runs match.
+    # Dropless (the ragged exchange under EP) so the sharded and unsharded runs match.
     return MoEConfig(
         d_model=16,
         d_ff=8,

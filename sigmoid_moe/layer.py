@@ -98,7 +98,9 @@ class MoEConfig:
         ``None`` runs every expert on each device (single-device dispatch); a name such as
         ``"expert"`` splits the experts over that axis of the mesh set by ``jax.set_mesh``
         and moves tokens with all-to-alls. There ``"capacity"`` uses ``capacity_factor``
-        per (sending device, expert) and ``"dropless"`` uses drop-free ``T_local`` slots.
+        slots per (sending device, expert), and ``"dropless"`` a ragged exchange that moves
+        each token copy once (``jax.lax.ragged_all_to_all`` on GPU/TPU, an emulation on
+        CPU; :mod:`sigmoid_moe.ragged_exchange`).
       load_groups: how the layer's :class:`~sigmoid_moe.routing_bias.ExpertLoad` is
         recorded. ``"call"``: one ``[E]`` load per call (summing calls gives the global
         balancing scope, stacking them the micro-batch scope). ``"sequence"``: one load per
@@ -146,9 +148,8 @@ class MoEConfig:
             positive=True,
             hint=" (1.25 is usual, num_experts / top_k drops nothing)",
         )
-        if self.expert_axis is not None:  # slot buffers under expert parallelism
-            kernels, where = get_args(CapacityKernel), f"expert_axis={self.expert_axis!r}"
-        elif self.dispatch == "capacity":
+        # The kernels follow the dispatch kind, with or without expert parallelism.
+        if self.dispatch == "capacity":
             kernels, where = get_args(CapacityKernel), "dispatch='capacity'"
         else:
             kernels, where = get_args(DroplessKernel), "dispatch='dropless'"

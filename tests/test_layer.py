@@ -324,5 +324,9 @@ def test_bad_inputs_and_configs():
         MoEConfig(8, 6, router, dispatch="capacity", kernel="ragged_dot")
     with pytest.raises(ValueError, match="block_size"):
         MoEConfig(8, 6, router, block_size=0)
-    with pytest.raises(ValueError, match="kernel='ragged_dot' is not supported with expert_axis"):
-        MoEConfig(8, 6, router, kernel="ragged_dot", expert_axis="expert")
+    # Under expert parallelism the kernels follow the dispatch kind.
+    MoEConfig(8, 6, router, kernel="ragged_dot", expert_axis="expert")
+    with pytest.raises(ValueError, match="kernel='ragged_dot' is not supported with dispatch="):
+        MoEConfig(8, 6, router, dispatch="capacity", kernel="ragged_dot", expert_axis="expert")
+    with pytest.raises(ValueError, match="kernel='batched' is not supported with dispatch="):
+        MoEConfig(8, 6, router, kernel="batched", expert_axis="expert")
