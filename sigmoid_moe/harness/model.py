@@ -10,13 +10,13 @@ bias of every layer is a :class:`~sigmoid_moe.routing_bias.RoutingBias` variable
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sigmoid_moe._checks import require_float, require_int
+from sigmoid_moe._checks import require_choice, require_float, require_int
 from sigmoid_moe.config import RouterConfig, ScoreFn
 from sigmoid_moe.dispatch import Kernel
 from sigmoid_moe.layer import MoEAux, MoEConfig, MoELayer
@@ -24,6 +24,9 @@ from sigmoid_moe.layer import MoEAux, MoEConfig, MoELayer
 __all__ = ["ModelConfig", "ModelOutput", "TransformerLM"]
 
 VOCAB_SIZE = 256  # bytes
+
+BalanceScope = Literal["global", "micro", "sequence"]
+BALANCE_SCOPES: tuple[str, ...] = get_args(BalanceScope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,16 @@ class ModelConfig:
       d_ff: hidden width of one routed expert.
       num_shared_experts: always-active experts (DeepSeekMoE); 0 for none.
       score_fn: ``"sigmoid"`` (DeepSeek-V3) or ``"softmax"`` gate.
-      balance_loss_coef: Switch auxiliary loss coefficient per layer (0: off).
+      balance_loss_coef: auxiliary balance loss coefficient per layer (0: off), a
+        Switch-form loss over the ``balance_scope``.
+      balance_scope: the tokens the balance statistics are taken over, for the loss-free
+        bias and for the auxiliary loss alike ("Demons in the Detail", arXiv 2501.11873;
+        DeepSeek-V3 section 4.5.3): ``"global"``, the whole optimizer step (all
+        micro-batches: the loads summed before the sign, the loss's ``f_i`` from the
+        summed counts, i.e. the global-batch balance loss); ``"micro"``, each micro-batch
+        (its own sign, the steps averaged; the usual per-micro-batch Switch loss);
+        ``"sequence"``, each sequence (per-sequence signs averaged; DeepSeek-V3's
+        sequence-wise loss).
       router_init_scale: multiplies the router weights at init. Values > 1 make the
         initial routing more confident and so more skewed (used by tests).
       kernel: expert kernel of the MoE layer (see MoEConfig.kernel).
@@ -55,6 +67,7 @@ class ModelConfig:
     num_shared_experts: int = 0
     score_fn: ScoreFn = "sigmoid"
     balance_loss_coef: float = 0.0
+    balance_scope: BalanceScope = "global"
     router_init_scale: float = 1.0
     kernel: Kernel = "auto"
 
@@ -68,6 +81,7 @@ class ModelConfig:
                 "choose e.g. num_heads=4 with d_model=64."
             )
         require_float("balance_loss_coef", self.balance_loss_coef)
+        require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         require_float("router_init_scale", self.router_init_scale)
         self.moe_config()  # validates top_k, score_fn, num_shared_experts, kernel
 
@@ -75,12 +89,19 @@ class ModelConfig:
         return RouterConfig(self.num_experts, self.top_k, score_fn=self.score_fn)
 
     def moe_config(self) -> MoEConfig:
+        """The layer of every block. Per-call statistics live in the layer: the micro-batch
+        Switch loss, the sequence-wise loss and per-sequence loads. The global scope's loss
+        needs the counts of all micro-batches, so the train step adds it
+        (:func:`sigmoid_moe.losses.balance_loss` on ``MoEAux.router_prob``)."""
+        coef = float(self.balance_loss_coef)
         return MoEConfig(
             d_model=self.d_model,
             d_ff=self.d_ff,
             router=self.router_config(),
             num_shared_experts=self.num_shared_experts,
-            balance_loss_coef=float(self.balance_loss_coef),
+            balance_loss_coef=coef if self.balance_scope == "micro" else 0.0,
+            seq_balance_loss_coef=coef if self.balance_scope == "sequence" else 0.0,
+            load_groups="sequence" if self.balance_scope == "sequence" else "call",
             kernel=self.kernel,
         )
 

@@ -38,6 +38,7 @@ from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_batch
 from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
+from sigmoid_moe.losses import balance_loss
 from sigmoid_moe.metrics import max_violation
 from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
 
@@ -65,6 +66,9 @@ class TrainConfig:
       bias_rate: loss-free update rate ``u`` (0: no bias update). The paper uses 1e-3.
       bias_rule: ``"sign"`` (the paper), ``"sign_zero_mean"`` or ``"proportional"``.
       bias_rate_schedule: ``"constant"`` or ``"cosine"`` (``u`` decays to ``u / 10``).
+      grad_accum: micro-batches per optimizer step (``batch_size / grad_accum``
+        sequences each, run one after the other); the gradient is their mean, the bias
+        moves once per step, from the loads combined by ``model.balance_scope``.
       seed: model init and data order.
       eval_every: validation loss on ``eval_windows`` windows every so many steps.
       checkpoint_every: steps between checkpoints (one is always written at the end).
@@ -82,6 +86,7 @@ class TrainConfig:
     bias_rate: float = 0.0
     bias_rule: BiasRule = "sign"
     bias_rate_schedule: RateSchedule = "constant"
+    grad_accum: int = 1
     seed: int = 0
     eval_every: int = 50
     eval_windows: int = 64
@@ -95,6 +100,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_windows", "checkpoint_every"):
             require_int(name, getattr(self, name), 1)
         require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("grad_accum", self.grad_accum, 1)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}; "
+                "each micro-batch holds batch_size / grad_accum sequences."
+            )
         require_int("seed", self.seed, 0)
         if self.warmup_steps >= self.steps:
             raise ValueError(
@@ -159,45 +170,95 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def per_layer(state: nnx.State) -> jax.Array:
-    """``[L, E]``: the one ``[E]`` leaf of each layer of a bias or load state, stacked.
+    """``[L, E]``: each layer's leaf of a bias or load state, stacked (group axes summed).
 
     Bias and load states of one model share their module paths, so their rows line up.
     """
-    return jnp.stack(jax.tree.leaves(state))
+    return jnp.stack([leaf.reshape(-1, leaf.shape[-1]).sum(0) for leaf in jax.tree.leaves(state)])
+
+
+def _scoped_loads(loads: nnx.State, scope: str) -> nnx.State:
+    """The micro-batches' loads (leaves ``[N, ..., E]``) as the bias update's input:
+    summed for the global scope, groups ``[..., G, E]`` for the micro-batch and sequence
+    scopes (:func:`sigmoid_moe.update_bias` averages the groups' steps)."""
+    if scope == "global":
+        return jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), loads)
+    if scope == "micro":
+        return jax.tree.map(lambda leaf: jnp.moveaxis(leaf, 0, -2), loads)
+    # sequence: [N, b, E] -> [N * b, E]
+    return jax.tree.map(lambda leaf: leaf.reshape(-1, leaf.shape[-1]), loads)
 
 
 @functools.lru_cache(maxsize=8)
 def make_train_step(graphdef, config: TrainConfig) -> Callable:
     """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
     bias, opt_state, metrics)``, cached per ``(graphdef, config)`` so reruns and resumes in
-    one process compile once; metrics hold ``loss`` [], ``aux_loss``/``balance_loss``
-    ``[L]``, ``load [L, E]`` int32, ``maxvio [L]`` and the new ``bias [L, E]``."""
+    one process compile once.
+
+    The batch runs as ``config.grad_accum`` micro-batches (a ``lax.scan``): their gradients
+    are averaged into one optimizer step and their integer loads combined by the model's
+    ``balance_scope`` into one bias update, after the optimizer step. For the global scope
+    the auxiliary loss takes ``f_i`` from the counts of the whole step, which a forward
+    pass over the micro-batches counts first (only when there are several and a loss).
+
+    Metrics: ``loss`` [], ``aux_loss``/``balance_loss`` ``[L]``, ``load [L, E]`` int32 (the
+    whole step), ``maxvio [L]`` and the new ``bias [L, E]``.
+    """
     rate = config.bias_rate_fn()
     lr = config.lr_schedule()
     tx = _optimizer(config)
+    model_cfg = config.model
+    scope, coef, top_k = model_cfg.balance_scope, model_cfg.balance_loss_coef, model_cfg.top_k
+    micro_batches = config.grad_accum
+    global_aux = scope == "global" and coef > 0
 
-    def loss_fn(params, bias, tokens):
+    def forward(params, bias, tokens):
         model = nnx.merge(graphdef, params, bias)
         # Each layer's load, recorded where the layer sits in the model (its ExpertLoad).
-        out, loads = nnx.capture(model, ExpertLoad)(tokens[:, :-1])
+        return nnx.capture(model, ExpertLoad)(tokens[:, :-1])
+
+    def loss_fn(params, bias, tokens, counts_le, step_tokens):
+        out, loads = forward(params, bias, tokens)
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:]).mean()
-        return ce + jnp.sum(out.aux.aux_loss), (ce, out.aux, loads)
+        balance = out.aux.balance_loss + out.aux.seq_balance_loss  # the layers' own scopes
+        aux_loss = out.aux.aux_loss  # [L]
+        if global_aux:  # f_i from the whole step's counts, P_i from this micro-batch
+            counts = out.aux.expert_load if counts_le is None else counts_le
+            balance = balance_loss(counts, out.aux.router_prob, step_tokens, top_k)
+            aux_loss = aux_loss + coef * balance
+        return ce + jnp.sum(aux_loss), (ce, aux_loss, balance, loads)
 
     def step_fn(params, bias, opt_state, tokens, step):
         tokens = tokens.astype(jnp.int32)
+        micro = tokens.reshape(micro_batches, -1, tokens.shape[-1])
+        step_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+        counts_le = None
+        if global_aux and micro_batches > 1:
+            counts_le = jnp.sum(
+                jax.lax.map(lambda mb: forward(params, bias, mb)[0].aux.expert_load, micro), 0
+            )
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (ce, aux, loads)), grads = grad_fn(params, bias, tokens)
+
+        def accumulate(grads, mb):
+            (_, out), g = grad_fn(params, bias, mb, counts_le, step_tokens)
+            return jax.tree.map(jnp.add, grads, g), out
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (ce, aux_loss, balance, loads) = jax.lax.scan(accumulate, zeros, micro)
+        grads = jax.tree.map(lambda g: g / micro_batches, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if config.bias_rate > 0:
-            bias = routing_bias_update(bias, loads, rate=rate, rule=config.bias_rule, step=step)
-        load = per_layer(loads)
+            bias = routing_bias_update(
+                bias, _scoped_loads(loads, scope), rate=rate, rule=config.bias_rule, step=step
+            )
+        load = per_layer(jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), loads))
         metrics = {
-            "loss": ce,
+            "loss": jnp.mean(ce),
             "lr": lr(step),
             "bias_rate": rate(step),
-            "aux_loss": aux.aux_loss,
-            "balance_loss": aux.balance_loss,
+            "aux_loss": jnp.mean(aux_loss, axis=0),
+            "balance_loss": jnp.mean(balance, axis=0),
             "load": load,
             "maxvio": max_violation(load),
             "bias": per_layer(bias),
