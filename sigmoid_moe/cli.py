@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+from sigmoid_moe._cli_args import integer, real, run, usage_errors
+
+__all__ = ["entry", "main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -23,13 +26,14 @@ def _demo(args: argparse.Namespace) -> int:
         update_bias,
     )
 
-    config = RouterConfig(
-        num_experts=args.experts,
-        top_k=args.top_k,
-        num_groups=args.groups,
-        topk_groups=args.topk_groups,
-        route_scale=args.route_scale,
-    )
+    with usage_errors():
+        config = RouterConfig(
+            num_experts=args.experts,
+            top_k=args.top_k,
+            num_groups=args.groups,
+            topk_groups=args.topk_groups,
+            route_scale=args.route_scale,
+        )
     key_x, key_w, key_pref = jax.random.split(jax.random.key(args.seed), 3)
     # A skewed router: some experts are preferred by every token, as early in training.
     x_td = jax.random.normal(key_x, (args.tokens, args.d_model))
@@ -84,20 +88,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sigmoid-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="route random tokens and balance them with the bias")
-    demo.add_argument("--tokens", type=int, default=4096)
-    demo.add_argument("--d-model", type=int, default=64)
-    demo.add_argument("--experts", type=int, default=16)
-    demo.add_argument("--top-k", type=int, default=2)
-    demo.add_argument("--groups", type=int, default=4)
-    demo.add_argument("--topk-groups", type=int, default=2)
-    demo.add_argument("--route-scale", type=float, default=1.0)
+    count, index = integer(1), integer(0)
+    demo.add_argument("--tokens", type=count, default=4096)
+    demo.add_argument("--d-model", type=count, default=64)
+    demo.add_argument("--experts", type=count, default=16)
+    demo.add_argument("--top-k", type=count, default=2)
+    demo.add_argument("--groups", type=count, default=4)
+    demo.add_argument("--topk-groups", type=count, default=2)
+    demo.add_argument("--route-scale", type=real(positive=True), default=1.0)
     demo.add_argument(
-        "--skew", type=float, default=1.0, help="std of a fixed per-expert preference"
+        "--skew", type=real(), default=1.0, help="std of a fixed per-expert preference"
     )
-    demo.add_argument("--rate", type=float, default=1e-3)
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--show", type=int, default=8, help="rows of the routing table to print")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--rate", type=real(), default=1e-3)
+    demo.add_argument("--steps", type=index, default=300)
+    demo.add_argument("--show", type=index, default=8, help="rows of the routing table to print")
+    demo.add_argument("--seed", type=index, default=0)
     demo.set_defaults(func=_demo)
 
     from sigmoid_moe.lab.cli import add_simulate_parser
@@ -111,13 +116,26 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    """Runs ``sigmoid-moe``: bad input exits 2 with one line (see
+    :mod:`sigmoid_moe._cli_args`); an internal error keeps its traceback."""
+    args = _build_parser().parse_args(argv)
+    return run(args.command, lambda: args.func(args))
+
+
+def entry() -> None:
+    """The ``sigmoid-moe`` console script: :func:`main`, except that after Ctrl-C (exit
+    130) the process ends at once: XLA compile threads interrupted mid-compile can crash
+    the interpreter's teardown, which would print a segfault after the one line."""
     try:
-        return args.func(args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"sigmoid-moe {args.command}: error: {err}\n")
+        code = main()
+    except SystemExit as exit_:
+        code = exit_.code
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

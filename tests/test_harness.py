@@ -161,7 +161,7 @@ def test_cli_compare_writes_report_and_plots(tmp_path, capsys):
     [
         (["--rules", "median"], "unknown rule"),
         (["--bias-rates", "fast"], "comma-separated numbers"),
-        (["--aux-coefs", "-1"], "aux_coefs"),
+        (["--aux-coefs", "-1"], "argument --aux-coefs: must be > 0"),
         (["--steps", "0"], "steps"),
         (["--data", "/no/such/corpus"], "does not exist"),
         (["--preset", "huge"], "invalid choice"),

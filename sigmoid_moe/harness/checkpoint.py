@@ -1,23 +1,49 @@
-"""Orbax checkpoints of the whole training state.
+"""Orbax checkpoints of the whole training state, verified by sha256 before every restore.
 
 A checkpoint at step ``N`` holds, as flat lists of arrays: the parameters, the optax
 state (AdamW moments and the schedule's step count), the routing biases, and
 ``step`` / ``data_position`` scalars. Lists are restored into the structure of a freshly
-initialised state, so nothing but arrays is serialised. Orbax writes each step to a
-temporary folder and renames it when complete, so a run killed mid-save still leaves
-the previous checkpoint usable.
+initialised state, so nothing but arrays is serialised.
+
+Integrity: after orbax has written and renamed step ``N``'s folder, :meth:`Checkpointer.save`
+records the size and sha256 of every file in it in ``N/sha256.json`` (written to a temporary
+name, then renamed). :meth:`Checkpointer.restore` recomputes them first and refuses a
+checkpoint with a missing manifest (its save never finished), a missing or shorter file
+(truncated) or a changed byte (corrupt), naming the file, so garbage never reaches the
+model. :meth:`Checkpointer.restore_latest` falls back to the newest checkpoint that passes,
+with one :class:`~sigmoid_moe.errors.RecoveryWarning` per skipped step (whose folder it then
+deletes: training will write that step again); when none passes it raises
+:class:`~sigmoid_moe.errors.CheckpointError` naming the folder and ``--no-resume``.
+
+A save never holds a NaN or an infinity (:class:`~sigmoid_moe.errors.NonFiniteError`, naming
+the leaf), and Ctrl-C during a save is held until the save is complete, so it leaves a whole
+checkpoint and no half-closed orbax event loop behind. Single-process: the manifest is
+computed by the one process that wrote all the files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import pathlib
+import shutil
+import signal
+import threading
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+from sigmoid_moe.errors import CheckpointError, NonFiniteError, RecoveryWarning
+
+__all__ = ["MANIFEST", "Checkpointer"]
+
+MANIFEST = "sha256.json"
+_FORMAT = "sigmoid-moe checkpoint sha256 v1"
 
 
 class Checkpointer:
@@ -25,40 +51,214 @@ class Checkpointer:
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
-            ),
-        )
+        self._max_to_keep = max_to_keep
+        self._orbax: ocp.CheckpointManager | None = None
+
+    @property
+    def _manager(self) -> ocp.CheckpointManager:
+        # Created on first use, so a corrupt folder is verified before orbax reads it.
+        if self._orbax is None:
+            self._orbax = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=self._max_to_keep, enable_async_checkpointing=False, create=True
+                ),
+            )
+        return self._orbax
+
+    def steps(self) -> list[int]:
+        """Steps with a checkpoint folder, ascending (verified or not)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if _is_step_dir(p))
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        """Writes ``state`` (a dict of pytrees of arrays) as checkpoint ``step``."""
+        """Writes ``state`` (a dict of pytrees of arrays) as checkpoint ``step`` with its
+        sha256 manifest; refuses non-finite floating-point leaves."""
+        _require_finite(step, state)
         flat = {name: _to_arrays(tree) for name, tree in state.items()}
-        self._manager.save(step, args=ocp.args.StandardSave(flat), force=True)
-        self._manager.wait_until_finished()
+        with _interrupts_held():
+            self._manager.save(step, args=ocp.args.StandardSave(flat), force=True)
+            self._manager.wait_until_finished()
+            _write_manifest(self.directory / str(step), step)
+
+    def verify(self, step: int) -> None:
+        """Raises :class:`CheckpointError` naming the first file of checkpoint ``step`` that
+        is missing, truncated or changed since it was saved."""
+        problem = _manifest_problem(self.directory / str(step), step)
+        if problem:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is {problem}.")
 
     def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoint ``step`` in the structure of ``like`` (same keys, same pytrees)."""
+        """Checkpoint ``step`` in the structure of ``like`` (same keys, same pytrees),
+        verified first (:meth:`verify`)."""
+        self.verify(step)
+        return self._restore_verified(step, like)
+
+    def _restore_verified(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
         flat = {name: _to_arrays(tree) for name, tree in like.items()}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        out = {}
-        for name, tree in like.items():
-            leaves, treedef = jax.tree.flatten(tree)
-            new = restored[name]
-            if not isinstance(new, list):
-                new = [new[k] for k in sorted(new, key=int)] if isinstance(new, dict) else [new]
-            out[name] = jax.tree.unflatten(
-                treedef, [_like(n, leaf) for n, leaf in zip(new, leaves, strict=True)]
-            )
-        return out
+        try:
+            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return _rebuild(restored, like)
+        except (ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} passed its sha256 check but does "
+                f"not fit this model ({_first_line(err)}); it was written by another version: "
+                "start over with --no-resume (resume=False)."
+            ) from err
+
+    def restore_latest(self, like: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """``(step, state)`` of the newest checkpoint that passes :meth:`verify`, or None
+        when there is none at all. Newer failing steps are reported (one warning each) and
+        deleted; if every step fails, raises :class:`CheckpointError`."""
+        steps = self.steps()
+        if not steps:
+            return None
+        bad: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            problem = _manifest_problem(self.directory / str(step), step)
+            if problem:
+                bad.append((step, problem))
+                continue
+            for bad_step, problem in bad:
+                warnings.warn(
+                    f"checkpoint step {bad_step} in {self.directory} is {problem}; resuming "
+                    f"from step {step} and deleting step {bad_step}.",
+                    RecoveryWarning,
+                    stacklevel=2,
+                )
+                shutil.rmtree(self.directory / str(bad_step))
+            if bad and self._orbax is not None:
+                self._manager.reload()
+            return step, self._restore_verified(step, like)
+        reasons = "; ".join(f"step {s} is {problem}" for s, problem in bad)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be trusted ({reasons}); start over with "
+            "--no-resume (resume=False)."
+        )
 
     def close(self) -> None:
-        self._manager.close()
+        if self._orbax is not None:
+            self._orbax.close()
+            self._orbax = None
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and path.name.isdigit()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def _file_digests(folder: pathlib.Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST:
+            out[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: pathlib.Path, step: int) -> None:
+    manifest = {"format": _FORMAT, "step": step, "files": _file_digests(folder)}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _manifest_problem(folder: pathlib.Path, step: int) -> str | None:
+    """What is wrong with ``folder`` against its manifest, or None when it verifies."""
+    if not folder.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+        ok = manifest["format"] == _FORMAT and manifest["step"] == step and files
+        if not ok or not all({"bytes", "sha256"} <= set(v) for v in files.values()):
+            raise ValueError
+    except FileNotFoundError:
+        return f"incomplete ({MANIFEST} is missing: its save never finished)"
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return f"corrupt ({MANIFEST} is unreadable)"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"truncated ({name} is missing)"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"truncated or corrupt ({name} has {size} bytes, {want['bytes']} were saved)"
+        if _sha256(path) != want["sha256"]:
+            return f"corrupt ({name} fails its sha256 check)"
+    return None
+
+
+def _require_finite(step: int, state: dict[str, Any]) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        value = np.asarray(leaf)
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise NonFiniteError(
+                f"step {step}: {jax.tree_util.keystr(path)} holds {bad} non-finite value(s); "
+                "refusing to save it as a checkpoint."
+            )
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Holds a first Ctrl-C (SIGINT) until the block is done, then raises
+    ``KeyboardInterrupt``; a second one interrupts at once. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def hold(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        restored = previous if previous is not None else signal.default_int_handler
+        signal.signal(signal.SIGINT, restored)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _rebuild(restored: dict, like: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, tree in like.items():
+        leaves, treedef = jax.tree.flatten(tree)
+        new = restored[name]
+        if not isinstance(new, list):
+            new = [new[k] for k in sorted(new, key=int)] if isinstance(new, dict) else [new]
+        pairs = list(zip(new, leaves, strict=True))
+        for index, (value, leaf) in enumerate(pairs):
+            if np.shape(value) != np.shape(leaf):
+                raise ValueError(
+                    f"{name} leaf {index} has shape {np.shape(value)}, the model wants "
+                    f"{np.shape(leaf)}"
+                )
+        out[name] = jax.tree.unflatten(treedef, [_like(value, leaf) for value, leaf in pairs])
+    return out
 
 
 def _like(value: Any, leaf: Any) -> Any:

@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
+
+from sigmoid_moe._cli_args import choice, integer, listed, output_dir, real, usage_errors
 
 __all__ = ["add_compare_parser"]
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def _data_flag(text: str) -> str:
+    from sigmoid_moe.harness.data import parse_data_spec
+
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 1e-3,1e-2, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
-    return values
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+        parse_data_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _compare(args: argparse.Namespace) -> int:
     from sigmoid_moe.harness.compare import compare, default_strategies
+    from sigmoid_moe.harness.data import build_corpus
     from sigmoid_moe.harness.presets import PRESETS
     from sigmoid_moe.harness.report import results_table
 
@@ -41,21 +37,28 @@ def _compare(args: argparse.Namespace) -> int:
         changes["warmup_steps"] = min(base.warmup_steps, max(0, changes["steps"] // 10))
     if args.bias_rate_schedule:
         changes["bias_rate_schedule"] = args.bias_rate_schedule
-    if args.data:
-        changes["data"] = dataclasses.replace(base.data, paths=tuple(args.data))
-    base = dataclasses.replace(base, **changes)
-    strategies = default_strategies(
-        bias_rates=args.bias_rates or preset.bias_rates,
-        rules=args.rules or preset.rules,
-        aux_coefs=args.aux_coefs or preset.aux_coefs,
-    )
-    out = pathlib.Path(args.out or f"runs/compare-{args.preset}")
+    with usage_errors():
+        if args.data:
+            changes["data"] = dataclasses.replace(base.data, paths=tuple(args.data))
+        base = dataclasses.replace(base, **changes)
+        strategies = default_strategies(
+            bias_rates=args.bias_rates or preset.bias_rates,
+            rules=args.rules or preset.rules,
+            aux_coefs=args.aux_coefs or preset.aux_coefs,
+        )
+        corpus = build_corpus(base.data, base.model.seq_len)
+    out = output_dir(args.out or f"runs/compare-{args.preset}")
     try:
         results = compare(
-            base, strategies, out, resume=not args.no_resume, progress=not args.quiet, report=True
+            base,
+            strategies,
+            out,
+            resume=not args.no_resume,
+            progress=not args.quiet,
+            report=True,
+            corpus=corpus,
+            allow_data_change=args.allow_data_change,
         )
-    except FileNotFoundError as err:  # a missing --data path: a usage error, exit 2
-        raise ValueError(str(err)) from None
     except KeyboardInterrupt:
         print(
             f"\ninterrupted; the last checkpoints under {out}/runs are intact: run the same "
@@ -74,15 +77,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     from sigmoid_moe.harness.presets import PRESETS
     from sigmoid_moe.harness.train import RATE_SCHEDULES
 
-    def rules(text: str) -> tuple[str, ...]:
-        values = _str_list(text)
-        bad = [v for v in values if v not in BIAS_RULES]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(
-                f"unknown rule(s) {bad or text!r}; choose from {', '.join(BIAS_RULES)}"
-            )
-        return values
-
+    rates = listed(real(positive=True), "numbers", "1e-3,1e-2")
     p = sub.add_parser(
         "compare",
         help="train a small MoE LM under each balancing strategy and report balance and loss",
@@ -97,21 +92,31 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         nargs="+",
+        type=_data_flag,
         metavar="[DOMAIN=]PATH",
         help="text files or folders instead of the built-in corpus (default domain: user)",
     )
-    p.add_argument("--steps", type=int, help="override the preset's training steps")
-    p.add_argument("--batch-size", type=int, help="override the preset's sequences per step")
-    p.add_argument("--seed", type=int, help="override the preset's seed")
-    p.add_argument("--bias-rates", type=_float_list, help="loss-free rates, e.g. 1e-3,1e-2")
-    p.add_argument("--rules", type=rules, help=f"bias rules, from {', '.join(BIAS_RULES)}")
+    p.add_argument("--steps", type=integer(1), help="override the preset's training steps")
+    p.add_argument("--batch-size", type=integer(1), help="override the preset's sequences per step")
+    p.add_argument("--seed", type=integer(0), help="override the preset's seed")
+    p.add_argument("--bias-rates", type=rates, help="loss-free rates, e.g. 1e-3,1e-2")
+    p.add_argument(
+        "--rules",
+        type=listed(choice(BIAS_RULES, "rule"), "rules", "sign,proportional"),
+        help=f"bias rules, from {', '.join(BIAS_RULES)}",
+    )
     p.add_argument(
         "--bias-rate-schedule",
         choices=RATE_SCHEDULES,
         help="constant rate, or cosine decay to a tenth over training",
     )
-    p.add_argument("--aux-coefs", type=_float_list, help="aux-loss coefficients, e.g. 1e-3,1e-2")
+    p.add_argument("--aux-coefs", type=rates, help="aux-loss coefficients, e.g. 1e-3,1e-2")
     p.add_argument("--no-resume", action="store_true", help="retrain runs that have checkpoints")
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume runs even though the training data differ from their data.json",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_compare)
     return p

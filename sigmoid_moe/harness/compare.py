@@ -21,8 +21,9 @@ import numpy as np
 from sigmoid_moe._checks import require_choice
 from sigmoid_moe.balancing import BIAS_RULES
 from sigmoid_moe.config import SCORE_FNS
-from sigmoid_moe.harness.data import build_corpus
+from sigmoid_moe.harness.data import Corpus, build_corpus
 from sigmoid_moe.harness.evaluate import evaluate
+from sigmoid_moe.harness.run_files import read_jsonl
 from sigmoid_moe.harness.train import TrainConfig, train
 
 __all__ = ["Strategy", "compare", "default_strategies"]
@@ -107,7 +108,7 @@ def _slug(name: str) -> str:
 
 
 def _mean_maxvio_batch(metrics_path: pathlib.Path) -> float:
-    vios = [np.mean(json.loads(line)["maxvio"]) for line in metrics_path.read_text().splitlines()]
+    vios = [np.mean(record["maxvio"]) for record in read_jsonl(metrics_path)]
     return float(np.mean(vios))
 
 
@@ -119,6 +120,8 @@ def compare(
     resume: bool = True,
     progress: bool = True,
     report: bool = True,
+    corpus: Corpus | None = None,
+    allow_data_change: bool = False,
 ) -> list[dict]:
     """Trains ``base`` under each strategy into ``out_dir/runs/<name>`` and evaluates it.
 
@@ -126,6 +129,8 @@ def compare(
     kind and config, the :func:`~sigmoid_moe.harness.evaluate.evaluate` results, and
     ``maxvio_batch_mean`` over training with ``maxvio_batch_floor`` (uniform routing at
     ``batch_size * seq_len`` tokens). With ``report`` writes ``report.md`` and PNG plots.
+    ``corpus`` is a prebuilt corpus for ``base.data``; ``resume`` and ``allow_data_change``
+    go to :func:`~sigmoid_moe.harness.train.train`.
     """
     from sigmoid_moe.metrics import uniform_maxvio_floor
 
@@ -136,7 +141,8 @@ def compare(
         raise ValueError(f"strategy names must be unique, got {names}.")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(base.data, base.model.seq_len)
+    if corpus is None:
+        corpus = build_corpus(base.data, base.model.seq_len)
     batch_tokens = base.batch_size * base.model.seq_len
     results = []
     for index, strategy in enumerate(strategies):
@@ -150,6 +156,7 @@ def compare(
             progress=progress,
             corpus=corpus,
             desc=f"[{index + 1}/{len(strategies)}] {strategy.name}",
+            allow_data_change=allow_data_change,
         )
         measured = evaluate(trained.model, corpus)
         result = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import os
 import pathlib
 import sysconfig
 from collections.abc import Sequence
@@ -40,7 +41,14 @@ from sigmoid_moe._checks import require_choice, require_int
 ValSplit = Literal["spread", "tail"]
 VAL_SPLITS: tuple[str, ...] = get_args(ValSplit)
 
-__all__ = ["Corpus", "DataConfig", "build_corpus", "default_sources", "train_batch"]
+__all__ = [
+    "Corpus",
+    "DataConfig",
+    "build_corpus",
+    "default_sources",
+    "parse_data_spec",
+    "train_batch",
+]
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ".c", ".h")
 
@@ -75,6 +83,8 @@ class DataConfig:
             raise TypeError(
                 f"paths must be a tuple of strings such as ('prose=books/',), got {self.paths!r}."
             )
+        for spec in self.paths:
+            parse_data_spec(spec)
         for name in ("code_bytes", "prose_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -148,26 +158,55 @@ def default_sources(code_bytes: int, prose_bytes: int) -> list[tuple[str, str, b
     return sources
 
 
+def parse_data_spec(spec: str | pathlib.Path) -> tuple[str, pathlib.Path]:
+    """``"DOMAIN=PATH"`` (or a bare ``"PATH"``: domain ``"user"``) as ``(domain, path)``;
+    ``ValueError`` for an empty domain or path."""
+    text = str(spec)
+    domain, sep, raw = text.partition("=")
+    if not sep:
+        domain, raw = "user", text
+    if not raw.strip():
+        raise ValueError(
+            f"data path {text!r} is empty; pass a text file or folder as PATH or DOMAIN=PATH, "
+            "e.g. prose=books/."
+        )
+    if not domain.strip():
+        raise ValueError(f"data path {text!r} has an empty domain; e.g. prose={raw}.")
+    return domain, pathlib.Path(raw).expanduser()
+
+
+def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The text files under folder ``path``, sorted; an unreadable subfolder is an error."""
+
+    def fail(err: OSError) -> None:
+        raise type(err)(f"data folder {err.filename!r} cannot be listed ({err.strerror}).")
+
+    found = []
+    for root, _, names in os.walk(path, onerror=fail):
+        found += [pathlib.Path(root, n) for n in names if pathlib.Path(n).suffix in TEXT_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
+
+
+def _read(path: pathlib.Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise type(err)(f"data file {str(path)!r} cannot be read ({err.strerror}).") from None
+
+
 def _user_sources(paths: Sequence[str]) -> list[tuple[str, str, bytes]]:
     sources = []
     for spec in paths:
-        domain, sep, raw = str(spec).partition("=")
-        if not sep:
-            domain, raw = "user", str(spec)
-        path = pathlib.Path(raw).expanduser()
+        domain, path = parse_data_spec(spec)
         if not path.exists():
             raise FileNotFoundError(
                 f"data path {str(path)!r} does not exist; pass existing text files or folders "
                 "(as PATH or DOMAIN=PATH), or leave --data out for the built-in corpus."
             )
-        files = (
-            sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if path.is_dir()
-            else [path]
-        )
+        files = _text_files(path) if path.is_dir() else [path]
         if not files:
             raise ValueError(f"folder {str(path)!r} holds no text file ({TEXT_SUFFIXES}).")
-        sources.extend((domain, str(f), f.read_bytes()) for f in files)
+        sources.extend((domain, str(f), _read(f)) for f in files)
     return sources
 
 

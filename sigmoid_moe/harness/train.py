@@ -34,10 +34,18 @@ from flax import nnx
 
 from sigmoid_moe._checks import require_choice, require_float, require_int
 from sigmoid_moe.balancing import BIAS_RULES, BiasRule
+from sigmoid_moe.errors import RunFileError
 from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_batch
 from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
+from sigmoid_moe.harness.run_files import (
+    check_same_data,
+    read_json,
+    require_finite,
+    truncate_jsonl,
+    write_json,
+)
 from sigmoid_moe.losses import balance_loss
 from sigmoid_moe.metrics import max_violation
 from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
@@ -276,14 +284,6 @@ def _to_json(metrics: dict, step: int) -> dict:
     return out
 
 
-def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln)["step"] <= last_step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def train(
     config: TrainConfig,
     out_dir: str | pathlib.Path,
@@ -293,19 +293,29 @@ def train(
     corpus: Corpus | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     desc: str = "train",
+    allow_data_change: bool = False,
 ) -> TrainResult:
     """Trains (or resumes) one run into ``out_dir``.
 
     Args:
       config: the run.
       out_dir: its folder. When it holds a checkpoint and ``resume`` is True, training
-        continues from the latest one (the saved config must equal ``config``).
+        continues from the newest one that passes its sha256 check (the saved config must
+        equal ``config`` and the corpus the saved ``data.json``); see
+        :mod:`~sigmoid_moe.harness.checkpoint` and :mod:`~sigmoid_moe.harness.run_files`.
       resume: False starts over, deleting the old checkpoints and metrics.
       progress: show a tqdm bar with loss and mean MaxVio_batch.
       corpus: a prebuilt corpus for ``config.data`` (saves re-reading files).
       on_step: called as ``on_step(step, metrics_dict)`` after each step (tests use it
         to interrupt a run).
       desc: progress-bar label.
+      allow_data_change: resume even if the corpus differs from the saved ``data.json``
+        (a warning instead of :class:`~sigmoid_moe.errors.DataChangedError`).
+
+    Raises:
+      RunFileError: resuming a folder whose files are corrupt or belong to another run.
+      NonFiniteError: a step's loss, bias or another metric is NaN or infinite; that step
+        is neither logged nor saved.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
@@ -317,17 +327,16 @@ def train(
     if not resume and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
     ckpt = Checkpointer(out / "checkpoints")
-    start = ckpt.latest_step() if resume else None
-    if start is not None:
-        saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
-        if saved != config:
-            ckpt.close()
-            raise ValueError(
+    resuming = resume and ckpt.latest_step() is not None
+    if resuming:
+        if not _same_config(read_json(config_path), config):
+            raise RunFileError(
                 f"{out} holds a checkpoint of a different config; pick a new out_dir or "
                 "pass resume=False (--no-resume) to start over."
             )
-    config_path.write_text(json.dumps(config.to_dict(), indent=2))
-    (out / "data.json").write_text(json.dumps(corpus.summary(), indent=2))
+        check_same_data(out / "data.json", corpus.summary(), allow_change=allow_data_change)
+    write_json(config_path, config.to_dict())
+    write_json(out / "data.json", corpus.summary())
 
     model = TransformerLM(config.model, rngs=nnx.Rngs(params=jax.random.key(config.seed)))
     graphdef, params, bias = nnx.split(model, nnx.Param, RoutingBias)
@@ -335,18 +344,21 @@ def train(
     opt_state = tx.init(params)
     position = 0
     metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
-    if start is not None:
+    restored = None
+    if resuming:
         like = {
             "params": params,
             "bias": bias,
             "opt_state": opt_state,
             "counters": {"step": np.zeros((), np.int64), "position": np.zeros((), np.int64)},
         }
-        state = ckpt.restore(start, like)
+        restored = ckpt.restore_latest(like)
+    if restored is not None:
+        start, state = restored
         params, bias, opt_state = state["params"], state["bias"], state["opt_state"]
         position = int(state["counters"]["position"])
-        _truncate_jsonl(metrics_path, start)
-        _truncate_jsonl(eval_path, start)
+        truncate_jsonl(metrics_path, start, every_step=True)
+        truncate_jsonl(eval_path, start, every_step=False)
     else:
         start = 0
         metrics_path.write_text("")
@@ -366,6 +378,7 @@ def train(
                 position += config.batch_size
                 done = step + 1
                 record = _to_json(jax.device_get(metrics), done)
+                require_finite(done, record)
                 mfile.write(json.dumps(record) + "\n")
                 if done % config.eval_every == 0 or done == config.steps:
                     val = validation_loss(nnx.merge(graphdef, params, bias), subset)
@@ -395,6 +408,13 @@ def train(
             bar.close()
         ckpt.close()
     return TrainResult(nnx.merge(graphdef, params, bias), corpus, out, done)
+
+
+def _same_config(saved: object, config: TrainConfig) -> bool:
+    try:
+        return TrainConfig.from_dict(saved) == config
+    except (TypeError, ValueError, KeyError, AttributeError):  # another version's config
+        return False
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):

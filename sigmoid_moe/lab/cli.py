@@ -12,40 +12,49 @@ import json
 import os
 import time
 
+from sigmoid_moe._cli_args import choice, integer, listed, output_dir, real, usage_errors
+
 __all__ = ["add_simulate_parser", "parse_schedule", "run_simulate"]
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def _schedule_parts(text: str) -> tuple[str, int]:
+    """``(name, N)`` of a schedule spec (N is 0 for ``constant`` / ``cosine``)."""
+    name, sep, arg = str(text).partition(":")
+    if name in ("constant", "cosine") and not sep:
+        return name, 0
+    minimum = {"freeze": 0, "warmup": 1}.get(name)
+    if minimum is not None and arg.isdigit() and int(arg) >= minimum:
+        return name, int(arg)
+    raise ValueError(
+        f"schedule {text!r} is not understood; use constant, freeze:N (N >= 0), cosine or "
+        "warmup:N (N >= 1), with N a whole number of steps."
+    )
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _words(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+def _schedule_flag(text: str) -> str:
+    try:
+        _schedule_parts(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def parse_schedule(text: str, steps: int):
     """``constant`` | ``freeze:N`` (V3: rate until N, then 0) | ``cosine`` | ``warmup:N``.
 
-    Returns an optax schedule ``step -> multiplier of the rate`` or None for constant.
+    Returns an optax schedule ``step -> multiplier of the rate`` or None for constant;
+    ``ValueError`` for any other text.
     """
     import optax
 
-    name, _, arg = text.partition(":")
-    if name == "constant":
-        return None
-    if name == "freeze" and arg:
-        return optax.piecewise_constant_schedule(1.0, {int(arg): 0.0})
+    name, n = _schedule_parts(text)
+    if name == "freeze":
+        return optax.piecewise_constant_schedule(1.0, {n: 0.0})
     if name == "cosine":
         return optax.cosine_decay_schedule(1.0, steps)
-    if name == "warmup" and arg:
-        return optax.linear_schedule(0.0, 1.0, int(arg))
-    raise ValueError(
-        f"--schedule={text!r} is not understood; use constant, freeze:N, cosine or warmup:N."
-    )
+    if name == "warmup":
+        return optax.linear_schedule(0.0, 1.0, n)
+    return None
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,36 +66,48 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         "as one jitted vmap over (rule, rate, seed); writes tables and plots.",
     )
     from sigmoid_moe.config import SCORE_FNS
+    from sigmoid_moe.lab.rules import RULES
 
+    count, index, std = integer(1), integer(0), real()
     p.add_argument("--out", default=None, help="output folder (default runs/simulate-<time>)")
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--topk-groups", type=int, default=4)
+    p.add_argument("--experts", type=count, default=256)
+    p.add_argument("--top-k", type=count, default=8)
+    p.add_argument("--groups", type=count, default=8)
+    p.add_argument("--topk-groups", type=count, default=4)
     p.add_argument("--score-fn", choices=SCORE_FNS, default="sigmoid")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (counting scope)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--tokens", type=count, default=4096, help="tokens per batch (counting scope)")
+    p.add_argument("--steps", type=count, default=2000)
     p.add_argument(
         "--rules",
-        type=_words,
+        type=listed(choice(RULES, "rule"), "rules", "sign,proportional"),
         default=["sign", "sign_zero_mean", "proportional"],
-        help="comma list of: sign, sign_zero_mean, proportional, multiplicative, "
-        "quantile, aux_loss, negated",
+        help=f"comma list of: {', '.join(RULES)}",
     )
-    p.add_argument("--rates", type=_floats, default=[1e-4, 1e-3, 1e-2])
-    p.add_argument("--seeds", type=_ints, default=[0, 1])
-    p.add_argument("--schedule", default="constant", help="constant | freeze:N | cosine | warmup:N")
-    p.add_argument("--threshold", type=float, default=0.2, help="MaxVio_batch counted as balanced")
+    rates = listed(real(), "numbers", "1e-3,1e-2")
+    p.add_argument("--rates", type=rates, default=[1e-4, 1e-3, 1e-2])
+    p.add_argument("--seeds", type=listed(index, "integers", "0,1"), default=[0, 1])
+    p.add_argument(
+        "--schedule",
+        type=_schedule_flag,
+        default="constant",
+        help="constant | freeze:N | cosine | warmup:N",
+    )
+    p.add_argument(
+        "--threshold",
+        type=real(positive=True),
+        default=0.2,
+        help="MaxVio_batch counted as balanced",
+    )
     g = p.add_argument_group("stream")
-    g.add_argument("--preference-std", type=float, default=1.0)
-    g.add_argument("--rank", type=int, default=16)
-    g.add_argument("--rank-std", type=float, default=1.0)
-    g.add_argument("--noise-std", type=float, default=0.0)
-    g.add_argument("--drift-period", type=int, default=0)
-    g.add_argument("--domains", type=int, default=1)
-    g.add_argument("--shift-every", type=int, default=0)
-    g.add_argument("--seq-len", type=int, default=1)
-    g.add_argument("--seq-std", type=float, default=0.0)
+    g.add_argument("--preference-std", type=std, default=1.0)
+    g.add_argument("--rank", type=index, default=16)
+    g.add_argument("--rank-std", type=std, default=1.0)
+    g.add_argument("--noise-std", type=std, default=0.0)
+    g.add_argument("--drift-period", type=index, default=0)
+    g.add_argument("--domains", type=count, default=1)
+    g.add_argument("--shift-every", type=index, default=0)
+    g.add_argument("--seq-len", type=count, default=1)
+    g.add_argument("--seq-std", type=std, default=0.0)
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run_simulate)
     return p
@@ -101,29 +122,30 @@ def run_simulate(args: argparse.Namespace) -> int:
     from sigmoid_moe.lab.simulate import grid, sweep
     from sigmoid_moe.lab.streams import StreamConfig
 
-    router = RouterConfig(
-        num_experts=args.experts,
-        top_k=args.top_k,
-        score_fn=args.score_fn,
-        num_groups=args.groups,
-        topk_groups=args.topk_groups,
-    )
-    stream = StreamConfig(
-        num_tokens=args.tokens,
-        num_experts=args.experts,
-        preference_std=args.preference_std,
-        rank=args.rank,
-        rank_std=args.rank_std,
-        noise_std=args.noise_std,
-        drift_period=args.drift_period,
-        num_domains=args.domains,
-        shift_every=args.shift_every,
-        seq_len=args.seq_len,
-        seq_std=args.seq_std,
-    )
-    schedule = parse_schedule(args.schedule, args.steps)
+    with usage_errors():
+        router = RouterConfig(
+            num_experts=args.experts,
+            top_k=args.top_k,
+            score_fn=args.score_fn,
+            num_groups=args.groups,
+            topk_groups=args.topk_groups,
+        )
+        stream = StreamConfig(
+            num_tokens=args.tokens,
+            num_experts=args.experts,
+            preference_std=args.preference_std,
+            rank=args.rank,
+            rank_std=args.rank_std,
+            noise_std=args.noise_std,
+            drift_period=args.drift_period,
+            num_domains=args.domains,
+            shift_every=args.shift_every,
+            seq_len=args.seq_len,
+            seq_std=args.seq_std,
+        )
+        schedule = parse_schedule(args.schedule, args.steps)
     rules, rates, seeds = grid(args.rules, args.rates, args.seeds)
-    out = args.out or os.path.join("runs", time.strftime("simulate-%Y%m%d-%H%M%S"))
+    out = str(output_dir(args.out or os.path.join("runs", time.strftime("simulate-%Y%m%d-%H%M%S"))))
     start = time.perf_counter()
     trajectory = jax.block_until_ready(
         sweep(

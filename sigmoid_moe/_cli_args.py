@@ -1,0 +1,149 @@
+"""What the ``sigmoid-moe`` subcommands share: flag types, the ``--out`` check, and how an
+error becomes an exit status.
+
+Bad input is refused where it enters: a flag's value by its ``argparse`` type (exit 2,
+"argument --flag: ..."), a config built from the flags inside :func:`usage_errors`, the
+``--out`` folder by :func:`output_dir`. All of these raise or become
+:class:`~sigmoid_moe.errors.UsageError`, which :func:`run` prints as one line and exits 2.
+A ``ValueError`` raised anywhere else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import pathlib
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+from sigmoid_moe.errors import NonFiniteError, UsageError
+
+T = TypeVar("T")
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An ``argparse`` type: an int ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError reads "invalid int value: '4x'"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def real(*, positive: bool = False, signed: bool = False) -> Callable[[str], float]:
+    """An ``argparse`` type: a finite float, ``>= 0`` (``> 0`` when ``positive``; any sign
+    when ``signed``)."""
+
+    def parse(text: str) -> float:
+        value = float(text)  # a ValueError reads "invalid float value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if not signed and (value <= 0 if positive else value < 0):
+            raise argparse.ArgumentTypeError(f"must be {'> 0' if positive else '>= 0'}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def listed(item: Callable[[str], T], what: str, example: str) -> Callable[[str], list[T]]:
+    """An ``argparse`` type: a non-empty comma list of ``item`` values (``what``, e.g.
+    ``"numbers"``, such as ``example``)."""
+
+    def parse(text: str) -> list[T]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} such as {example}, got {text!r}"
+            )
+        try:
+            return [item(part) for part in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} such as {example}, got {text!r}"
+            ) from None
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(
+                f"{err} (in {text!r}: comma-separated {what} such as {example})"
+            ) from None
+
+    parse.__name__ = "list"
+    return parse
+
+
+def choice(choices: Sequence[str], noun: str) -> Callable[[str], str]:
+    """An ``argparse`` type for list items: one of ``choices`` (a ``noun``, e.g. rule)."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"unknown {noun} {text!r}; choose from {', '.join(choices)}"
+            )
+        return text
+
+    return parse
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Inside: input validation. A ``ValueError``, ``TypeError`` or ``OSError`` raised
+    here is bad input and becomes a :class:`UsageError` with the same message."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from err
+    except OSError as err:
+        text = str(err) if err.strerror is None else f"{err.filename}: {err.strerror}"
+        raise UsageError(text) from err
+
+
+def output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.Path:
+    """Creates folder ``path`` if needed and checks a file can be written in it, so a bad
+    ``--out`` fails before any work, with a :class:`UsageError` naming the flag and path."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is an existing file; pass a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except FileExistsError:
+        raise UsageError(f"{flag} {str(path)!r} exists but is not a folder.") from None
+    except OSError as err:
+        reason = "a parent of it is a file" if isinstance(err, NotADirectoryError) else err.strerror
+        raise UsageError(f"{flag} {str(path)!r} cannot be written ({reason}).") from None
+    return path
+
+
+def run(command: str, func: Callable[[], int]) -> int:
+    """Runs a subcommand's ``func``: prints a :class:`UsageError` as one line and exits 2,
+    a :class:`NonFiniteError` likewise with exit 1, Ctrl-C as one line with exit 130, and
+    every warning as one line; anything else propagates with its traceback."""
+    prefix = f"sigmoid-moe {command}"
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        try:
+            return func()
+        except UsageError as err:
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except NonFiniteError as err:
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            print(f"\n{prefix}: interrupted.", file=sys.stderr)
+            raise SystemExit(130) from None

@@ -1,0 +1,206 @@
+"""The files of a run folder, read strictly and repaired only where a crash explains it.
+
+- ``config.json`` / ``data.json`` are written to a temporary name and renamed, so a crash
+  never leaves half a file; reading one that is missing or not JSON raises
+  :class:`~sigmoid_moe.errors.RunFileError` naming it.
+- ``metrics.jsonl`` / ``eval.jsonl`` hold one JSON object per line with an increasing
+  ``step``. The only damage a crash can do is an unterminated last line: on resume it is
+  dropped (one :class:`~sigmoid_moe.errors.RecoveryWarning`) and the log is cut back to the
+  checkpoint's step. Any other bad line is an error naming the file and the line.
+- Resuming compares the corpus manifest (every file's domain, size and sha256) with the
+  saved ``data.json`` and refuses a different corpus unless explicitly allowed
+  (:class:`~sigmoid_moe.errors.DataChangedError`).
+- :func:`require_finite` stops a run at the first step whose metrics hold a NaN or an
+  infinity (:class:`~sigmoid_moe.errors.NonFiniteError`), before that step is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+
+from sigmoid_moe.errors import DataChangedError, NonFiniteError, RecoveryWarning, RunFileError
+
+__all__ = [
+    "check_same_data",
+    "read_json",
+    "read_jsonl",
+    "require_finite",
+    "truncate_jsonl",
+    "write_json",
+]
+
+START_OVER = "start over with --no-resume (resume=False)"
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    """Writes ``value`` as indented JSON, atomically (temporary file, then rename)."""
+    _write_atomic(path, json.dumps(value, indent=2))
+
+
+def read_json(path: pathlib.Path, *, hint: str = START_OVER) -> Any:
+    """The JSON value in ``path``; :class:`RunFileError` naming it when it is missing or
+    corrupt (``hint`` is the way out the message ends with)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFileError(f"{path} is missing; {hint}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path} is corrupt (not JSON: {_why(err)}); {hint}.") from None
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    """The records of a complete log (no repair: an unterminated last line is an error)."""
+    records, partial = _parse_jsonl(path)
+    if partial:
+        raise RunFileError(
+            f"{path} ends with a partial line (a crash while writing it); resume the run to "
+            "repair it."
+        )
+    return records
+
+
+def truncate_jsonl(path: pathlib.Path, last_step: int, *, every_step: bool) -> None:
+    """Cuts the log back to the records with ``step <= last_step``, on resume.
+
+    Drops an unterminated last line (a crash mid-write) with a warning. With
+    ``every_step`` the kept records must be steps ``1..last_step`` exactly, else
+    :class:`RunFileError` (a resumed log with a hole would misreport the run).
+    """
+    records, partial = _parse_jsonl(path)
+    if partial:
+        warnings.warn(
+            f"{path}: dropped a partial last line (a crash while writing it).",
+            RecoveryWarning,
+            stacklevel=2,
+        )
+    keep = [r for r in records if r["step"] <= last_step]
+    steps = [r["step"] for r in keep]
+    if every_step and steps != list(range(1, last_step + 1)):
+        held = f"steps {steps[0]}..{steps[-1]} ({len(steps)} lines)" if steps else "no step"
+        raise RunFileError(
+            f"{path} holds {held}, but the checkpoint at step {last_step} needs every step "
+            f"1..{last_step}; {START_OVER}."
+        )
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) -> None:
+    """Compares the corpus ``summary`` (``Corpus.summary()``) with the one saved in
+    ``path`` (``data.json``) by each file's domain, size and sha256, in order.
+
+    Raises :class:`DataChangedError` when they differ unless ``allow_change``, which
+    warns instead. Paths only name the files: the same bytes moved elsewhere are the
+    same data.
+    """
+    hint = "pass --allow-data-change (allow_data_change=True) to resume anyway, or " + START_OVER
+    saved = read_json(path, hint=hint)
+    try:
+        saved_files = [_file_entry(f) for f in saved["files"]]
+    except (TypeError, KeyError, AttributeError):
+        raise RunFileError(f"{path} is corrupt (no valid 'files' list); {hint}.") from None
+    files = [_file_entry(f) for f in summary["files"]]
+    if [f[:3] for f in saved_files] == [f[:3] for f in files]:
+        return
+    changes = _describe_changes(saved_files, files)
+    message = f"the training data changed since {path} was written ({changes})"
+    if not allow_change:
+        raise DataChangedError(
+            f"{message}; resuming would continue on another corpus: restore the data, {hint}."
+        )
+    warnings.warn(f"{message}; resuming anyway, as allowed.", RecoveryWarning, stacklevel=2)
+
+
+def require_finite(step: int, record: dict) -> None:
+    """Raises :class:`NonFiniteError` naming ``step`` and every metric of ``record`` (a
+    host-side dict of numbers and lists) that holds a NaN or an infinity."""
+    bad = []
+    for name, value in record.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad.append(name)
+    if bad:
+        first = np.asarray(record[bad[0]]).ravel()
+        example = first[~np.isfinite(first)][0]
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(bad)} ({bad[0]} holds {example}); training "
+            "stopped before writing this step, so the logs and checkpoints hold only earlier, "
+            "finite steps. Lower learning_rate or bias_rate, or check the data."
+        )
+
+
+def _file_entry(f: dict) -> tuple[str, int, str, str]:
+    return (str(f["domain"]), int(f["bytes"]), str(f["sha256"]), str(f["path"]))
+
+
+def _describe_changes(saved: list[tuple], current: list[tuple]) -> str:
+    old = {f[3]: f for f in saved}
+    new = {f[3]: f for f in current}
+    changes = [
+        f"{p} changed (sha256 {old[p][2][:12]} -> {new[p][2][:12]})"
+        for p in new
+        if p in old and old[p][:3] != new[p][:3]
+    ]
+    changes += [f"{p} is new" for p in new if p not in old]
+    changes += [f"{p} is gone" for p in old if p not in new]
+    if not changes:
+        return "the files are the same but their order changed"
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return ", ".join(changes[:3]) + more
+
+
+def _parse_jsonl(path: pathlib.Path) -> tuple[list[dict], bool]:
+    """``(records, partial)``: the records of ``path`` and whether an unterminated last
+    line was left out because it does not parse."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunFileError(f"{path} is missing; {START_OVER}.") from None
+    except UnicodeDecodeError as err:
+        raise RunFileError(f"{path} is corrupt (not text: {err.reason}); {START_OVER}.") from None
+    lines = text.split("\n")
+    unterminated = lines.pop()  # "" when the file ends with a newline
+    records: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            records.append(_record(path, number, line, records))
+    if not unterminated.strip():
+        return records, False
+    try:
+        records.append(_record(path, len(lines) + 1, unterminated, records))
+    except RunFileError:
+        return records, True
+    return records, False
+
+
+def _record(path: pathlib.Path, number: int, line: str, before: list[dict]) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        reason = f"not JSON: {_why(err)}"
+    else:
+        step = record.get("step") if isinstance(record, dict) else None
+        last = before[-1]["step"] if before else 0
+        if isinstance(step, int) and not isinstance(step, bool) and step > last:
+            return record
+        reason = "no 'step'" if step is None else f"step {step!r} after step {last}"
+    raise RunFileError(
+        f"{path} line {number} is corrupt ({reason}); fix or delete the file, or {START_OVER}."
+    )
+
+
+def _why(err: json.JSONDecodeError | UnicodeDecodeError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno} column {err.colno}"
+    return err.reason
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
