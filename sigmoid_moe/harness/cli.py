@@ -30,7 +30,11 @@ def _compare(args: argparse.Namespace) -> int:
     base = preset.base
     changes = {
         k: v
-        for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed))
+        for k, v in (
+            ("steps", args.steps),
+            ("batch_size", args.batch_size),
+            ("grad_accum", args.grad_accum),
+        )
         if v is not None
     }
     if "steps" in changes:
@@ -45,6 +49,8 @@ def _compare(args: argparse.Namespace) -> int:
             bias_rates=args.bias_rates or preset.bias_rates,
             rules=args.rules or preset.rules,
             aux_coefs=args.aux_coefs or preset.aux_coefs,
+            scopes=args.balance_scope or preset.scopes,
+            softmax_baseline=preset.softmax_baseline,
         )
         corpus = build_corpus(base.data, base.model.seq_len)
     out = output_dir(args.out or f"runs/compare-{args.preset}")
@@ -53,6 +59,8 @@ def _compare(args: argparse.Namespace) -> int:
             base,
             strategies,
             out,
+            seeds=args.seeds or preset.seeds,
+            preset=args.preset,
             resume=not args.no_resume,
             progress=not args.quiet,
             report=True,
@@ -74,6 +82,7 @@ def _compare(args: argparse.Namespace) -> int:
 def add_compare_parser(sub) -> argparse.ArgumentParser:
     """Adds ``compare`` to the ``sigmoid-moe`` subparsers."""
     from sigmoid_moe.balancing import BIAS_RULES
+    from sigmoid_moe.harness.model import BALANCE_SCOPES
     from sigmoid_moe.harness.presets import PRESETS
     from sigmoid_moe.harness.train import RATE_SCHEDULES
 
@@ -98,7 +107,22 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=integer(1), help="override the preset's training steps")
     p.add_argument("--batch-size", type=integer(1), help="override the preset's sequences per step")
-    p.add_argument("--seed", type=integer(0), help="override the preset's seed")
+    p.add_argument(
+        "--seeds",
+        type=listed(integer(0), "seeds", "0,1,2"),
+        help="training seeds, every strategy runs once per seed (default: the preset's)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=integer(1),
+        help="micro-batches per optimizer step (must divide the batch size)",
+    )
+    p.add_argument(
+        "--balance-scope",
+        type=listed(choice(BALANCE_SCOPES, "scope"), "scopes", "global,micro,sequence"),
+        help="tokens the balance statistics (bias and aux loss) are taken over: global (the "
+        "whole step), micro (each micro-batch), sequence; several run side by side",
+    )
     p.add_argument("--bias-rates", type=rates, help="loss-free rates, e.g. 1e-3,1e-2")
     p.add_argument(
         "--rules",

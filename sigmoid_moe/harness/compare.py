@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sigmoid_moe._checks import require_choice
-from sigmoid_moe.balancing import BIAS_RULES
-from sigmoid_moe.config import SCORE_FNS
+from sigmoid_moe._checks import require_choice, require_int
+from sigmoid_moe.balancing import BIAS_RULES, BiasRule
+from sigmoid_moe.config import SCORE_FNS, ScoreFn
 from sigmoid_moe.harness.data import Corpus, build_corpus
 from sigmoid_moe.harness.evaluate import evaluate
+from sigmoid_moe.harness.model import BALANCE_SCOPES, BalanceScope
 from sigmoid_moe.harness.run_files import read_jsonl
 from sigmoid_moe.harness.train import TrainConfig, train
 
@@ -34,18 +35,24 @@ class Strategy:
     """One balancing strategy.
 
     Attributes:
-      name: run folder and label, e.g. ``"sigmoid+lossfree(u=1e-3,sign)"``.
+      name: run folder and label, e.g. ``"sigmoid+lossfree(0.001,sign)"``.
       score_fn: ``"sigmoid"`` or ``"softmax"``.
-      aux_coef: Switch auxiliary loss coefficient per layer (0: none).
+      aux_coef: auxiliary balance loss coefficient per layer (0: none).
       bias_rate: loss-free bias rate ``u`` (0: no bias).
       bias_rule: the bias rule when ``bias_rate > 0``.
+      balance_scope: the tokens the balance statistics are taken over, for the bias and
+        the aux loss (``ModelConfig.balance_scope``): with several micro-batches an aux
+        loss at ``"global"`` scope is the global-batch balance loss (Demons, Qwen3), at
+        ``"micro"`` the usual per-micro-batch Switch loss, at ``"sequence"``
+        DeepSeek-V3's sequence-wise loss.
     """
 
     name: str
-    score_fn: str = "sigmoid"
+    score_fn: ScoreFn = "sigmoid"
     aux_coef: float = 0.0
     bias_rate: float = 0.0
-    bias_rule: str = "sign"
+    bias_rule: BiasRule = "sign"
+    balance_scope: BalanceScope = "global"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -58,6 +65,7 @@ class Strategy:
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{field} must be a finite float >= 0, got {value}.")
         require_choice("bias_rule", self.bias_rule, BIAS_RULES)
+        require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
 
     @property
     def kind(self) -> str:
@@ -67,7 +75,10 @@ class Strategy:
 
     def apply(self, base: TrainConfig) -> TrainConfig:
         model = dataclasses.replace(
-            base.model, score_fn=self.score_fn, balance_loss_coef=float(self.aux_coef)
+            base.model,
+            score_fn=self.score_fn,
+            balance_loss_coef=float(self.aux_coef),
+            balance_scope=self.balance_scope,
         )
         return dataclasses.replace(
             base, model=model, bias_rate=float(self.bias_rate), bias_rule=self.bias_rule
@@ -82,23 +93,39 @@ def default_strategies(
     bias_rates: Sequence[float] = (1e-3,),
     rules: Sequence[str] = ("sign",),
     aux_coefs: Sequence[float] = (1e-3,),
+    scopes: Sequence[str] = ("global",),
+    softmax_baseline: bool = True,
 ) -> list[Strategy]:
-    """Softmax + aux and sigmoid + aux per ``aux_coefs``, sigmoid + loss-free bias per
-    ``(rate, rule)``, and sigmoid with no balancing."""
+    """The comparison's strategies, at each balancing scope in ``scopes``.
+
+    Per scope: softmax + aux (the Switch/GShard/Mixtral baseline) and sigmoid + aux per
+    ``aux_coefs``, sigmoid + loss-free bias per ``(rate, rule)``; then sigmoid with no
+    balancing. With more than one scope every name ends in ``@scope``.
+    """
     for name, values in (("bias_rates", bias_rates), ("aux_coefs", aux_coefs)):
         if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
             raise ValueError(f"{name} must be a non-empty list of finite values > 0, got {values}.")
     for rule in rules:
         require_choice("rule", rule, BIAS_RULES)
+    if not scopes or len(set(scopes)) != len(scopes):
+        raise ValueError(f"scopes must be a non-empty list without repeats, got {scopes}.")
+    for scope in scopes:
+        require_choice("balance_scope", scope, BALANCE_SCOPES)
     runs = []
-    for coef in aux_coefs:
-        runs.append(Strategy(f"softmax+aux({_fmt(coef)})", "softmax", aux_coef=coef))
-        runs.append(Strategy(f"sigmoid+aux({_fmt(coef)})", "sigmoid", aux_coef=coef))
-    for rate in bias_rates:
-        for rule in rules:
+    for scope in scopes:
+        at = f"@{scope}" if len(scopes) > 1 else ""
+        for coef in aux_coefs:
+            if softmax_baseline:
+                runs.append(
+                    Strategy(f"softmax+aux({_fmt(coef)}){at}", "softmax", coef, balance_scope=scope)
+                )
             runs.append(
-                Strategy(f"sigmoid+lossfree({_fmt(rate)},{rule})", bias_rate=rate, bias_rule=rule)
+                Strategy(f"sigmoid+aux({_fmt(coef)}){at}", "sigmoid", coef, balance_scope=scope)
             )
+        for rate in bias_rates:
+            for rule in rules:
+                name = f"sigmoid+lossfree({_fmt(rate)},{rule}){at}"
+                runs.append(Strategy(name, bias_rate=rate, bias_rule=rule, balance_scope=scope))
     runs.append(Strategy("sigmoid+none"))
     return runs
 
@@ -107,9 +134,34 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
 
 
-def _mean_maxvio_batch(metrics_path: pathlib.Path) -> float:
-    vios = [np.mean(record["maxvio"]) for record in read_jsonl(metrics_path)]
-    return float(np.mean(vios))
+def training_balance(metrics_path: pathlib.Path, steps: int) -> dict:
+    """MaxVio_batch over training, summarised so that steady state and the time it took
+    to get there are separate numbers.
+
+    ``steady_steps = max(10, steps // 10)``: ``maxvio_batch_steady`` is the mean over the
+    last ``steady_steps`` steps (per layer and mean over layers) and
+    ``maxvio_batch_late_std`` the standard deviation of the layer-mean there (late
+    jitter). ``steps_to_balance`` is the first step at which the running mean of the
+    layer-mean MaxVio_batch over ``steady_steps // 2`` steps is within 1.25x of the steady
+    value (``None`` if it never is). ``maxvio_batch_all`` is the mean over every step.
+    """
+    vio_sl = np.asarray([record["maxvio"] for record in read_jsonl(metrics_path)], np.float64)
+    steady_steps = max(10, steps // 10)
+    late = vio_sl[-steady_steps:]
+    steady_l = late.mean(axis=0)
+    steady = float(steady_l.mean())
+    mean_s = vio_sl.mean(axis=1)
+    window = max(1, steady_steps // 2)
+    running = np.convolve(mean_s, np.ones(window) / window, mode="valid")
+    reached = np.flatnonzero(running <= 1.25 * steady)
+    return {
+        "maxvio_batch_steady": steady,
+        "maxvio_batch_steady_per_layer": steady_l.tolist(),
+        "maxvio_batch_late_std": float(late.mean(axis=1).std()),
+        "maxvio_batch_all": float(mean_s.mean()),
+        "steady_steps": steady_steps,
+        "steps_to_balance": int(reached[0] + window) if reached.size else None,
+    }
 
 
 def compare(
@@ -117,20 +169,33 @@ def compare(
     strategies: Sequence[Strategy],
     out_dir: str | pathlib.Path,
     *,
+    seeds: Sequence[int] | None = None,
+    preset: str | None = None,
     resume: bool = True,
     progress: bool = True,
     report: bool = True,
     corpus: Corpus | None = None,
     allow_data_change: bool = False,
 ) -> list[dict]:
-    """Trains ``base`` under each strategy into ``out_dir/runs/<name>`` and evaluates it.
+    """Trains ``base`` under each strategy and seed into ``out_dir/runs/<name>/seed<k>``,
+    evaluates every run, and writes ``results.json`` (and ``report.md`` with plots).
 
-    Returns one dict per strategy (also written to ``out_dir/results.json``): its name,
-    kind and config, the :func:`~sigmoid_moe.harness.evaluate.evaluate` results, and
-    ``maxvio_batch_mean`` over training with ``maxvio_batch_floor`` (uniform routing at
-    ``batch_size * seq_len`` tokens). With ``report`` writes ``report.md`` and PNG plots.
-    ``corpus`` is a prebuilt corpus for ``base.data``; ``resume`` and ``allow_data_change``
-    go to :func:`~sigmoid_moe.harness.train.train`.
+    Args:
+      base: the run every strategy modifies (``Strategy.apply``).
+      strategies: what to compare; names must be unique.
+      out_dir: the output folder.
+      seeds: training seeds; every strategy runs once per seed (default ``(base.seed,)``).
+        A seed changes the initialisation and the data order, not the validation split.
+      preset: its name, recorded in ``results.json``.
+      resume, allow_data_change: passed to :func:`~sigmoid_moe.harness.train.train`; each
+        run resumes on its own.
+      corpus: a prebuilt corpus for ``base.data``.
+
+    Returns:
+      One dict per (strategy, seed) run, in strategy then seed order: name, kind,
+      strategy, seed, run folder, seconds, the :func:`training_balance` summary with
+      ``maxvio_batch_floor`` (uniform routing at ``batch_size * seq_len`` tokens), and the
+      :func:`~sigmoid_moe.harness.evaluate.evaluate` results.
     """
     from sigmoid_moe.metrics import uniform_maxvio_floor
 
@@ -139,15 +204,23 @@ def compare(
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise ValueError(f"strategy names must be unique, got {names}.")
+    seeds = (base.seed,) if seeds is None else tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}.")
+    for seed in seeds:
+        require_int("seed", seed, 0)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if corpus is None:
         corpus = build_corpus(base.data, base.model.seq_len)
-    batch_tokens = base.batch_size * base.model.seq_len
+    floor = uniform_maxvio_floor(
+        base.batch_size * base.model.seq_len, base.model.num_experts, base.model.top_k
+    )
+    runs = [(strategy, seed) for strategy in strategies for seed in seeds]
     results = []
-    for index, strategy in enumerate(strategies):
-        config = strategy.apply(base)
-        run_dir = out / "runs" / _slug(strategy.name)
+    for index, (strategy, seed) in enumerate(runs):
+        config = dataclasses.replace(strategy.apply(base), seed=seed)
+        run_dir = out / "runs" / _slug(strategy.name) / f"seed{seed}"
         started = time.perf_counter()
         trained = train(
             config,
@@ -155,7 +228,7 @@ def compare(
             resume=resume,
             progress=progress,
             corpus=corpus,
-            desc=f"[{index + 1}/{len(strategies)}] {strategy.name}",
+            desc=f"[{index + 1}/{len(runs)}] {strategy.name} seed {seed}",
             allow_data_change=allow_data_change,
         )
         measured = evaluate(trained.model, corpus)
@@ -163,24 +236,29 @@ def compare(
             "name": strategy.name,
             "kind": strategy.kind,
             "strategy": dataclasses.asdict(strategy),
+            "seed": seed,
             "run_dir": str(run_dir),
             "seconds": round(time.perf_counter() - started, 2),
-            "maxvio_batch_mean": _mean_maxvio_batch(run_dir / "metrics.jsonl"),
-            "maxvio_batch_floor": uniform_maxvio_floor(
-                batch_tokens, base.model.num_experts, base.model.top_k
-            ),
+            **training_balance(run_dir / "metrics.jsonl", config.steps),
+            "maxvio_batch_floor": floor,
             **measured,
         }
         (run_dir / "eval_final.json").write_text(json.dumps(result, indent=2))
         results.append(result)
         if progress:
             print(
-                f"{strategy.name}: val loss {result['val_loss']:.4f}, MaxVio_global "
+                f"{strategy.name} seed {seed}: val loss {result['val_loss']:.4f}, MaxVio_global "
                 f"{result['maxvio_global']:.3f} (floor {result['maxvio_global_floor']:.3f}), "
                 f"{result['seconds']:.0f}s",
                 flush=True,
             )
-    summary = {"base_config": base.to_dict(), "data": corpus.summary(), "results": results}
+    summary = {
+        "base_config": base.to_dict(),
+        "data": {**corpus.summary(), "val_split": base.data.val_split},
+        "seeds": list(seeds),
+        "preset": preset,
+        "results": results,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     if report:
         from sigmoid_moe.harness.report import write_report

@@ -1,7 +1,15 @@
-"""Named comparison presets: a base :class:`TrainConfig` plus the strategy sweep.
+"""Named comparison presets: a base :class:`TrainConfig`, its seeds and the strategy sweep.
 
-``default`` is sized to finish all strategies within 10 minutes on two CPU cores;
-``tiny`` is for tests and smoke runs (seconds).
+- ``default``: the Loss-Free Balancing comparison at laptop size, every strategy over
+  three seeds, sized to finish within 10 minutes on two CPU cores.
+- ``scope``: the balancing-scope experiment ("Demons in the Detail", arXiv 2501.11873;
+  DeepSeek-V3 section 4.5.3): four micro-batches per step, and the aux loss and the
+  loss-free bias each at global, micro-batch and sequence scope.
+- ``paper``: the LFB paper's MoE (64 routed experts, top-6, 2 shared, fine-grained
+  experts) scaled down in width and depth, long enough for ``u = 1e-3`` to plateau, with
+  the ``u`` sweep of its Figure 3 (1e-4, 1e-3, 1e-2). It takes much longer than 10 minutes
+  and resumes after Ctrl-C.
+- ``tiny``: for tests and smoke runs (seconds).
 """
 
 from __future__ import annotations
@@ -17,30 +25,60 @@ __all__ = ["PRESETS", "ComparePreset"]
 
 @dataclasses.dataclass(frozen=True)
 class ComparePreset:
-    """``base`` run plus the sweep :func:`default_strategies` expands."""
+    """``base`` run, its ``seeds`` and the sweep :func:`default_strategies` expands."""
 
     base: TrainConfig
+    seeds: tuple[int, ...] = (0, 1, 2)
     bias_rates: tuple[float, ...] = (1e-3,)
     rules: tuple[str, ...] = ("sign",)
     aux_coefs: tuple[float, ...] = (1e-3,)
+    scopes: tuple[str, ...] = ("global",)
+    softmax_baseline: bool = True
 
+
+_DEFAULT = TrainConfig(
+    model=ModelConfig(
+        num_layers=2, d_model=64, num_heads=4, seq_len=64, num_experts=16, top_k=2, d_ff=64
+    ),
+    data=DataConfig(code_bytes=600_000, prose_bytes=600_000),
+    steps=800,
+    batch_size=32,
+    learning_rate=3e-3,
+    warmup_steps=50,
+    eval_every=100,
+    eval_windows=64,
+    checkpoint_every=200,
+)
 
 PRESETS: dict[str, ComparePreset] = {
-    "default": ComparePreset(
+    "default": ComparePreset(base=_DEFAULT, bias_rates=(1e-3, 1e-2)),
+    "scope": ComparePreset(
+        base=dataclasses.replace(_DEFAULT, grad_accum=4),
+        scopes=("global", "micro", "sequence"),
+        softmax_baseline=False,
+    ),
+    "paper": ComparePreset(
         base=TrainConfig(
             model=ModelConfig(
-                num_layers=2, d_model=64, num_heads=4, seq_len=64, num_experts=16, top_k=2, d_ff=64
+                num_layers=2,
+                d_model=64,
+                num_heads=4,
+                seq_len=64,
+                num_experts=64,
+                top_k=6,
+                d_ff=16,
+                num_shared_experts=2,
             ),
-            data=DataConfig(code_bytes=600_000, prose_bytes=600_000),
-            steps=800,
+            data=DataConfig(code_bytes=1_500_000, prose_bytes=1_500_000),
+            steps=3000,
             batch_size=32,
             learning_rate=3e-3,
-            warmup_steps=50,
-            eval_every=100,
+            warmup_steps=100,
+            eval_every=250,
             eval_windows=64,
-            checkpoint_every=200,
+            checkpoint_every=250,
         ),
-        bias_rates=(1e-3, 1e-2),
+        bias_rates=(1e-4, 1e-3, 1e-2),
     ),
     "tiny": ComparePreset(
         base=TrainConfig(
@@ -56,5 +94,6 @@ PRESETS: dict[str, ComparePreset] = {
             eval_windows=16,
             checkpoint_every=10,
         ),
+        seeds=(0,),
     ),
 }
