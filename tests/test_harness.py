@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -256,3 +257,26 @@ def test_evaluate_reports_train_window_balance_dead_experts_and_mi(reference_run
     assert len(got["specialisation_mi_per_layer"]) == layers
     assert all(0 <= v <= 1.0 for v in got["specialisation_mi_per_layer"])
     assert sum(got["domain_tokens"].values()) == got["val_tokens"]
+
+
+def test_runs_give_the_same_numbers_whatever_the_number_of_workers(tmp_path, corpus):
+    from sigmoid_moe.harness import Strategy, compare
+
+    base = _config(steps=6, checkpoint_every=3, eval_every=3)
+    strategies = [Strategy("lossfree", bias_rate=1e-2), Strategy("none")]
+    kwargs = dict(seeds=(0, 1), progress=False, report=False, corpus=corpus)
+    serial = compare(base, strategies, tmp_path / "serial", jobs=1, **kwargs)
+    parallel = compare(base, strategies, tmp_path / "parallel", jobs=2, **kwargs)
+    assert [(r["name"], r["seed"]) for r in parallel] == [
+        ("lossfree", 0),
+        ("lossfree", 1),
+        ("none", 0),
+        ("none", 1),
+    ]
+    for a, b in zip(serial, parallel, strict=True):
+        metrics = "metrics.jsonl"
+        a_dir, b_dir = pathlib.Path(a["run_dir"]), pathlib.Path(b["run_dir"])
+        assert (a_dir / metrics).read_bytes() == (b_dir / metrics).read_bytes()
+        for key in ("val_loss", "maxvio_global", "maxvio_batch_steady", "load_fraction"):
+            assert a[key] == b[key]
+    assert serial[0]["val_loss"] != serial[1]["val_loss"]  # seeds differ

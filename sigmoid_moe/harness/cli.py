@@ -61,6 +61,7 @@ def _compare(args: argparse.Namespace) -> int:
             out,
             seeds=args.seeds or preset.seeds,
             preset=args.preset,
+            jobs=args.jobs,
             resume=not args.no_resume,
             progress=not args.quiet,
             report=True,
@@ -111,6 +112,12 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         "--seeds",
         type=listed(integer(0), "seeds", "0,1,2"),
         help="training seeds, every strategy runs once per seed (default: the preset's)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=integer(1),
+        help="worker processes to spread the runs over (default: one per CPU core); the "
+        "numbers do not depend on it",
     )
     p.add_argument(
         "--grad-accum",

@@ -26,6 +26,7 @@ from sigmoid_moe.harness.evaluate import evaluate
 from sigmoid_moe.harness.model import BALANCE_SCOPES, BalanceScope
 from sigmoid_moe.harness.run_files import read_jsonl
 from sigmoid_moe.harness.train import TrainConfig, train
+from sigmoid_moe.harness.workers import default_jobs, map_in_workers
 
 __all__ = ["Strategy", "compare", "default_strategies"]
 
@@ -164,6 +165,41 @@ def training_balance(metrics_path: pathlib.Path, steps: int) -> dict:
     }
 
 
+def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_change) -> dict:
+    """Trains and evaluates one (strategy, seed) run; its result dict (see :func:`compare`)."""
+    from sigmoid_moe.metrics import uniform_maxvio_floor
+
+    config = dataclasses.replace(strategy.apply(base), seed=seed)
+    run_dir = pathlib.Path(out) / "runs" / _slug(strategy.name) / f"seed{seed}"
+    started = time.perf_counter()
+    trained = train(
+        config,
+        run_dir,
+        resume=resume,
+        progress=progress,
+        corpus=corpus,
+        desc=f"{strategy.name} seed {seed}",
+        allow_data_change=allow_data_change,
+    )
+    measured = evaluate(trained.model, corpus)
+    model = config.model
+    result = {
+        "name": strategy.name,
+        "kind": strategy.kind,
+        "strategy": dataclasses.asdict(strategy),
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "seconds": round(time.perf_counter() - started, 2),
+        **training_balance(run_dir / "metrics.jsonl", config.steps),
+        "maxvio_batch_floor": uniform_maxvio_floor(
+            config.batch_size * model.seq_len, model.num_experts, model.top_k
+        ),
+        **measured,
+    }
+    (run_dir / "eval_final.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def compare(
     base: TrainConfig,
     strategies: Sequence[Strategy],
@@ -176,6 +212,7 @@ def compare(
     report: bool = True,
     corpus: Corpus | None = None,
     allow_data_change: bool = False,
+    jobs: int | None = None,
 ) -> list[dict]:
     """Trains ``base`` under each strategy and seed into ``out_dir/runs/<name>/seed<k>``,
     evaluates every run, and writes ``results.json`` (and ``report.md`` with plots).
@@ -190,6 +227,9 @@ def compare(
       resume, allow_data_change: passed to :func:`~sigmoid_moe.harness.train.train`; each
         run resumes on its own.
       corpus: a prebuilt corpus for ``base.data``.
+      jobs: worker processes running at once (default one per core). Every run trains
+        in a single-threaded worker (:func:`~sigmoid_moe.harness.workers.map_in_workers`),
+        so its numbers are the same whatever ``jobs`` is and whatever the machine.
 
     Returns:
       One dict per (strategy, seed) run, in strategy then seed order: name, kind,
@@ -197,8 +237,6 @@ def compare(
       ``maxvio_batch_floor`` (uniform routing at ``batch_size * seq_len`` tokens), and the
       :func:`~sigmoid_moe.harness.evaluate.evaluate` results.
     """
-    from sigmoid_moe.metrics import uniform_maxvio_floor
-
     if not strategies:
         raise ValueError("strategies is empty; pass at least one Strategy.")
     names = [s.name for s in strategies]
@@ -213,45 +251,25 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     if corpus is None:
         corpus = build_corpus(base.data, base.model.seq_len)
-    floor = uniform_maxvio_floor(
-        base.batch_size * base.model.seq_len, base.model.num_experts, base.model.top_k
-    )
-    runs = [(strategy, seed) for strategy in strategies for seed in seeds]
-    results = []
-    for index, (strategy, seed) in enumerate(runs):
-        config = dataclasses.replace(strategy.apply(base), seed=seed)
-        run_dir = out / "runs" / _slug(strategy.name) / f"seed{seed}"
-        started = time.perf_counter()
-        trained = train(
-            config,
-            run_dir,
-            resume=resume,
-            progress=progress,
-            corpus=corpus,
-            desc=f"[{index + 1}/{len(runs)}] {strategy.name} seed {seed}",
-            allow_data_change=allow_data_change,
-        )
-        measured = evaluate(trained.model, corpus)
-        result = {
-            "name": strategy.name,
-            "kind": strategy.kind,
-            "strategy": dataclasses.asdict(strategy),
-            "seed": seed,
-            "run_dir": str(run_dir),
-            "seconds": round(time.perf_counter() - started, 2),
-            **training_balance(run_dir / "metrics.jsonl", config.steps),
-            "maxvio_batch_floor": floor,
-            **measured,
-        }
-        (run_dir / "eval_final.json").write_text(json.dumps(result, indent=2))
-        results.append(result)
+    if jobs is None:
+        jobs = default_jobs(len(strategies) * len(seeds))
+    require_int("jobs", jobs, 1)
+    tasks = [
+        (base, strategy, seed, out, resume, progress and jobs == 1, corpus, allow_data_change)
+        for strategy in strategies
+        for seed in seeds
+    ]
+
+    def done(index, result):
         if progress:
             print(
-                f"{strategy.name} seed {seed}: val loss {result['val_loss']:.4f}, MaxVio_global "
-                f"{result['maxvio_global']:.3f} (floor {result['maxvio_global_floor']:.3f}), "
-                f"{result['seconds']:.0f}s",
+                f"[{index + 1}/{len(tasks)}] {result['name']} seed {result['seed']}: val loss "
+                f"{result['val_loss']:.4f}, MaxVio_global {result['maxvio_global']:.3f} "
+                f"(floor {result['maxvio_global_floor']:.3f}), {result['seconds']:.0f}s",
                 flush=True,
             )
+
+    results = map_in_workers(_run_one, tasks, jobs, on_done=done)
     summary = {
         "base_config": base.to_dict(),
         "data": {**corpus.summary(), "val_split": base.data.val_split},
