@@ -20,6 +20,18 @@ def _data_flag(text: str) -> str:
     return text
 
 
+def _mesh_flag(text: str) -> tuple[int, int]:
+    sizes = {"data": 1, "expert": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in sizes or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected data=D,expert=E with sizes >= 1 (e.g. data=2,expert=4), got {text!r}"
+            )
+        sizes[name] = int(value)
+    return sizes["data"], sizes["expert"]
+
+
 def _compare(args: argparse.Namespace) -> int:
     from sigmoid_moe.harness.compare import compare, default_strategies
     from sigmoid_moe.harness.data import build_corpus
@@ -34,6 +46,7 @@ def _compare(args: argparse.Namespace) -> int:
             ("steps", args.steps),
             ("batch_size", args.batch_size),
             ("grad_accum", args.grad_accum),
+            ("mesh", args.mesh),
         )
         if v is not None
     }
@@ -118,6 +131,13 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         type=integer(1),
         help="worker processes to spread the runs over (default: one per CPU core); the "
         "numbers do not depend on it",
+    )
+    p.add_argument(
+        "--mesh",
+        type=_mesh_flag,
+        metavar="data=D,expert=E",
+        help="train every run on a D x E device mesh (data parallel x expert parallel); on "
+        "CPU the devices are simulated, one worker process per run",
     )
     p.add_argument(
         "--grad-accum",

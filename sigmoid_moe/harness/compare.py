@@ -22,6 +22,7 @@ from sigmoid_moe._checks import require_choice, require_int
 from sigmoid_moe.balancing import BIAS_RULES, BiasRule
 from sigmoid_moe.config import SCORE_FNS, ScoreFn
 from sigmoid_moe.harness.data import Corpus, build_corpus
+from sigmoid_moe.harness.distributed import mesh_context
 from sigmoid_moe.harness.evaluate import evaluate
 from sigmoid_moe.harness.model import BALANCE_SCOPES, BalanceScope
 from sigmoid_moe.harness.run_files import read_jsonl
@@ -181,7 +182,8 @@ def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_cha
         desc=f"{strategy.name} seed {seed}",
         allow_data_change=allow_data_change,
     )
-    measured = evaluate(trained.model, corpus)
+    with mesh_context(trained.mesh):
+        measured = evaluate(trained.model, corpus, mesh=trained.mesh)
     model = config.model
     result = {
         "name": strategy.name,
@@ -269,7 +271,8 @@ def compare(
                 flush=True,
             )
 
-    results = map_in_workers(_run_one, tasks, jobs, on_done=done)
+    devices = base.mesh[0] * base.mesh[1]
+    results = map_in_workers(_run_one, tasks, jobs, host_devices=devices, on_done=done)
     summary = {
         "base_config": base.to_dict(),
         "data": {**corpus.summary(), "val_split": base.data.val_split},

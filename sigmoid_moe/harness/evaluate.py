@@ -18,6 +18,7 @@ from flax import nnx
 
 from sigmoid_moe.balancing import expert_load
 from sigmoid_moe.harness.data import Corpus
+from sigmoid_moe.harness.distributed import fetch, global_batch, replicated
 from sigmoid_moe.metrics import idle_experts, max_violation, uniform_maxvio_floor
 
 __all__ = ["batch_size_curve", "eval_subset", "evaluate", "specialisation", "validation_loss"]
@@ -34,14 +35,21 @@ def eval_subset(corpus: Corpus, num_windows: int) -> np.ndarray:
 
 
 @nnx.jit
-def _forward(model, tokens_bs1, real_b):
-    """Per-row summed cross-entropy ``[B]``, the layers' loads ``[L, E]`` (real rows only)
-    and their routing ``expert_ids [L, B, S, k]``: the values the model returned."""
+def _forward_jit(model, tokens_bs1, real_b):
     tokens_bs1 = tokens_bs1.astype(jnp.int32)
     mask_bs = jnp.broadcast_to(real_b[:, None], (tokens_bs1.shape[0], tokens_bs1.shape[1] - 1))
     out = model(tokens_bs1[:, :-1], mask_bs)
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens_bs1[:, 1:])
-    return ce.sum(axis=-1), out.aux.expert_load, out.aux.expert_ids
+    return replicated((ce.sum(axis=-1), out.aux.expert_load, out.aux.expert_ids))
+
+
+def _forward(model, chunk: np.ndarray, real_b: np.ndarray, mesh):
+    """Per-row summed cross-entropy ``[B]``, the layers' loads ``[L, E]`` (real rows only)
+    and their routing ``expert_ids [L, B, S, k]``: the values the model returned, on the
+    host. On a mesh each process places its own rows of the batch."""
+    tokens = global_batch(lambda a, b: chunk[a:b], chunk.shape, mesh)
+    real = global_batch(lambda a, b: real_b[a:b], real_b.shape, mesh)
+    return fetch(_forward_jit(model, tokens, real))
 
 
 def _batches(windows: np.ndarray):
@@ -53,12 +61,13 @@ def _batches(windows: np.ndarray):
         yield chunk, real, np.arange(EVAL_BATCH) < real
 
 
-def validation_loss(model, windows: np.ndarray) -> float:
-    """Mean next-byte cross-entropy (nats) over ``windows [N, S+1]``."""
+def validation_loss(model, windows: np.ndarray, mesh=None) -> float:
+    """Mean next-byte cross-entropy (nats) over ``windows [N, S+1]`` (``mesh``: the one the
+    model lives on, None for one device)."""
     total, count = 0.0, 0
     for chunk, real, real_b in _batches(windows):
-        ce, _, _ = _forward(model, jnp.asarray(chunk), jnp.asarray(real_b))
-        total += float(np.asarray(ce)[:real].sum())
+        ce, _, _ = _forward(model, chunk, real_b, mesh)
+        total += float(ce[:real].sum())
         count += real * (windows.shape[1] - 1)
     return total / count
 
@@ -93,13 +102,13 @@ def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -
     return out
 
 
-def _loads_and_ids(model, windows: np.ndarray):
+def _loads_and_ids(model, windows: np.ndarray, mesh):
     """Cross-entropy sum, the summed ``[L, E]`` load and ``expert_ids [L, N, S, k]`` of
     ``windows [N, S+1]``, as the layers returned them (bias frozen)."""
     total, load_le, ids = 0.0, 0, []
     for chunk, real, real_b in _batches(windows):
-        ce, chunk_load, chunk_ids = _forward(model, jnp.asarray(chunk), jnp.asarray(real_b))
-        total += float(np.asarray(ce)[:real].sum())
+        ce, chunk_load, chunk_ids = _forward(model, chunk, real_b, mesh)
+        total += float(ce[:real].sum())
         load_le = load_le + np.asarray(chunk_load, np.int64)
         ids.append(np.asarray(chunk_ids)[:, :real])  # [L, real, S, k]
     return total, load_le, np.concatenate(ids, axis=1)
@@ -148,7 +157,7 @@ def specialisation(window_load_lne: np.ndarray, window_domain: np.ndarray, shuff
     return mi, float(floor)
 
 
-def evaluate(model, corpus: Corpus, *, train_sample_seed: int = 0) -> dict:
+def evaluate(model, corpus: Corpus, *, mesh=None, train_sample_seed: int = 0) -> dict:
     """Everything measured with the bias frozen, on the validation set and on a sample of
     training windows of the same size.
 
@@ -162,10 +171,11 @@ def evaluate(model, corpus: Corpus, *, train_sample_seed: int = 0) -> dict:
     ``dead_experts_per_layer`` (zero validation load); ``load_fraction [L][E]``;
     ``domain_fraction {domain: [L][E]}`` and ``domain_tokens``; ``specialisation_mi_per_layer``
     with its ``specialisation_mi_floor`` (:func:`specialisation`); ``batch_curve``.
+    ``mesh``: the one the model lives on (call it under ``distributed.mesh_context``).
     """
     num_experts = model.config.num_experts
     top_k = model.config.top_k
-    total, load_le, ids_lnsk = _loads_and_ids(model, corpus.val)
+    total, load_le, ids_lnsk = _loads_and_ids(model, corpus.val, mesh)
     num_layers, n, s, _ = ids_lnsk.shape
     tokens = n * s
     vio = np.asarray(max_violation(jnp.asarray(load_le)), np.float64)
@@ -184,7 +194,7 @@ def evaluate(model, corpus: Corpus, *, train_sample_seed: int = 0) -> dict:
     sample = np.sort(
         rng.choice(corpus.train.shape[0], size=min(n, corpus.train.shape[0]), replace=False)
     )
-    _, train_load, _ = _loads_and_ids(model, corpus.train[sample])
+    _, train_load, _ = _loads_and_ids(model, corpus.train[sample], mesh)
     train_vio = np.asarray(max_violation(jnp.asarray(train_load)), np.float64)
     val_loss = total / tokens
     return {

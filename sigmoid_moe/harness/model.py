@@ -55,6 +55,8 @@ class ModelConfig:
       router_init_scale: multiplies the router weights at init. Values > 1 make the
         initial routing more confident and so more skewed (used by tests).
       kernel: expert kernel of the MoE layer (see MoEConfig.kernel).
+      expert_axis: the mesh axis the experts are split over (expert parallelism,
+        ``MoEConfig.expert_axis``); set by the trainer from ``TrainConfig.mesh``.
     """
 
     num_layers: int = 2
@@ -70,6 +72,7 @@ class ModelConfig:
     balance_scope: BalanceScope = "global"
     router_init_scale: float = 1.0
     kernel: Kernel = "auto"
+    expert_axis: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "d_model", "num_heads", "seq_len", "num_experts", "top_k"):
@@ -103,6 +106,7 @@ class ModelConfig:
             seq_balance_loss_coef=coef if self.balance_scope == "sequence" else 0.0,
             load_groups="sequence" if self.balance_scope == "sequence" else "call",
             kernel=self.kernel,
+            expert_axis=self.expert_axis,
         )
 
 

@@ -18,8 +18,10 @@ Outputs under ``out_dir``: ``config.json``, ``data.json`` (source files and sha2
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import pathlib
 import shutil
@@ -37,6 +39,14 @@ from sigmoid_moe.balancing import BIAS_RULES, BiasRule
 from sigmoid_moe.errors import RunFileError
 from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import Corpus, DataConfig, build_corpus, train_batch
+from sigmoid_moe.harness.distributed import (
+    fetch,
+    global_batch,
+    is_writer,
+    mesh_context,
+    replicated,
+    run_mesh,
+)
 from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
 from sigmoid_moe.harness.run_files import (
@@ -49,6 +59,7 @@ from sigmoid_moe.harness.run_files import (
 from sigmoid_moe.losses import balance_loss
 from sigmoid_moe.metrics import max_violation
 from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
+from sigmoid_moe.sharding import EXPERT_AXIS
 
 __all__ = ["TrainConfig", "TrainResult", "make_train_step", "per_layer", "train"]
 
@@ -77,6 +88,11 @@ class TrainConfig:
       grad_accum: micro-batches per optimizer step (``batch_size / grad_accum``
         sequences each, run one after the other); the gradient is their mean, the bias
         moves once per step, from the loads combined by ``model.balance_scope``.
+      mesh: ``(data, expert)`` devices to train on (``(1, 1)``: one device). The batch is
+        split over all of them, the parameters placed by the logical-axis rules, the
+        experts split over the expert axis (expert parallelism when it is > 1); the bias
+        update uses the global int load, so the numbers match the one-device run up to
+        float reduction order (:mod:`sigmoid_moe.harness.distributed`).
       seed: model init and data order.
       eval_every: validation loss on ``eval_windows`` windows every so many steps.
       checkpoint_every: steps between checkpoints (one is always written at the end).
@@ -95,6 +111,7 @@ class TrainConfig:
     bias_rule: BiasRule = "sign"
     bias_rate_schedule: RateSchedule = "constant"
     grad_accum: int = 1
+    mesh: tuple[int, int] = (1, 1)
     seed: int = 0
     eval_every: int = 50
     eval_windows: int = 64
@@ -109,6 +126,23 @@ class TrainConfig:
             require_int(name, getattr(self, name), 1)
         require_int("warmup_steps", self.warmup_steps, 0)
         require_int("grad_accum", self.grad_accum, 1)
+        if not (isinstance(self.mesh, tuple) and len(self.mesh) == 2):
+            raise TypeError(f"mesh must be a (data, expert) tuple of ints, got {self.mesh!r}.")
+        for name, size in zip(("data", "expert"), self.mesh, strict=True):
+            require_int(f"mesh {name} size", size, 1)
+        devices = self.mesh[0] * self.mesh[1]
+        micro = self.batch_size // max(1, self.grad_accum)
+        if devices > 1 and micro % devices:
+            raise ValueError(
+                f"a micro-batch of {micro} sequences does not split over the mesh's {devices} "
+                f"devices {self.mesh}; use a batch_size / grad_accum that is a multiple of "
+                f"{devices}."
+            )
+        if self.model.num_experts % self.mesh[1]:
+            raise ValueError(
+                f"the mesh's expert axis ({self.mesh[1]}) must divide num_experts="
+                f"{self.model.num_experts}."
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}; "
@@ -136,7 +170,14 @@ class TrainConfig:
         d = dict(d)
         data = dict(d.pop("data"))
         data["paths"] = tuple(data.get("paths", ()))
+        if "mesh" in d:
+            d["mesh"] = tuple(d["mesh"])
         return cls(model=ModelConfig(**d.pop("model")), data=DataConfig(**data), **d)
+
+    def model_on_mesh(self) -> ModelConfig:
+        """The model as trained: expert parallel over ``"expert"`` when that axis is > 1."""
+        expert_axis = EXPERT_AXIS if self.mesh[1] > 1 else None
+        return dataclasses.replace(self.model, expert_axis=expert_axis)
 
     def lr_schedule(self) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
@@ -154,13 +195,15 @@ class TrainConfig:
 
 
 class TrainResult(NamedTuple):
-    """``model`` (trained, biases included), its ``corpus``, the ``out_dir`` and the
-    step it reached (``< config.steps`` when stopped early)."""
+    """``model`` (trained, biases included), its ``corpus``, the ``out_dir``, the step it
+    reached (``< config.steps`` when stopped early) and the ``mesh`` it lives on (None for
+    one device): use the model under ``distributed.mesh_context(mesh)``."""
 
     model: TransformerLM
     corpus: Corpus
     out_dir: pathlib.Path
     step: int
+    mesh: jax.sharding.Mesh | None = None
 
 
 def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -271,7 +314,7 @@ def make_train_step(graphdef, config: TrainConfig) -> Callable:
             "maxvio": max_violation(load),
             "bias": per_layer(bias),
         }
-        return params, bias, opt_state, metrics
+        return params, bias, opt_state, replicated(metrics)
 
     return jax.jit(step_fn, donate_argnums=(0, 1, 2))
 
@@ -319,6 +362,22 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    mesh = run_mesh(config.mesh)
+    with mesh_context(mesh):
+        return _train(
+            config,
+            out_dir,
+            mesh,
+            resume,
+            progress and is_writer(),
+            corpus,
+            on_step,
+            desc,
+            allow_data_change,
+        )
+
+
+def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow_data_change):
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if corpus is None:
@@ -335,10 +394,16 @@ def train(
                 "pass resume=False (--no-resume) to start over."
             )
         check_same_data(out / "data.json", corpus.summary(), allow_change=allow_data_change)
-    write_json(config_path, config.to_dict())
-    write_json(out / "data.json", corpus.summary())
+    if is_writer():
+        write_json(config_path, config.to_dict())
+        write_json(out / "data.json", corpus.summary())
 
-    model = TransformerLM(config.model, rngs=nnx.Rngs(params=jax.random.key(config.seed)))
+    def build():
+        rngs = nnx.Rngs(params=jax.random.key(config.seed))
+        return TransformerLM(config.model_on_mesh(), rngs=rngs)
+
+    # On a mesh the model is built inside jit, so each parameter is placed by its rules.
+    model = build() if mesh is None else nnx.jit(build)()
     graphdef, params, bias = nnx.split(model, nnx.Param, RoutingBias)
     tx = _optimizer(config)
     opt_state = tx.init(params)
@@ -361,27 +426,32 @@ def train(
         truncate_jsonl(eval_path, start, every_step=False)
     else:
         start = 0
-        metrics_path.write_text("")
-        eval_path.write_text("")
+        if is_writer():
+            metrics_path.write_text("")
+            eval_path.write_text("")
 
     step_fn = make_train_step(graphdef, config)
     subset = eval_subset(corpus, config.eval_windows)
     bar = _progress(config.steps, start, progress, desc)
     done = start
     try:
-        with metrics_path.open("a") as mfile, eval_path.open("a") as efile:
+        with _log(metrics_path) as mfile, _log(eval_path) as efile:
             for step in range(start, config.steps):
-                tokens = train_batch(corpus, position, config.batch_size, config.seed)
+                tokens = global_batch(
+                    lambda a, b, at=position: train_batch(corpus, at + a, b - a, config.seed),
+                    (config.batch_size, config.model.seq_len + 1),
+                    mesh,
+                )
                 params, bias, opt_state, metrics = step_fn(
                     params, bias, opt_state, tokens, jnp.asarray(step, jnp.int32)
                 )
                 position += config.batch_size
                 done = step + 1
-                record = _to_json(jax.device_get(metrics), done)
+                record = _to_json(fetch(metrics), done)
                 require_finite(done, record)
                 mfile.write(json.dumps(record) + "\n")
                 if done % config.eval_every == 0 or done == config.steps:
-                    val = validation_loss(nnx.merge(graphdef, params, bias), subset)
+                    val = validation_loss(nnx.merge(graphdef, params, bias), subset, mesh)
                     efile.write(json.dumps({"step": done, "val_loss": val}) + "\n")
                     efile.flush()
                 if done % config.checkpoint_every == 0 or done == config.steps:
@@ -407,7 +477,17 @@ def train(
         if bar is not None:
             bar.close()
         ckpt.close()
-    return TrainResult(nnx.merge(graphdef, params, bias), corpus, out, done)
+    return TrainResult(nnx.merge(graphdef, params, bias), corpus, out, done, mesh)
+
+
+@contextlib.contextmanager
+def _log(path: pathlib.Path):
+    """The run's append-only log file on process 0; elsewhere a sink (one writer)."""
+    if is_writer():
+        with path.open("a") as file:
+            yield file
+    else:
+        yield io.StringIO()
 
 
 def _same_config(saved: object, config: TrainConfig) -> bool:

@@ -43,10 +43,11 @@ def _set_up_worker(host_devices: int) -> None:
         )
     ]
     kept += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-    if host_devices > 1:
-        kept.append(f"--xla_force_host_platform_device_count={host_devices}")
     os.environ["XLA_FLAGS"] = " ".join(kept)
     os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax  # imported already (unpickling this function); the backend is not started
+
+    jax.config.update("jax_num_cpu_devices", host_devices)
 
 
 def map_in_workers(
@@ -70,7 +71,18 @@ def map_in_workers(
     Returns:
       The results in task order. An exception in a task is raised here; tasks not yet
       started are cancelled.
+
+    On a GPU or TPU backend the tasks run here, one after the other, on its devices.
     """
+    import jax
+
+    if jax.default_backend() != "cpu":
+        results = []
+        for index, task in enumerate(tasks):
+            results.append(fn(*task))
+            if on_done is not None:
+                on_done(index, results[-1])
+        return results
     context = multiprocessing.get_context("spawn")
     results: list[Any] = [None] * len(tasks)
     with ProcessPoolExecutor(
