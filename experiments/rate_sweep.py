@@ -3,7 +3,7 @@
     python experiments/rate_sweep.py --out runs/rate-sweep --steps 800
 
 Writes the same report as ``sigmoid-moe compare`` (one run per rate x rule, plus the
-aux-loss and no-balancing baselines). About 1 minute per run on 2 CPU cores.
+aux-loss and no-balancing baselines), over the default preset's seeds.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def main() -> None:
         rules=args.rules.split(","),
         aux_coefs=PRESETS["default"].aux_coefs,
     )
-    print(results_table(compare(base, strategies, args.out)))
+    results = compare(base, strategies, args.out, seeds=PRESETS["default"].seeds)
+    print(results_table(results))
 
 
 if __name__ == "__main__":

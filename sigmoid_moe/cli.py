@@ -118,7 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``sigmoid-moe``: bad input exits 2 with one line (see
     :mod:`sigmoid_moe._cli_args`); an internal error keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
+    args.argv = argv  # as given: a multi-process launch passes it on
     return run(args.command, lambda: args.func(args))
 
 

@@ -456,3 +456,20 @@ def test_write_report_writes_every_plot_and_section(tmp_path, seeds):
         assert sentence.count("(1 seed, no spread)") == 2 and "| **yes** |" not in report
     per_layer = report[report.index("## Per-layer") : report.index("## MaxVio over")]
     assert "| lossfree | 1 |" in per_layer  # one row per strategy and layer
+
+
+def test_gate_ablation_separates_the_gate_from_the_aux_loss():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "gate_ablation.py"
+    spec = importlib.util.spec_from_file_location("gate_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = module.strategies(1e-3)
+    assert len({s.name for s in runs}) == len(runs) == 6
+    # Each sigmoid strategy has a softmax twin that differs only in the gate.
+    for s in runs:
+        if s.score_fn == "sigmoid":
+            twins = [t for t in runs if t.score_fn == "softmax" and t.aux_coef == s.aux_coef]
+            assert len(twins) == 1 and twins[0].bias_rate == s.bias_rate == 0

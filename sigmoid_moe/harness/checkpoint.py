@@ -17,8 +17,8 @@ deletes: training will write that step again); when none passes it raises
 
 A save never holds a NaN or an infinity (:class:`~sigmoid_moe.errors.NonFiniteError`, naming
 the leaf), and Ctrl-C during a save is held until the save is complete, so it leaves a whole
-checkpoint and no half-closed orbax event loop behind. Single-process: the manifest is
-computed by the one process that wrote all the files.
+checkpoint and no half-closed orbax event loop behind. In a multi-process job every
+process writes its shards and process 0 writes the manifest once all are done.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from sigmoid_moe.errors import CheckpointError, NonFiniteError, RecoveryWarning
+from sigmoid_moe.harness.distributed import fetch, is_writer, sync_processes
 
 __all__ = ["MANIFEST", "Checkpointer"]
 
@@ -84,7 +86,11 @@ class Checkpointer:
         with _interrupts_held():
             self._manager.save(step, args=ocp.args.StandardSave(flat), force=True)
             self._manager.wait_until_finished()
-            _write_manifest(self.directory / str(step), step)
+            # Every process wrote its shards; one writes the manifest, once all are done.
+            sync_processes(f"checkpoint {step} saved")
+            if is_writer():
+                _write_manifest(self.directory / str(step), step)
+            sync_processes(f"checkpoint {step} manifest")
 
     def verify(self, step: int) -> None:
         """Raises :class:`CheckpointError` naming the first file of checkpoint ``step`` that
@@ -116,6 +122,7 @@ class Checkpointer:
         """``(step, state)`` of the newest checkpoint that passes :meth:`verify`, or None
         when there is none at all. Newer failing steps are reported (one warning each) and
         deleted; if every step fails, raises :class:`CheckpointError`."""
+        sync_processes("checkpoints listed")  # every process sees the same steps
         steps = self.steps()
         if not steps:
             return None
@@ -132,7 +139,9 @@ class Checkpointer:
                     RecoveryWarning,
                     stacklevel=2,
                 )
-                shutil.rmtree(self.directory / str(bad_step))
+                if is_writer():
+                    shutil.rmtree(self.directory / str(bad_step))
+            sync_processes(f"checkpoints before {step} checked")
             if bad and self._orbax is not None:
                 self._manager.reload()
             return step, self._restore_verified(step, like)
@@ -209,9 +218,11 @@ def _manifest_problem(folder: pathlib.Path, step: int) -> str | None:
 
 def _require_finite(step: int, state: dict[str, Any]) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        value = np.asarray(leaf)
-        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
-            bad = int(value.size - np.isfinite(value).sum())
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        # A global reduction, so a leaf sharded over several processes is checked whole.
+        bad = int(fetch(jnp.sum(~jnp.isfinite(leaf))))
+        if bad:
             raise NonFiniteError(
                 f"step {step}: {jax.tree_util.keystr(path)} holds {bad} non-finite value(s); "
                 "refusing to save it as a checkpoint."

@@ -32,7 +32,36 @@ def _mesh_flag(text: str) -> tuple[int, int]:
     return sizes["data"], sizes["expert"]
 
 
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            out.append(item)
+    return out
+
+
+def _spawn_processes(args: argparse.Namespace) -> int:
+    from sigmoid_moe.errors import UsageError
+    from sigmoid_moe.harness.multiprocess import spawn
+
+    devices = args.mesh[0] * args.mesh[1] if args.mesh else 1
+    if devices % args.num_processes:
+        raise UsageError(
+            f"--num-processes {args.num_processes} needs a --mesh whose devices divide over "
+            f"the processes (each gets its share), got {devices} device(s); e.g. "
+            "--mesh data=2,expert=4 --num-processes 2."
+        )
+    argv = _without_flag(list(args.argv), "--num-processes")
+    return spawn(argv, args.num_processes, devices // args.num_processes)
+
+
 def _compare(args: argparse.Namespace) -> int:
+    if args.num_processes > 1:
+        return _spawn_processes(args)
     from sigmoid_moe.harness.compare import compare, default_strategies
     from sigmoid_moe.harness.data import build_corpus
     from sigmoid_moe.harness.presets import PRESETS
@@ -87,9 +116,12 @@ def _compare(args: argparse.Namespace) -> int:
             "command again to resume."
         )
         return 130
-    print()
-    print(results_table(results))
-    print(f"report: {out / 'report.md'}")
+    from sigmoid_moe.harness.distributed import is_writer
+
+    if is_writer():
+        print()
+        print(results_table(results))
+        print(f"report: {out / 'report.md'}")
     return 0
 
 
@@ -138,6 +170,13 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         metavar="data=D,expert=E",
         help="train every run on a D x E device mesh (data parallel x expert parallel); on "
         "CPU the devices are simulated, one worker process per run",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=integer(1),
+        default=1,
+        help="run as this many local processes joined into one --mesh (gloo on 127.0.0.1), "
+        "as a multi-host job would; see sigmoid_moe/harness/multiprocess.py for real hosts",
     )
     p.add_argument(
         "--grad-accum",

@@ -22,7 +22,7 @@ from sigmoid_moe._checks import require_choice, require_int
 from sigmoid_moe.balancing import BIAS_RULES, BiasRule
 from sigmoid_moe.config import SCORE_FNS, ScoreFn
 from sigmoid_moe.harness.data import Corpus, build_corpus
-from sigmoid_moe.harness.distributed import mesh_context
+from sigmoid_moe.harness.distributed import is_writer, mesh_context
 from sigmoid_moe.harness.evaluate import evaluate
 from sigmoid_moe.harness.model import BALANCE_SCOPES, BalanceScope
 from sigmoid_moe.harness.run_files import read_jsonl
@@ -198,7 +198,8 @@ def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_cha
         ),
         **measured,
     }
-    (run_dir / "eval_final.json").write_text(json.dumps(result, indent=2))
+    if is_writer():
+        (run_dir / "eval_final.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -263,7 +264,7 @@ def compare(
     ]
 
     def done(index, result):
-        if progress:
+        if progress and is_writer():
             print(
                 f"[{index + 1}/{len(tasks)}] {result['name']} seed {result['seed']}: val loss "
                 f"{result['val_loss']:.4f}, MaxVio_global {result['maxvio_global']:.3f} "
@@ -280,6 +281,8 @@ def compare(
         "preset": preset,
         "results": results,
     }
+    if not is_writer():
+        return results
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     if report:
         from sigmoid_moe.harness.report import write_report

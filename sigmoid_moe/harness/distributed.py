@@ -12,8 +12,8 @@ One training loop serves one device and a multi-host mesh. What changes on a mes
   written by process 0 only (:func:`is_writer`), while every process takes part in every
   computation and checkpoint.
 
-Multi-process runs start ``jax.distributed.initialize`` first (:mod:`sigmoid_moe.harness.
-launch`); single-process runs on CPU simulate the devices with
+Multi-process runs start ``jax.distributed.initialize`` first
+(:mod:`sigmoid_moe.harness.multiprocess`); single-process runs on CPU simulate the devices with
 ``--xla_force_host_platform_device_count``.
 """
 
@@ -38,6 +38,7 @@ __all__ = [
     "mesh_context",
     "replicated",
     "run_mesh",
+    "sync_processes",
 ]
 
 
@@ -112,3 +113,11 @@ def fetch(tree: Any) -> Any:
 def is_writer() -> bool:
     """Whether this process writes the run's files (process 0)."""
     return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process job gets here (nothing for one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -46,6 +46,7 @@ from sigmoid_moe.harness.distributed import (
     mesh_context,
     replicated,
     run_mesh,
+    sync_processes,
 )
 from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
@@ -383,8 +384,10 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
     if corpus is None:
         corpus = build_corpus(config.data, config.model.seq_len)
     config_path = out / "config.json"
-    if not resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
+    if not resume:
+        if is_writer() and (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+        sync_processes("old checkpoints removed")
     ckpt = Checkpointer(out / "checkpoints")
     resuming = resume and ckpt.latest_step() is not None
     if resuming:
@@ -422,8 +425,9 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
         start, state = restored
         params, bias, opt_state = state["params"], state["bias"], state["opt_state"]
         position = int(state["counters"]["position"])
-        truncate_jsonl(metrics_path, start, every_step=True)
-        truncate_jsonl(eval_path, start, every_step=False)
+        if is_writer():
+            truncate_jsonl(metrics_path, start, every_step=True)
+            truncate_jsonl(eval_path, start, every_step=False)
     else:
         start = 0
         if is_writer():

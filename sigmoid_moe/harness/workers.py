@@ -72,11 +72,12 @@ def map_in_workers(
       The results in task order. An exception in a task is raised here; tasks not yet
       started are cancelled.
 
-    On a GPU or TPU backend the tasks run here, one after the other, on its devices.
+    On a GPU or TPU backend, and in a multi-process job (whose processes share one mesh),
+    the tasks run here, one after the other, on this process's devices.
     """
     import jax
 
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
         results = []
         for index, task in enumerate(tasks):
             results.append(fn(*task))

@@ -1,0 +1,115 @@
+"""The research trainer on a device mesh (8 simulated CPU devices) against one device.
+
+Tolerance: the integer loads and the biases must be identical step for step (the load is
+an exact int32 sum over devices, and the bias moves by a sign of it); so must the routing
+that produced them. Losses and parameters only up to float reduction order: a mesh sums
+partial gradients and logits in a different order than one device (observed at most
+~1.5e-6 on a loss of ~5 over 20 steps), hence rtol 1e-5 on the losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import pytest
+
+from sigmoid_moe.harness import PRESETS, build_corpus, train
+from sigmoid_moe.harness.distributed import mesh_context
+from sigmoid_moe.harness.evaluate import evaluate
+
+BASE = dataclasses.replace(
+    PRESETS["tiny"].base, steps=20, bias_rate=1e-2, checkpoint_every=10, eval_every=10
+)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return build_corpus(BASE.data, BASE.model.seq_len)
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("one")
+    result = train(BASE, out, progress=False, corpus=corpus)
+    return _metrics(out), evaluate(result.model, corpus)
+
+
+@pytest.mark.parametrize("mesh", [(1, 8), (2, 4), (4, 2)])
+def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device, mesh):
+    want, want_eval = single_device
+    config = dataclasses.replace(BASE, mesh=mesh)
+    result = train(config, tmp_path, progress=False, corpus=corpus)
+    got = _metrics(tmp_path)
+    assert len(got) == len(want) == 20
+    for a, b in zip(got, want, strict=True):
+        assert a["load"] == b["load"] and a["bias"] == b["bias"], a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # Expert weights are split over the expert axis, the bias replicated.
+    w_in = result.model.blocks[0].moe.w_in_edf[...]
+    assert len(w_in.sharding.device_set) == 8
+    assert w_in.addressable_shards[0].data.shape[0] == config.model.num_experts // mesh[1]
+    assert result.model.blocks[0].moe.bias_e[...].sharding.is_fully_replicated
+    with mesh_context(result.mesh):
+        got_eval = evaluate(result.model, corpus, mesh=result.mesh)
+    assert got_eval["load_fraction"] == want_eval["load_fraction"]
+    assert got_eval["maxvio_global"] == want_eval["maxvio_global"]
+    assert got_eval["val_loss"] == pytest.approx(want_eval["val_loss"], rel=1e-5)
+
+
+def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corpus):
+    config = dataclasses.replace(BASE, mesh=(2, 4))
+    train(config, tmp_path / "whole", progress=False, corpus=corpus)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_12(step, record):
+        if step == 12:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, tmp_path / "cut", progress=False, corpus=corpus, on_step=stop_at_12)
+    train(config, tmp_path / "cut", progress=False, corpus=corpus)  # resumes from step 10
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_refused():
+    with pytest.raises(ValueError, match="does not split over the mesh's 8 devices"):
+        dataclasses.replace(BASE, batch_size=4, mesh=(2, 4))
+    with pytest.raises(ValueError, match="expert axis"):
+        dataclasses.replace(BASE, mesh=(1, 3), batch_size=9)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_results_of_one_process_on_the_same_mesh(tmp_path):
+    # Two local processes of 4 devices each (gloo on 127.0.0.1) against one process of 8:
+    # the same mesh, so the same int loads and biases; float sums cross processes in
+    # another order (last-bit differences), hence the tolerance on losses.
+    from sigmoid_moe.cli import main
+
+    common = ["compare", "--preset", "tiny", "--steps", "4", "--mesh", "data=2,expert=4"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--quiet", "--jobs", "2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "two"), "--quiet", "--num-processes", "2"]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
+    assert [r["name"] for r in one] == [r["name"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        for key in ("load_fraction", "maxvio_global", "dead_experts_per_layer", "batch_curve"):
+            assert a[key] == b[key], (a["name"], key)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        metrics_a = _metrics(
+            tmp_path / "one" / pathlib.Path(a["run_dir"]).relative_to(tmp_path / "one")
+        )
+        metrics_b = _metrics(
+            tmp_path / "two" / pathlib.Path(b["run_dir"]).relative_to(tmp_path / "two")
+        )
+        assert len(metrics_b) == 4  # written once, by process 0
+        for x, y in zip(metrics_a, metrics_b, strict=True):
+            assert x["load"] == y["load"] and x["bias"] == y["bias"]
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
