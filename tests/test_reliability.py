@@ -167,10 +167,27 @@ def test_no_good_checkpoint_is_an_error_naming_the_folder_and_the_way_out(run, c
 def test_a_verified_checkpoint_of_another_model_is_refused(tmp_path):
     ckpt = Checkpointer(tmp_path)
     ckpt.save(1, {"params": [np.ones(3, np.float32)]})
-    with pytest.raises(CheckpointError, match=r"does not fit this model \(params leaf 0 has shape"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit this model \(params.0 has shape \(3,\), the model wants \(5,\)",
+    ):
         ckpt.restore(1, {"params": [np.ones(5, np.float32)]})
     with pytest.raises(CheckpointError, match="does not fit this model"):
         ckpt.restore(1, {"params": [np.ones(3, np.float32), np.ones(2, np.float32)]})
+    ckpt.close()
+
+
+def test_a_checkpoint_is_restored_by_structure_not_by_position(tmp_path):
+    # Same shapes, other names: joined by position, "a" would land in "b" and "b" in "c".
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {"params": {"a": np.zeros(2, np.float32), "b": np.ones(2, np.float32)}})
+    renamed = {"params": {"b": np.full(2, 7, np.float32), "c": np.full(2, 7, np.float32)}}
+    with pytest.raises(CheckpointError, match=r"does not fit.*params\.a.*params\.c"):
+        ckpt.restore(1, renamed)
+    restored = ckpt.restore(1, {"params": {"b": np.zeros(2, np.float32), "a": np.ones(2)}})
+    np.testing.assert_array_equal(restored["params"]["a"], np.zeros(2))
+    np.testing.assert_array_equal(restored["params"]["b"], np.ones(2))
+    assert restored["params"]["a"].dtype == np.float64  # the model's dtype
     ckpt.close()
 
 

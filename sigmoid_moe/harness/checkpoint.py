@@ -1,9 +1,11 @@
 """Orbax checkpoints of the whole training state, verified by sha256 before every restore.
 
-A checkpoint at step ``N`` holds, as flat lists of arrays: the parameters, the optax
-state (AdamW moments and the schedule's step count), the routing biases, and
-``step`` / ``data_position`` scalars. Lists are restored into the structure of a freshly
-initialised state, so nothing but arrays is serialised.
+A checkpoint at step ``N`` holds the parameters, the optax state (AdamW moments and the
+schedule's step count), the routing biases, and ``step`` / ``data_position`` scalars, each
+array under its pytree path (``params.blocks.0.moe.bias_e.value``), so nothing but arrays
+and their names is serialised. Restoring joins the saved arrays to a freshly initialised
+state by those paths, never by position: a checkpoint whose paths or shapes differ from
+the model's is refused, naming the first paths that differ.
 
 Integrity: after orbax has written and renamed step ``N``'s folder, :meth:`Checkpointer.save`
 records the size and sha256 of every file in it in ``N/sha256.json`` (written to a temporary
@@ -65,6 +67,7 @@ class Checkpointer:
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=self._max_to_keep, enable_async_checkpointing=False, create=True
                 ),
+                item_handlers=ocp.StandardCheckpointHandler(),  # so item_metadata reads trees
             )
         return self._orbax
 
@@ -82,9 +85,9 @@ class Checkpointer:
         """Writes ``state`` (a dict of pytrees of arrays) as checkpoint ``step`` with its
         sha256 manifest; refuses non-finite floating-point leaves."""
         _require_finite(step, state)
-        flat = {name: _to_arrays(tree) for name, tree in state.items()}
+        keyed = {name: _by_path(tree) for name, tree in state.items()}
         with _interrupts_held():
-            self._manager.save(step, args=ocp.args.StandardSave(flat), force=True)
+            self._manager.save(step, args=ocp.args.StandardSave(keyed), force=True)
             self._manager.wait_until_finished()
             # Every process wrote its shards; one writes the manifest, once all are done.
             sync_processes(f"checkpoint {step} saved")
@@ -106,9 +109,10 @@ class Checkpointer:
         return self._restore_verified(step, like)
 
     def _restore_verified(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
-        flat = {name: _to_arrays(tree) for name, tree in like.items()}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
+        keyed = {name: _by_path(tree) for name, tree in like.items()}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, keyed)
         try:
+            _check_fits(self._manager.item_metadata(step), abstract)
             restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
             return _rebuild(restored, like)
         except (ValueError, TypeError, KeyError) as err:
@@ -254,21 +258,68 @@ def _interrupts_held():
         raise KeyboardInterrupt
 
 
+def _key_name(entry: Any) -> str:
+    """One pytree path entry as a checkpoint key (dict key, attribute or list index)."""
+    for attribute in ("key", "name", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def _by_path(tree: Any) -> Any:
+    """``tree``'s array leaves in nested dicts keyed by their path entries (a bare leaf
+    stays a leaf), the form every checkpoint is written and read in."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return _array(leaves[0][1])
+    out: dict = {}
+    for path, leaf in leaves:
+        node = out
+        *parents, last = [_key_name(entry) for entry in path]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = _array(leaf)
+    return out
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """``{dotted path: shape}`` of a keyed tree (arrays, abstract arrays or metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(map(_key_name, path)): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _check_fits(metadata: Any, abstract: dict) -> None:
+    """Raises ValueError naming the first paths where the saved tree and the model differ."""
+    saved, wanted = _shapes(getattr(metadata, "tree", metadata)), _shapes(abstract)
+
+    def first(names):
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+    if saved.keys() != wanted.keys():
+        parts = []
+        if saved.keys() - wanted.keys():
+            parts.append(f"it holds {first(saved.keys() - wanted.keys())}, which the model lacks")
+        if wanted.keys() - saved.keys():
+            parts.append(f"the model wants {first(wanted.keys() - saved.keys())}, not saved")
+        raise ValueError("; ".join(parts))
+    for name in sorted(wanted):
+        if saved[name] != wanted[name]:
+            raise ValueError(f"{name} has shape {saved[name]}, the model wants {wanted[name]}")
+
+
 def _rebuild(restored: dict, like: dict[str, Any]) -> dict[str, Any]:
+    """``restored`` (keyed by path) in the pytree structure and dtypes of ``like``."""
     out = {}
     for name, tree in like.items():
-        leaves, treedef = jax.tree.flatten(tree)
-        new = restored[name]
-        if not isinstance(new, list):
-            new = [new[k] for k in sorted(new, key=int)] if isinstance(new, dict) else [new]
-        pairs = list(zip(new, leaves, strict=True))
-        for index, (value, leaf) in enumerate(pairs):
-            if np.shape(value) != np.shape(leaf):
-                raise ValueError(
-                    f"{name} leaf {index} has shape {np.shape(value)}, the model wants "
-                    f"{np.shape(leaf)}"
-                )
-        out[name] = jax.tree.unflatten(treedef, [_like(value, leaf) for value, leaf in pairs])
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        values = []
+        for path, leaf in leaves:
+            value = restored[name]
+            for entry in path:
+                value = value[_key_name(entry)]
+            values.append(_like(value, leaf))
+        out[name] = jax.tree.unflatten(treedef, values)
     return out
 
 
@@ -278,5 +329,5 @@ def _like(value: Any, leaf: Any) -> Any:
     return jax.numpy.asarray(value, leaf.dtype)
 
 
-def _to_arrays(tree: Any) -> list:
-    return [np.asarray(leaf) if np.isscalar(leaf) else leaf for leaf in jax.tree.leaves(tree)]
+def _array(leaf: Any) -> Any:
+    return np.asarray(leaf) if np.isscalar(leaf) else leaf
