@@ -113,3 +113,22 @@ def test_two_processes_give_the_results_of_one_process_on_the_same_mesh(tmp_path
         for x, y in zip(metrics_a, metrics_b, strict=True):
             assert x["load"] == y["load"] and x["bias"] == y["bias"]
             assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_evaluation_splits_over_a_mesh_whose_size_does_not_divide_its_batch(corpus):
+    # TrainConfig accepts mesh (3, 1) with batch_size 6; evaluation must split over it too
+    # (its padded batch is rounded up to the device count, the padding masked).
+    import jax
+    from flax import nnx
+
+    from sigmoid_moe.harness.evaluate import validation_loss
+    from sigmoid_moe.harness.model import TransformerLM
+    from sigmoid_moe.sharding import make_mesh
+
+    model = TransformerLM(BASE.model, rngs=nnx.Rngs(0))
+    windows = corpus.val[:5]
+    want = validation_loss(model, windows)
+    mesh = make_mesh(data=3, devices=jax.devices()[:3])
+    with mesh_context(mesh):
+        got = validation_loss(model, windows, mesh)
+    assert got == pytest.approx(want, rel=1e-5)

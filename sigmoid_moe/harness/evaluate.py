@@ -52,20 +52,24 @@ def _forward(model, chunk: np.ndarray, real_b: np.ndarray, mesh):
     return fetch(_forward_jit(model, tokens, real))
 
 
-def _batches(windows: np.ndarray):
-    for start in range(0, windows.shape[0], EVAL_BATCH):
-        chunk = windows[start : start + EVAL_BATCH]
+def _batches(windows: np.ndarray, mesh):
+    """``(chunk, real rows, real_b)`` batches of ``EVAL_BATCH`` rows, rounded up to a
+    multiple of the mesh's devices so that every batch splits over them."""
+    devices = 1 if mesh is None else mesh.devices.size
+    size = -(-EVAL_BATCH // devices) * devices
+    for start in range(0, windows.shape[0], size):
+        chunk = windows[start : start + size]
         real = chunk.shape[0]
-        if real < EVAL_BATCH:  # fixed shape, one compilation; padded rows are masked out
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], EVAL_BATCH - real, axis=0)])
-        yield chunk, real, np.arange(EVAL_BATCH) < real
+        if real < size:  # fixed shape, one compilation; padded rows are masked out
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
+        yield chunk, real, np.arange(size) < real
 
 
 def validation_loss(model, windows: np.ndarray, mesh=None) -> float:
     """Mean next-byte cross-entropy (nats) over ``windows [N, S+1]`` (``mesh``: the one the
     model lives on, None for one device)."""
     total, count = 0.0, 0
-    for chunk, real, real_b in _batches(windows):
+    for chunk, real, real_b in _batches(windows, mesh):
         ce, _, _ = _forward(model, chunk, real_b, mesh)
         total += float(ce[:real].sum())
         count += real * (windows.shape[1] - 1)
@@ -106,7 +110,7 @@ def _loads_and_ids(model, windows: np.ndarray, mesh):
     """Cross-entropy sum, the summed ``[L, E]`` load and ``expert_ids [L, N, S, k]`` of
     ``windows [N, S+1]``, as the layers returned them (bias frozen)."""
     total, load_le, ids = 0.0, 0, []
-    for chunk, real, real_b in _batches(windows):
+    for chunk, real, real_b in _batches(windows, mesh):
         ce, chunk_load, chunk_ids = _forward(model, chunk, real_b, mesh)
         total += float(ce[:real].sum())
         load_le = load_le + np.asarray(chunk_load, np.int64)
