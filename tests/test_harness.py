@@ -280,3 +280,16 @@ def test_runs_give_the_same_numbers_whatever_the_number_of_workers(tmp_path, cor
         for key in ("val_loss", "maxvio_global", "maxvio_batch_steady", "load_fraction"):
             assert a[key] == b[key]
     assert serial[0]["val_loss"] != serial[1]["val_loss"]  # seeds differ
+
+
+def test_strategies_that_would_share_a_run_folder_are_refused(tmp_path, corpus):
+    # Distinct names, one folder name: their runs would train into (and resume) each other.
+    from sigmoid_moe.harness import Strategy, compare
+
+    strategies = [Strategy("lossfree+fast", bias_rate=1e-2), Strategy("lossfree fast")]
+    with pytest.raises(ValueError, match=r"same run folder .*lossfree_fast"):
+        compare(TINY, strategies, tmp_path, progress=False, report=False, corpus=corpus)
+    for bad in ("++", ".."):  # runs//seed0, runs/../seed0
+        with pytest.raises(ValueError, match="no run folder name"):
+            compare(TINY, [Strategy(bad)], tmp_path, progress=False, report=False, corpus=corpus)
+    assert not (tmp_path / "runs").exists()

@@ -245,6 +245,16 @@ def compare(
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise ValueError(f"strategy names must be unique, got {names}.")
+    folders: dict[str, str] = {}
+    for name in names:
+        if not _slug(name).strip("."):
+            raise ValueError(f"strategy name {name!r} gives no run folder name; use letters.")
+        other = folders.setdefault(_slug(name), name)
+        if other != name:
+            raise ValueError(
+                f"strategies {other!r} and {name!r} would share the same run folder "
+                f"runs/{_slug(name)}; rename one (letters, digits and -_. are kept)."
+            )
     seeds = (base.seed,) if seeds is None else tuple(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}.")
