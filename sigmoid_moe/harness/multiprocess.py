@@ -24,7 +24,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from typing import IO
 
 __all__ = ["initialize", "main", "spawn"]
 
@@ -57,40 +60,63 @@ def _free_port() -> int:
 def spawn(argv: Sequence[str], num_processes: int, local_devices: int) -> int:
     """Runs ``sigmoid-moe <argv>`` as ``num_processes`` local processes; their exit code.
 
-    Process 0's output is passed through; the others' is shown only if one fails.
+    Process 0's output is passed through; the others' goes to temporary files (a pipe
+    nobody reads while process 0 runs would fill and block its writer, and with it every
+    collective) and is shown only if one fails. The first process to fail ends the job:
+    the others, which would wait for it in a collective, are killed, and its code returned.
     """
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # each process sets its own devices and threads
-    procs = []
-    for pid in range(num_processes):
-        cmd = [
-            sys.executable,
-            "-m",
-            "sigmoid_moe.harness.multiprocess",
-            f"--process-id={pid}",
-            f"--num-processes={num_processes}",
-            f"--coordinator={coordinator}",
-            f"--local-devices={local_devices}",
-            "--",
-            *argv,
-        ]
-        quiet = subprocess.PIPE if pid else None
-        procs.append(subprocess.Popen(cmd, env=env, stdout=quiet, stderr=quiet))
-    codes = []
+    procs: list[subprocess.Popen] = []
+    logs: list[IO[bytes] | None] = []
     try:
-        for pid, proc in enumerate(procs):
-            out, err = proc.communicate()
-            codes.append(proc.returncode)
-            if proc.returncode and pid:
-                sys.stderr.write(f"process {pid} exited {proc.returncode}:\n")
-                sys.stderr.write((err or b"").decode()[-3000:])
+        for pid in range(num_processes):
+            cmd = [
+                sys.executable,
+                "-m",
+                "sigmoid_moe.harness.multiprocess",
+                f"--process-id={pid}",
+                f"--num-processes={num_processes}",
+                f"--coordinator={coordinator}",
+                f"--local-devices={local_devices}",
+                "--",
+                *argv,
+            ]
+            logs.append(tempfile.TemporaryFile() if pid else None)
+            procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=logs[-1]))
+        failed = _wait_for_all(procs)
+        if failed is not None and failed[0]:
+            log = logs[failed[0]]
+            log.seek(0)
+            sys.stderr.write(f"process {failed[0]} exited {failed[1]}:\n")
+            sys.stderr.write(log.read()[-3000:].decode(errors="replace"))
+        return 0 if failed is None else failed[1]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return next((code for code in codes if code), 0)
+        for log in logs:
+            if log is not None:
+                log.close()
+
+
+def _wait_for_all(procs: Sequence[subprocess.Popen]) -> tuple[int, int] | None:
+    """Waits until every process has exited or one fails; ``(pid, code)`` of the first
+    failure (the others then killed), or None when all exit 0."""
+    while True:
+        codes = [proc.poll() for proc in procs]
+        for pid, code in enumerate(codes):
+            if code:
+                for other in procs:
+                    if other.poll() is None:
+                        other.kill()
+                        other.wait()
+                return pid, code
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(0.05)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

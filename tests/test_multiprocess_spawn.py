@@ -1,0 +1,60 @@
+"""``spawn``: local processes of a multi-process job, run without deadlock or orphans.
+
+The processes here are stand-ins (a small script as ``sys.executable``), not JAX: what is
+tested is how ``spawn`` waits for them, reads their output and ends them.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sigmoid_moe.harness import multiprocess
+
+# Process 0 waits for process 1's "collective" (a file) for at most 30 s.
+STAND_IN = textwrap.dedent(
+    """\
+    #!{python}
+    import pathlib, sys, time
+    pid = int(next(a for a in sys.argv if a.startswith("--process-id=")).split("=")[1])
+    mode = sys.argv[-1]
+    flag = pathlib.Path({flag!r})
+    if pid == 0:
+        for _ in range(300):
+            if flag.exists():
+                sys.exit(0)
+            time.sleep(0.1)
+        sys.exit(3)
+    if mode == "chatty":  # more than a pipe holds, before joining the collective
+        sys.stderr.write("warning: something\\n" * 20000)
+        sys.stderr.flush()
+        flag.touch()
+        sys.exit(0)
+    sys.stderr.write("process 1 broke\\n")
+    sys.exit(5)
+    """
+)
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    script = tmp_path / "python"
+    script.write_text(STAND_IN.format(python=sys.executable, flag=str(tmp_path / "joined")))
+    script.chmod(0o755)
+    monkeypatch.setattr(multiprocess.sys, "executable", str(script))
+
+
+def test_a_chatty_process_does_not_block_the_job(stand_in):
+    started = time.perf_counter()
+    assert multiprocess.spawn(["chatty"], 2, 1) == 0
+    assert time.perf_counter() - started < 20
+
+
+def test_a_failing_process_ends_the_job_with_its_code_and_output(stand_in, capfd):
+    started = time.perf_counter()
+    assert multiprocess.spawn(["fail"], 2, 1) == 5
+    assert time.perf_counter() - started < 20  # process 0 is not left waiting for it
+    assert "process 1 broke" in capfd.readouterr().err
