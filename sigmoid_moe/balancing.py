@@ -137,11 +137,24 @@ def _as_counts(load) -> jax.Array:
     return load.astype(jnp.int32)
 
 
+def _total_divmod(load: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``divmod(sum(load), E)`` for ``[E]`` int32 counts ``>= 0``, exact even when the sum
+    passes ``2**31`` (each count fits in int32, their total need not): the counts are
+    summed as 16-bit halves, which cannot overflow for ``E < 2**14``. Beyond that many
+    experts the plain int32 sum is used (exact for totals below ``2**31``)."""
+    num_experts = load.shape[0]
+    if num_experts >= 2**14:
+        total = jnp.sum(load)
+        return total // num_experts, total % num_experts
+    high = jnp.sum(load >> 16)  # < E * 2**15
+    low = jnp.sum(load & 0xFFFF)  # < E * 2**16
+    rest = (high % num_experts) * 65536 + low  # < E * 2**17 < 2**31
+    return (high // num_experts) * 65536 + rest // num_experts, rest % num_experts
+
+
 def _sign_of_mean_minus(load: jax.Array) -> jax.Array:
     """``sign(mean(load) - load_i)`` in exact integer arithmetic (no float rounding)."""
-    num_experts = load.shape[0]
-    total = jnp.sum(load)
-    quotient, remainder = total // num_experts, total % num_experts  # mean = q + r/E
+    quotient, remainder = _total_divmod(load)  # mean = q + r/E
     below = (load < quotient) | ((load == quotient) & (remainder > 0))
     above = load > quotient
     return below.astype(jnp.float32) - above.astype(jnp.float32)

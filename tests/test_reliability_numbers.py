@@ -168,6 +168,21 @@ def test_traced_loads_are_clamped_so_the_sign_keeps_its_direction():
     assert float(got[0]) == -1.0  # the over-loaded expert still goes down
 
 
+def test_traced_loads_summing_past_int32_keep_the_exact_sign():
+    # Each count fits in int32 but the total does not: the mean must not wrap negative.
+    bias = jnp.zeros(3, jnp.float32)
+    step = jax.jit(lambda c: update_bias(bias, c, rate=1.0))
+    for load, dtype in (
+        ([2_000_000_000, 1_000_000_000, 0], jnp.int32),
+        ([2_000_000_000, 2_000_000_000, 2_000_000_000], jnp.int32),
+        ([2**31 - 1, 2**31 - 2, 2**31 - 1], jnp.int32),
+        ([3_000_000_000, 2_000_000_000, 0], jnp.uint32),  # saturates to 2**31 - 1 first
+    ):
+        counts = np.minimum(np.asarray(load, np.int64), 2**31 - 1)
+        want = np.sign(counts.sum() - 3 * counts).astype(np.float32)  # sign(mean - c_i)
+        np.testing.assert_array_equal(step(jnp.asarray(load, dtype)), want, err_msg=str(load))
+
+
 def test_update_never_makes_a_finite_bias_non_finite():
     bias = jnp.array([1e30, -1e30, 0.0], jnp.float32)
     for rule in ("sign", "sign_zero_mean", "proportional"):
