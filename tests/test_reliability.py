@@ -383,6 +383,20 @@ def test_a_bad_flag_combination_is_exit_2_naming_the_argument(capsys, tmp_path):
     assert "seq_len=5 does not divide num_tokens=32" in _cli_error(argv, capsys)
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seeds", "0,0"], "seeds must be a non-empty list without repeats"),
+        (["--bias-rates", "1e-3,0.001"], "strategy names must be unique"),
+        (["--aux-coefs", "0.01,1e-2"], "strategy names must be unique"),
+    ],
+)
+def test_a_bad_run_plan_is_exit_2_before_any_run(flags, message, capsys, tmp_path):
+    argv = ["compare", "--preset", "tiny", "--quiet", "--out", str(tmp_path), *flags]
+    assert message in _cli_error(argv, capsys)
+    assert not (tmp_path / "runs").exists()
+
+
 def _read_only_dir(tmp_path) -> pathlib.Path:
     folder = tmp_path / "read-only"
     folder.mkdir()

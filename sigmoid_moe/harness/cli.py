@@ -62,7 +62,7 @@ def _spawn_processes(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     if args.num_processes > 1:
         return _spawn_processes(args)
-    from sigmoid_moe.harness.compare import compare, default_strategies
+    from sigmoid_moe.harness.compare import check_runs, compare, default_strategies
     from sigmoid_moe.harness.data import build_corpus
     from sigmoid_moe.harness.presets import PRESETS
     from sigmoid_moe.harness.report import results_table
@@ -94,6 +94,7 @@ def _compare(args: argparse.Namespace) -> int:
             scopes=args.balance_scope or preset.scopes,
             softmax_baseline=preset.softmax_baseline,
         )
+        seeds = check_runs(strategies, args.seeds or preset.seeds)
         corpus = build_corpus(base.data, base.model.seq_len)
     out = output_dir(args.out or f"runs/compare-{args.preset}")
     try:
@@ -101,7 +102,7 @@ def _compare(args: argparse.Namespace) -> int:
             base,
             strategies,
             out,
-            seeds=args.seeds or preset.seeds,
+            seeds=seeds,
             preset=args.preset,
             jobs=args.jobs,
             resume=not args.no_resume,

@@ -29,7 +29,7 @@ from sigmoid_moe.harness.run_files import read_jsonl
 from sigmoid_moe.harness.train import TrainConfig, train
 from sigmoid_moe.harness.workers import default_jobs, map_in_workers
 
-__all__ = ["Strategy", "compare", "default_strategies"]
+__all__ = ["Strategy", "check_runs", "compare", "default_strategies"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +203,33 @@ def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_cha
     return result
 
 
+def check_runs(strategies: Sequence[Strategy], seeds: Sequence[int]) -> tuple[int, ...]:
+    """Checks the runs :func:`compare` would train (before any of them starts): at least one
+    strategy, unique names that map to distinct run folders, and unique seeds ``>= 0``.
+    Returns the seeds as a tuple; raises ValueError naming the problem."""
+    if not strategies:
+        raise ValueError("strategies is empty; pass at least one Strategy.")
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise ValueError(f"strategy names must be unique, got {names}.")
+    folders: dict[str, str] = {}
+    for name in names:
+        if not _slug(name).strip("."):
+            raise ValueError(f"strategy name {name!r} gives no run folder name; use letters.")
+        other = folders.setdefault(_slug(name), name)
+        if other != name:
+            raise ValueError(
+                f"strategies {other!r} and {name!r} would share the same run folder "
+                f"runs/{_slug(name)}; rename one (letters, digits and -_. are kept)."
+            )
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}.")
+    for seed in seeds:
+        require_int("seed", seed, 0)
+    return seeds
+
+
 def compare(
     base: TrainConfig,
     strategies: Sequence[Strategy],
@@ -240,26 +267,7 @@ def compare(
       ``maxvio_batch_floor`` (uniform routing at ``batch_size * seq_len`` tokens), and the
       :func:`~sigmoid_moe.harness.evaluate.evaluate` results.
     """
-    if not strategies:
-        raise ValueError("strategies is empty; pass at least one Strategy.")
-    names = [s.name for s in strategies]
-    if len(set(names)) != len(names):
-        raise ValueError(f"strategy names must be unique, got {names}.")
-    folders: dict[str, str] = {}
-    for name in names:
-        if not _slug(name).strip("."):
-            raise ValueError(f"strategy name {name!r} gives no run folder name; use letters.")
-        other = folders.setdefault(_slug(name), name)
-        if other != name:
-            raise ValueError(
-                f"strategies {other!r} and {name!r} would share the same run folder "
-                f"runs/{_slug(name)}; rename one (letters, digits and -_. are kept)."
-            )
-    seeds = (base.seed,) if seeds is None else tuple(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}.")
-    for seed in seeds:
-        require_int("seed", seed, 0)
+    seeds = check_runs(strategies, (base.seed,) if seeds is None else seeds)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if corpus is None:
