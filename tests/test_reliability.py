@@ -277,7 +277,12 @@ def test_resuming_on_changed_data_is_refused_unless_allowed(tmp_path):
 @pytest.mark.parametrize("checkpoint_every", [6, 1])
 def test_a_diverging_run_stops_at_that_step_and_never_saves_it(tmp_path, corpus, checkpoint_every):
     config = dataclasses.replace(
-        CONFIG, steps=6, warmup_steps=0, learning_rate=1e30, checkpoint_every=checkpoint_every
+        CONFIG,
+        steps=6,
+        warmup_steps=0,
+        learning_rate=1e30,
+        checkpoint_every=checkpoint_every,
+        eval_every=6,  # no validation on the way (its own guard is tested below)
     )
     with pytest.raises(NonFiniteError, match=r"^step (\d+): ") as err:
         train(config, tmp_path, progress=False, corpus=corpus)
@@ -297,6 +302,20 @@ def test_a_diverging_run_stops_at_that_step_and_never_saves_it(tmp_path, corpus,
         for leaf in jax.tree.leaves(saved):
             assert np.isfinite(np.asarray(leaf, np.float64)).all()
     assert len(ckpt.steps()) == (0 if checkpoint_every == 6 else min(2, step - 1))
+
+
+def test_a_non_finite_validation_loss_is_never_logged(tmp_path, corpus):
+    # The step's own loss is finite (taken before the update), the updated model's is not.
+    config = dataclasses.replace(
+        CONFIG, steps=6, warmup_steps=0, learning_rate=1e30, checkpoint_every=6, eval_every=1
+    )
+    with pytest.raises(NonFiniteError, match=r"^step (\d+): non-finite val_loss") as err:
+        train(config, tmp_path, progress=False, corpus=corpus)
+    step = int(str(err.value).split()[1].rstrip(":"))
+    evals = read_jsonl(tmp_path / "eval.jsonl")
+    assert evals and all(np.isfinite(r["val_loss"]) for r in evals)
+    assert [r["step"] for r in evals] == list(range(1, step))
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, step))
 
 
 def test_a_non_finite_leaf_is_never_written_as_a_checkpoint(tmp_path):

@@ -358,8 +358,8 @@ def train(
 
     Raises:
       RunFileError: resuming a folder whose files are corrupt or belong to another run.
-      NonFiniteError: a step's loss, bias or another metric is NaN or infinite; that step
-        is neither logged nor saved.
+      NonFiniteError: a step's loss, bias, validation loss or another metric is NaN or
+        infinite; that step is neither logged nor saved.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
@@ -453,10 +453,14 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                 done = step + 1
                 record = _to_json(fetch(metrics), done)
                 require_finite(done, record)
-                mfile.write(json.dumps(record) + "\n")
+                evaluation = None
                 if done % config.eval_every == 0 or done == config.steps:
                     val = validation_loss(nnx.merge(graphdef, params, bias), subset, mesh)
-                    efile.write(json.dumps({"step": done, "val_loss": val}) + "\n")
+                    evaluation = {"step": done, "val_loss": val}
+                    require_finite(done, evaluation)  # before either log gets this step
+                mfile.write(json.dumps(record) + "\n")
+                if evaluation is not None:
+                    efile.write(json.dumps(evaluation) + "\n")
                     efile.flush()
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     mfile.flush()
