@@ -58,3 +58,19 @@ def test_a_failing_process_ends_the_job_with_its_code_and_output(stand_in, capfd
     assert multiprocess.spawn(["fail"], 2, 1) == 5
     assert time.perf_counter() - started < 20  # process 0 is not left waiting for it
     assert "process 1 broke" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag", [["--num-processes", "2"], ["--num-processes=2"], ["--num-p", "2"]]
+)
+def test_the_spawned_processes_do_not_spawn_again(flag, monkeypatch, tmp_path):
+    # Each process gets the command line minus the process count, however it was spelled
+    # (argparse takes abbreviations): a process that kept it would spawn processes too.
+    from sigmoid_moe.cli import _build_parser, main
+
+    calls = []
+    monkeypatch.setattr(multiprocess, "spawn", lambda argv, n, devices: calls.append(argv) or 0)
+    argv = ["compare", "--preset", "tiny", "--out", str(tmp_path), "--mesh", "data=2"]
+    assert main([*argv, *flag]) == 0
+    (child,) = calls
+    assert _build_parser().parse_args(child).num_processes == 1

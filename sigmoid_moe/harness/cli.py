@@ -32,18 +32,6 @@ def _mesh_flag(text: str) -> tuple[int, int]:
     return sizes["data"], sizes["expert"]
 
 
-def _without_flag(argv: list[str], flag: str) -> list[str]:
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == flag:
-            skip = True
-        elif not item.startswith(flag + "="):
-            out.append(item)
-    return out
-
-
 def _spawn_processes(args: argparse.Namespace) -> int:
     from sigmoid_moe.errors import UsageError
     from sigmoid_moe.harness.multiprocess import spawn
@@ -55,7 +43,9 @@ def _spawn_processes(args: argparse.Namespace) -> int:
             f"the processes (each gets its share), got {devices} device(s); e.g. "
             "--mesh data=2,expert=4 --num-processes 2."
         )
-    argv = _without_flag(list(args.argv), "--num-processes")
+    # The last --num-processes wins, however the user's was spelled (argparse also takes
+    # abbreviations such as --num-p): each process runs the job itself, spawning nothing.
+    argv = [*args.argv, "--num-processes=1"]
     return spawn(argv, args.num_processes, devices // args.num_processes)
 
 
