@@ -38,7 +38,7 @@ from sigmoid_moe._dispatch_common import (
     gather_rows,
     resolve_kernel,
 )
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
+from sigmoid_moe.blocked_ffn import auto_block_size, block_layout, blocked_expert_ffn
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -208,7 +208,7 @@ def capacity_moe(
     *,
     capacity_factor: float = 1.25,
     kernel: CapacityKernel = "auto",
-    block_size: int = 128,
+    block_size: int | None = None,
 ) -> Dispatched:
     """Capacity dispatch (GShard/Switch): at most ``C`` token copies per expert.
 
@@ -225,9 +225,12 @@ def capacity_moe(
       ``"blocked"`` (CPU): the kept copies in expert-contiguous row blocks through
       :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` in blocks of at most ``C`` rows;
       empty slots cost nothing. Reverse-mode autodiff only (no ``jax.jvp``).
+      ``block_size=None`` lets the kernel choose
+      (:func:`sigmoid_moe.blocked_ffn.auto_block_size` of the ``T*k/E`` average rows).
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    check_block_size(block_size)
+    if block_size is not None:
+        check_block_size(block_size)
     kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     num_tokens, k = expert_ids_tk.shape
     num_experts, d_model, _ = w_in_edf.shape
@@ -239,6 +242,8 @@ def capacity_moe(
     w_out = w_out_efd.astype(x_td.dtype)
 
     if kernel == "blocked":
+        if block_size is None:
+            block_size = auto_block_size(-(-num_tokens * k // num_experts))
         expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # rank-major, as the slots
         layout = block_layout(
             expert_a,
@@ -274,7 +279,7 @@ def dropless_moe(
     token_mask_t: jax.Array | None = None,
     *,
     kernel: DroplessKernel = "auto",
-    block_size: int = 128,
+    block_size: int | None = None,
 ) -> Dispatched:
     """Dropless dispatch (MegaBlocks-style): sort copies by expert, grouped matmul, combine.
 
@@ -295,9 +300,14 @@ def dropless_moe(
     axis (as :class:`MoELayer` does) rather than ``jax.vmap``: under vmap,
     ``kernel="ragged_dot"`` needs the expert weights batched too (JAX's batching rule has no
     case for shared weights), and ``kernel="blocked"`` works but runs every block.
+
+    ``block_size`` (blocked kernel): rows per block; ``None`` lets the kernel choose
+    (:func:`sigmoid_moe.blocked_ffn.auto_block_size`, about 1.5x an expert's average
+    rows). An explicit size is capped at the average rows per expert.
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    check_block_size(block_size)
+    if block_size is not None:
+        check_block_size(block_size)
     kernel = resolve_kernel(kernel, get_args(DroplessKernel), gpu_choice="ragged_dot")
     num_tokens, k = expert_ids_tk.shape
     num_experts = w_in_edf.shape[0]
@@ -310,9 +320,11 @@ def dropless_moe(
     valid_a = valid_tk.reshape(-1)
     rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
     if kernel == "blocked":
-        # Blocks no longer than an expert's average share keep the padding (at most one
-        # partly filled block per expert) small when there are few tokens per expert.
-        block_size = min(block_size, max(1, -(-num_assign // num_experts)))
+        rows_per_expert = max(1, -(-num_assign // num_experts))
+        if block_size is None:
+            block_size = auto_block_size(rows_per_expert)
+        else:  # an explicit size keeps its cap: no longer than an expert's average share
+            block_size = min(block_size, rows_per_expert)
     else:
         block_size = 1  # ragged_dot needs no padding: exactly A rows
     layout = block_layout(
