@@ -478,3 +478,25 @@ def test_bad_inputs():
         capacity_moe(x, ids, weights, w_in, w_out, block_size=0)
     with pytest.raises(ValueError, match="token_mask_t"):
         dropless_moe(x, ids, weights, w_in, w_out, jnp.ones(3, bool))
+
+
+@pytest.mark.parametrize("num_experts", [7, 60_000])  # packed int32 keys; stable argsort
+def test_rank_within_expert_matches_a_running_count(num_experts):
+    """Both sort paths of the ranking (the second overflows packed int32 keys)."""
+    from sigmoid_moe import dispatch
+
+    num_assign = 40_000
+    rng = np.random.default_rng(num_experts)
+    expert_a = rng.integers(0, min(num_experts, 50), num_assign).astype(np.int32)
+    valid_a = rng.random(num_assign) < 0.9
+    assert ((num_experts + 1) * num_assign > 2**31 - 1) == (num_experts > 50_000)
+    rank_a, count_e = jax.jit(dispatch._rank_within_expert, static_argnums=2)(
+        jnp.asarray(expert_a), jnp.asarray(valid_a), num_experts
+    )
+    want_rank = np.full(num_assign, -1)
+    seen = np.zeros(num_experts, int)
+    for a in np.flatnonzero(valid_a):
+        want_rank[a] = seen[expert_a[a]]
+        seen[expert_a[a]] += 1
+    np.testing.assert_array_equal(np.asarray(rank_a), want_rank)
+    np.testing.assert_array_equal(np.asarray(count_e), seen)
