@@ -36,19 +36,12 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _presets import PRESETS
 from _timing import paired_rounds, ratio_summary
 
 from sigmoid_moe import RouterConfig, route
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe
 from sigmoid_moe.experts import swiglu_ffn
-
-# name: (tokens, d_model, d_ff, experts, top_k, groups, kept groups)
-PRESETS = {
-    "v2": (8192, 512, 1024, 64, 6, 1, 1),
-    "v3": (8192, 512, 256, 256, 8, 8, 4),
-    "k2": (8192, 512, 128, 384, 8, 1, 1),
-    "small": (1024, 256, 512, 16, 2, 1, 1),
-}
 
 
 def _moe_loss(dispatch, router, params, x_td):

@@ -215,11 +215,19 @@ def _forward_scan(num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_
         # The block's first `size` rows; the results padded back to whole blocks so that
         # every branch returns the same shapes.
         def run(src_m, weight_m, expert):
-            x_sd = gather_rows(x_td, src_m[:size])
-            h_sf2 = jnp.dot(x_sd, w_in_edf[expert], preferred_element_type=f32).astype(dtype)
-            o_sd = jnp.dot(swiglu(h_sf2), w_out_efd[expert], preferred_element_type=f32)
-            o_sd = o_sd * weight_m[:size, None].astype(f32)
-            return _pad_rows(o_sd, block_size), _pad_rows(h_sf2, block_size)
+            with jax.named_scope("gather"):
+                x_sd = gather_rows(x_td, src_m[:size])
+            with jax.named_scope("expert_gemms"):
+                h_sf2 = jnp.dot(x_sd, w_in_edf[expert], preferred_element_type=f32)
+                h_sf2 = h_sf2.astype(dtype)
+            with jax.named_scope("swiglu"):
+                a_sf = swiglu(h_sf2)
+            with jax.named_scope("expert_gemms"):
+                o_sd = jnp.dot(a_sf, w_out_efd[expert], preferred_element_type=f32)
+            with jax.named_scope("scatter_add"):
+                o_md = _pad_rows(o_sd * weight_m[:size, None].astype(f32), block_size)
+            with jax.named_scope("save_h"):
+                return o_md, _pad_rows(h_sf2, block_size)
 
         return run
 
@@ -233,10 +241,13 @@ def _forward_scan(num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_
         def run(carry):
             y_td, h_rf2 = carry
             o_md, h_mf2 = jax.lax.switch(class_ - 1, branches, src_m, weight_m, expert)
-            # Empty rows have src T: mode="drop" skips them (their output is 0 anyway).
-            y_td = y_td.at[src_m].add(o_md, mode="drop")
-            # Rows past the block's own are overwritten by the next block (or unused).
-            return y_td, jax.lax.dynamic_update_slice_in_dim(h_rf2, h_mf2, offset, axis=0)
+            with jax.named_scope("scatter_add"):
+                # Empty rows have src T: mode="drop" skips them (their output is 0 anyway).
+                y_td = y_td.at[src_m].add(o_md, mode="drop")
+            with jax.named_scope("save_h"):
+                # Rows past the block's own are overwritten by the next block (or unused).
+                h_rf2 = jax.lax.dynamic_update_slice_in_dim(h_rf2, h_mf2, offset, axis=0)
+            return y_td, h_rf2
 
         # Blocks past the last used one (expert -1) cost nothing.
         return jax.lax.cond(class_ > 0, run, lambda carry: carry, carry), None
@@ -253,23 +264,31 @@ def _forward_scan(num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_
 def _blocked_expert_ffn(
     num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
 ):
-    y_td, _ = _forward_scan(
-        num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
-    )
+    with jax.named_scope("blocked_ffn"):
+        y_td, _ = _forward_scan(
+            num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
+        )
     return y_td.astype(x_td.dtype)
 
 
 def _blocked_expert_ffn_fwd(
     num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
 ):
-    y_td, h_rf2 = _forward_scan(
-        num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
-    )
+    with jax.named_scope("blocked_ffn"):
+        y_td, h_rf2 = _forward_scan(
+            num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
+        )
     residuals = (x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan, h_rf2)
     return y_td.astype(x_td.dtype), residuals
 
 
 def _blocked_expert_ffn_bwd(num_rows, residuals, dy_td):
+    with jax.named_scope("blocked_ffn_bwd"):
+        return _backward_scan(num_rows, residuals, dy_td)
+
+
+def _backward_scan(num_rows, residuals, dy_td):
+    """Gradients of ``_blocked_expert_ffn`` from its residuals and the output cotangent."""
     x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan, h_rf2 = residuals
     f32 = jnp.float32
     dtype = x_td.dtype
@@ -279,23 +298,30 @@ def _blocked_expert_ffn_bwd(num_rows, residuals, dy_td):
     def rows(size):
         def run(src_m, weight_m, expert, offset):
             src_s = src_m[:size]
-            x_sd = gather_rows(x_td, src_s)
-            dy_sd = gather_rows(dy_td, src_s)
-            h_sf2 = jax.lax.dynamic_slice_in_dim(h_rf2, offset, size, axis=0)
-            # Recomputed in cache from the saved h; the pullback reuses its sigmoid.
-            a_sf, swiglu_pullback = jax.vjp(swiglu, h_sf2)
-            weight_s1 = weight_m[:size, None].astype(f32)
-            # y = sum_rows weight * a @ w_out, so with da_u = dy @ w_out^T (unweighted):
-            # d weight = <a, da_u>, d a = weight * da_u, d w_out = (weight * a)^T dy.
-            aw_sf = (a_sf.astype(f32) * weight_s1).astype(dtype)
-            dw_out_fd = jnp.dot(aw_sf.T, dy_sd, preferred_element_type=f32)
-            da_sf = jnp.dot(dy_sd, w_out_efd[expert].T, preferred_element_type=f32)
-            dweight_s = jnp.sum(a_sf.astype(f32) * da_sf, axis=-1)
-            (dh_sf2,) = swiglu_pullback((da_sf * weight_s1).astype(dtype))
-            dw_in_df2 = jnp.dot(x_sd.T, dh_sf2, preferred_element_type=f32)
-            dx_sd = jnp.dot(dh_sf2, w_in_edf[expert].T, preferred_element_type=f32)
-            pad = functools.partial(_pad_rows, block_size=block_size)
-            return pad(dx_sd), dw_in_df2, dw_out_fd, pad(dweight_s)
+            with jax.named_scope("gather"):
+                x_sd = gather_rows(x_td, src_s)
+                dy_sd = gather_rows(dy_td, src_s)
+            with jax.named_scope("save_h"):
+                h_sf2 = jax.lax.dynamic_slice_in_dim(h_rf2, offset, size, axis=0)
+            with jax.named_scope("swiglu"):
+                # Recomputed in cache from the saved h; the pullback reuses its sigmoid.
+                a_sf, swiglu_pullback = jax.vjp(swiglu, h_sf2)
+                weight_s1 = weight_m[:size, None].astype(f32)
+                # y = sum_rows weight * a @ w_out, so with da_u = dy @ w_out^T (unweighted):
+                # d weight = <a, da_u>, d a = weight * da_u, d w_out = (weight * a)^T dy.
+                aw_sf = (a_sf.astype(f32) * weight_s1).astype(dtype)
+            with jax.named_scope("expert_gemms"):
+                dw_out_fd = jnp.dot(aw_sf.T, dy_sd, preferred_element_type=f32)
+                da_sf = jnp.dot(dy_sd, w_out_efd[expert].T, preferred_element_type=f32)
+            with jax.named_scope("swiglu"):
+                dweight_s = jnp.sum(a_sf.astype(f32) * da_sf, axis=-1)
+                (dh_sf2,) = swiglu_pullback((da_sf * weight_s1).astype(dtype))
+            with jax.named_scope("expert_gemms"):
+                dw_in_df2 = jnp.dot(x_sd.T, dh_sf2, preferred_element_type=f32)
+                dx_sd = jnp.dot(dh_sf2, w_in_edf[expert].T, preferred_element_type=f32)
+            with jax.named_scope("scatter_add"):
+                pad = functools.partial(_pad_rows, block_size=block_size)
+                return pad(dx_sd), dw_in_df2, dw_out_fd, pad(dweight_s)
 
         return run
 
@@ -309,9 +335,11 @@ def _blocked_expert_ffn_bwd(num_rows, residuals, dy_td):
             dx_md, dw_in_df2, dw_out_fd, dweight_m = jax.lax.switch(
                 class_ - 1, branches, src_m, weight_m, expert, offset
             )
-            dx_td = dx_td.at[src_m].add(dx_md, mode="drop")
-            dw_in_edf = dw_in_edf.at[expert].add(dw_in_df2)
-            dw_out_efd = dw_out_efd.at[expert].add(dw_out_fd)
+            with jax.named_scope("scatter_add"):
+                dx_td = dx_td.at[src_m].add(dx_md, mode="drop")
+            with jax.named_scope("dw_accumulate"):
+                dw_in_edf = dw_in_edf.at[expert].add(dw_in_df2)
+                dw_out_efd = dw_out_efd.at[expert].add(dw_out_fd)
             return (dx_td, dw_in_edf, dw_out_efd), dweight_m
 
         def skip(grads):
@@ -359,7 +387,8 @@ def blocked_expert_ffn(
       ``[T, d_model]`` in ``x_td``'s dtype, accumulated in float32; tokens with no
       placed row get exactly 0.
     """
-    plan, num_rows = _block_plan(layout, x_td.shape[0], w_in_edf.shape[0])
+    with jax.named_scope("layout"):
+        plan, num_rows = _block_plan(layout, x_td.shape[0], w_in_edf.shape[0])
     args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
     # Inside shard_map, give every input the same varying axes (differentiably: the
     # transpose of that cast sums the gradients of replicated inputs over those axes).

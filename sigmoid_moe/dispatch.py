@@ -246,7 +246,8 @@ def capacity_moe(
     if num_tokens == 0:
         return _empty(x_td)
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
-    placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
+    with jax.named_scope("layout"):
+        placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
     w_in = w_in_edf.astype(x_td.dtype)
     w_out = w_out_efd.astype(x_td.dtype)
 
@@ -254,17 +255,18 @@ def capacity_moe(
         if block_size is None:
             block_size = auto_block_size(-(-num_tokens * k // num_experts))
         expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # rank-major, as the slots
-        layout = block_layout(
-            expert_a,
-            placement.slot_a - expert_a * slots,  # rank within the expert where kept
-            placement.kept_a,
-            jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
-            weights_tk.T.reshape(-1),
-            jnp.minimum(placement.count_e, slots),
-            num_tokens=num_tokens,
-            block_size=block_size,
-            max_rows_per_expert=slots,
-        )
+        with jax.named_scope("layout"):
+            layout = block_layout(
+                expert_a,
+                placement.slot_a - expert_a * slots,  # rank within the expert where kept
+                placement.kept_a,
+                jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
+                weights_tk.T.reshape(-1),
+                jnp.minimum(placement.count_e, slots),
+                num_tokens=num_tokens,
+                block_size=block_size,
+                max_rows_per_expert=slots,
+            )
         return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), placement.dropped)
 
     x_ecd = gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
@@ -324,10 +326,6 @@ def dropless_moe(
 
     if num_tokens == 0:
         return _empty(x_td)
-    expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
-    real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
-    valid_a = valid_tk.reshape(-1)
-    rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
     if kernel == "blocked":
         rows_per_expert = max(1, -(-num_assign // num_experts))
         if block_size is None:
@@ -336,16 +334,21 @@ def dropless_moe(
             block_size = min(block_size, rows_per_expert)
     else:
         block_size = 1  # ragged_dot needs no padding: exactly A rows
-    layout = block_layout(
-        expert_a,
-        rank_a,
-        valid_a,
-        jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k),
-        weights_tk.reshape(-1),
-        count_e,
-        num_tokens=num_tokens,
-        block_size=block_size,
-    )
+    with jax.named_scope("layout"):
+        expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
+        real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
+        valid_a = valid_tk.reshape(-1)
+        rank_a, count_e = _rank_within_expert(expert_a, valid_a, num_experts)
+        layout = block_layout(
+            expert_a,
+            rank_a,
+            valid_a,
+            jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k),
+            weights_tk.reshape(-1),
+            count_e,
+            num_tokens=num_tokens,
+            block_size=block_size,
+        )
     w_in = w_in_edf.astype(x_td.dtype)
     w_out = w_out_efd.astype(x_td.dtype)
     no_expert = jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32)  # ids outside [0, E)
