@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
@@ -23,3 +26,51 @@ def median_seconds(compiled, args, repeats: int) -> float:
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Timings(NamedTuple):
+    """Per-call seconds of one function, one entry per round."""
+
+    wall: list[float]
+    cpu: list[float]  # process CPU time (both cores), robust to other jobs taking cores
+
+
+def paired_rounds(
+    baseline: Callable[[], object], candidates: dict[str, Callable[[], object]], rounds: int
+) -> dict[str, tuple[Timings, Timings]]:
+    """Times each candidate ``rounds`` times, every call right after a call of ``baseline``.
+
+    On a machine shared with other jobs the load drifts over seconds; a candidate's ratio
+    to the baseline call just before it cancels most of that drift, where medians of
+    separate runs do not. Every function is warmed up (compile, two calls) first.
+
+    Returns, per candidate, ``(baseline timings, candidate timings)``, paired call by call.
+    """
+
+    def timed(fn, timings: Timings) -> None:
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        jax.block_until_ready(fn())
+        timings.wall.append(time.perf_counter() - wall)
+        timings.cpu.append(cpu_seconds() - cpu)
+
+    for fn in (baseline, *candidates.values()):
+        jax.block_until_ready(fn())
+        jax.block_until_ready(fn())
+    out = {name: (Timings([], []), Timings([], [])) for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            timed(baseline, out[name][0])
+            timed(fn, out[name][1])
+    return out
+
+
+def ratio_summary(candidate: list[float], baseline: list[float]) -> str:
+    """``median (min-max)`` of the per-round ratios ``candidate / baseline``."""
+    ratios = [c / b for c, b in zip(candidate, baseline, strict=True)]
+    return f"{statistics.median(ratios):5.2f}x ({min(ratios):4.2f}-{max(ratios):4.2f})"

@@ -40,7 +40,7 @@ from sigmoid_moe._dispatch_common import (
     rank_within_expert,
     resolve_kernel,
 )
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
+from sigmoid_moe.blocked_ffn import auto_block_size, block_layout, blocked_expert_ffn
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -174,7 +174,7 @@ def capacity_moe(
     *,
     capacity_factor: float = 1.25,
     kernel: CapacityKernel = "auto",
-    block_size: int = 128,
+    block_size: int | None = None,
 ) -> Dispatched:
     """Capacity dispatch (GShard/Switch): at most ``C`` token copies per expert.
 
@@ -191,32 +191,39 @@ def capacity_moe(
       ``"blocked"`` (CPU): the kept copies in expert-contiguous row blocks through
       :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` in blocks of at most ``C`` rows;
       empty slots cost nothing. Reverse-mode autodiff only (no ``jax.jvp``).
+      ``block_size=None`` lets the kernel choose
+      (:func:`sigmoid_moe.blocked_ffn.auto_block_size` of the ``T*k/E`` average rows).
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    check_block_size(block_size)
+    if block_size is not None:
+        check_block_size(block_size)
     kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
     num_tokens, k = expert_ids_tk.shape
     num_experts, d_model, _ = w_in_edf.shape
     if num_tokens == 0:
         return _empty(x_td)
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
-    placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
+    with jax.named_scope("layout"):
+        placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
     w_in = w_in_edf.astype(x_td.dtype)
     w_out = w_out_efd.astype(x_td.dtype)
 
     if kernel == "blocked":
+        if block_size is None:
+            block_size = auto_block_size(-(-num_tokens * k // num_experts))
         expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # rank-major, as the slots
-        layout = block_layout(
-            expert_a,
-            placement.slot_a - expert_a * slots,  # rank within the expert where kept
-            placement.kept_a,
-            jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
-            weights_tk.T.reshape(-1),
-            jnp.minimum(placement.count_e, slots),
-            num_tokens=num_tokens,
-            block_size=block_size,
-            max_rows_per_expert=slots,
-        )
+        with jax.named_scope("layout"):
+            layout = block_layout(
+                expert_a,
+                placement.slot_a - expert_a * slots,  # rank within the expert where kept
+                placement.kept_a,
+                jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
+                weights_tk.T.reshape(-1),
+                jnp.minimum(placement.count_e, slots),
+                num_tokens=num_tokens,
+                block_size=block_size,
+                max_rows_per_expert=slots,
+            )
         return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), placement.dropped)
 
     x_ecd = gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
@@ -240,7 +247,7 @@ def dropless_moe(
     token_mask_t: jax.Array | None = None,
     *,
     kernel: DroplessKernel = "auto",
-    block_size: int = 128,
+    block_size: int | None = None,
 ) -> Dispatched:
     """Dropless dispatch (MegaBlocks-style): sort copies by expert, grouped matmul, combine.
 
@@ -261,9 +268,14 @@ def dropless_moe(
     axis (as :class:`MoELayer` does) rather than ``jax.vmap``: under vmap,
     ``kernel="ragged_dot"`` needs the expert weights batched too (JAX's batching rule has no
     case for shared weights), and ``kernel="blocked"`` works but runs every block.
+
+    ``block_size`` (blocked kernel): rows per block; ``None`` lets the kernel choose
+    (:func:`sigmoid_moe.blocked_ffn.auto_block_size`, about 1.5x an expert's average
+    rows). An explicit size is capped at the average rows per expert.
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    check_block_size(block_size)
+    if block_size is not None:
+        check_block_size(block_size)
     kernel = resolve_kernel(kernel, get_args(DroplessKernel), gpu_choice="ragged_dot")
     num_tokens, k = expert_ids_tk.shape
     num_experts = w_in_edf.shape[0]
@@ -271,26 +283,29 @@ def dropless_moe(
 
     if num_tokens == 0:
         return _empty(x_td)
-    expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
-    real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
-    valid_a = valid_tk.reshape(-1)
-    rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
     if kernel == "blocked":
-        # Blocks no longer than an expert's average share keep the padding (at most one
-        # partly filled block per expert) small when there are few tokens per expert.
-        block_size = min(block_size, max(1, -(-num_assign // num_experts)))
+        rows_per_expert = max(1, -(-num_assign // num_experts))
+        if block_size is None:
+            block_size = auto_block_size(rows_per_expert)
+        else:  # an explicit size keeps its cap: no longer than an expert's average share
+            block_size = min(block_size, rows_per_expert)
     else:
         block_size = 1  # ragged_dot needs no padding: exactly A rows
-    layout = block_layout(
-        expert_a,
-        rank_a,
-        valid_a,
-        jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k),
-        weights_tk.reshape(-1),
-        count_e,
-        num_tokens=num_tokens,
-        block_size=block_size,
-    )
+    with jax.named_scope("layout"):
+        expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
+        real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
+        valid_a = valid_tk.reshape(-1)
+        rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
+        layout = block_layout(
+            expert_a,
+            rank_a,
+            valid_a,
+            jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k),
+            weights_tk.reshape(-1),
+            count_e,
+            num_tokens=num_tokens,
+            block_size=block_size,
+        )
     w_in = w_in_edf.astype(x_td.dtype)
     w_out = w_out_efd.astype(x_td.dtype)
     no_expert = jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32)  # ids outside [0, E)

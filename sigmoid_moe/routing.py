@@ -156,6 +156,11 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
       A :class:`Routing`.
     """
     _check_inputs(logits, bias, config)
+    with jax.named_scope("route"):  # labels the ops in profiles (benchmarks/breakdown.py)
+        return _route(logits, bias, config)
+
+
+def _route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Routing:
     logits = jnp.asarray(logits, jnp.float32)
     if bias is None:
         bias = jnp.zeros((config.num_experts,), jnp.float32)

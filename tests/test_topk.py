@@ -142,3 +142,25 @@ def test_property_matches_oracle(rows, data):
     if k <= topk_module._MAX_ITERATIVE_K:
         _check(VARIANTS["narrow"], x, k)
         _check(VARIANTS["wide"], x, k)
+
+
+@pytest.mark.parametrize("kind", ["ties", "special"])
+@pytest.mark.parametrize("n, k", [(17, 16), (129, 8), (200, 16), (384, 8)])
+def test_wide_chunked_path_matches_oracle(kind, n, k):
+    """Rows longer than a chunk, a last chunk cut short, picks that empty whole chunks."""
+    rng = np.random.default_rng(zlib.crc32(repr(("wide", kind, n, k)).encode()))
+    x = _sample(rng, (5, n), kind)
+    x[0, : topk_module._CHUNK] = 7.0  # the whole first chunk ties at the top
+    x[1] = -np.inf  # every entry ties at -inf: index order
+    _check(VARIANTS["wide"], x, k)
+    _check(top_k, x, k)
+
+
+def test_wide_row_blocked_path_matches_oracle():
+    # Enough rows of a wide (n > _MAX_NARROW_N) row for the lax.map path, with -inf padding.
+    n = 2 * topk_module._MAX_NARROW_N + 3
+    rows = 4 * topk_module._WIDE_BLOCK_ROWS + 5
+    x = np.random.default_rng(3).integers(-3, 4, (rows, n)).astype(np.float32)
+    x[::4, 2] = np.nan
+    x[::6, 100:140] = -np.inf
+    _check(jax.jit(top_k, static_argnums=1), x, 8)
