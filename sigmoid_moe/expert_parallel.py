@@ -69,7 +69,7 @@ from sigmoid_moe._dispatch_common import (
     rank_within_expert,
     resolve_kernel,
 )
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
+from sigmoid_moe.blocked_ffn import auto_block_size, block_layout, blocked_expert_ffn
 from sigmoid_moe.dispatch import (
     CapacityKernel,
     DroplessKernel,
@@ -123,7 +123,7 @@ def _resolve_mesh(mesh):
     return mesh
 
 
-def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int):
+def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int | None):
     """Each filled slot's row through its local expert; empty slots give 0 (as SwiGLU(0)).
 
     Args:
@@ -136,6 +136,8 @@ def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int
     """
     num_src, local_experts, slots, d_model = recv_nlcd.shape
     num_rows = num_src * local_experts * slots
+    if block_size is None:
+        block_size = auto_block_size(num_src * slots)  # a local expert's slot rows
     rows_rd = recv_nlcd.reshape(num_rows, d_model)
     # Row r = (s * E_l + l) * C + c; expert l's rows rank sender by sender.
     slot_c = jnp.arange(slots, dtype=jnp.int32)
@@ -173,7 +175,7 @@ def _capacity_local_moe(
     token_axes: tuple[str, ...],
     capacity_factor: float,
     kernel: str,
-    block_size: int,
+    block_size: int | None,
 ):
     """The per-device body of capacity EP inside ``shard_map`` (all shapes are local).
 
@@ -262,7 +264,7 @@ def _dropless_local_moe(
     num_shards: int,
     token_axes: tuple[str, ...],
     kernel: str,
-    block_size: int,
+    block_size: int | None,
 ):
     """The per-device body of dropless EP inside ``shard_map`` (all shapes are local).
 
@@ -297,8 +299,11 @@ def _dropless_local_moe(
         plan.recv_sizes_q,
         axis_name=expert_axis,
     )
-    # Blocks no longer than a local expert's average share (T_l * k / E_l rows).
-    block_size = min(block_size, max(1, -(-num_copies // local_experts)))
+    rows_per_expert = max(1, -(-num_copies // local_experts))  # T_l * k / E_l
+    if block_size is None:
+        block_size = auto_block_size(rows_per_expert)
+    else:  # an explicit size keeps its cap: no longer than a local expert's average share
+        block_size = min(block_size, rows_per_expert)
     w_in, w_out = w_in_ldf.astype(x_td.dtype), w_out_lfd.astype(x_td.dtype)
     out_md = _grouped_ffn(recv_md, plan.group_sizes_l, w_in, w_out, kernel, block_size)
     # The inverse exchange: my received slices go back to where they came from.
@@ -330,7 +335,7 @@ def expert_parallel_moe(
     expert_axis: str = "expert",
     capacity_factor: float | None = 1.25,
     kernel: Kernel = "auto",
-    block_size: int = 128,
+    block_size: int | None = None,
 ) -> ExpertParallelOut:
     """Expert-parallel dispatch over ``mesh`` (see the module docstring for the data flow).
 
@@ -350,14 +355,16 @@ def expert_parallel_moe(
         capacity: ``"batched"`` over every slot or ``"blocked"`` over the filled slots;
         ``"auto"`` picks ``"blocked"`` on CPU and ``"ragged_dot"`` / ``"batched"``
         elsewhere (by the default backend: to lower for GPU on a CPU host, name it).
-      block_size: rows per block of the blocked kernel.
+      block_size: rows per block of the blocked kernel; ``None`` lets the kernel choose
+        (:func:`sigmoid_moe.blocked_ffn.auto_block_size` of the rows per local expert).
 
     Returns:
       :class:`ExpertParallelOut`; equal to :func:`sigmoid_moe.capacity_moe` /
       :func:`sigmoid_moe.dropless_moe` on one device whenever nothing is dropped.
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
-    check_block_size(block_size)
+    if block_size is not None:
+        check_block_size(block_size)
     if capacity_factor is None:
         kernels, gpu_choice, mode = get_args(DroplessKernel), "ragged_dot", "dropless"
     else:

@@ -88,7 +88,8 @@ class MoEConfig:
         block scan of :mod:`sigmoid_moe.blocked_ffn`, every dispatch mode), on GPU/TPU
         ``"ragged_dot"`` (dropless) or ``"batched"`` (the ``[E, C, d]`` slot buffer of
         capacity dispatch and of expert parallelism).
-      block_size: rows per block of the blocked kernel.
+      block_size: rows per block of the blocked kernel; ``None`` (default) lets the kernel
+        choose from the rows per expert (:func:`sigmoid_moe.blocked_ffn.auto_block_size`).
       dtype: activation / expert-matmul dtype. Router math is always float32.
       param_dtype: storage dtype of the weights. The bias is always float32.
       balance_loss_coef: Switch load-balancing loss coefficient (1e-2 in Switch).
@@ -116,7 +117,7 @@ class MoEConfig:
     dispatch: DispatchKind = "dropless"
     capacity_factor: float = 1.25
     kernel: Kernel = "auto"
-    block_size: int = 128
+    block_size: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     balance_loss_coef: float = 0.0
@@ -157,7 +158,8 @@ class MoEConfig:
             raise ValueError(
                 f"kernel={self.kernel!r} is not supported with {where}; choose one of {kernels}."
             )
-        require_int("block_size", self.block_size)
+        if self.block_size is not None:
+            require_int("block_size", self.block_size)
         _float_dtype("dtype", self.dtype)
         _float_dtype("param_dtype", self.param_dtype)
         for name in ("balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef"):
