@@ -25,7 +25,11 @@ from sigmoid_moe import (
 )
 
 E, D, RATE = 16, 4, 0.25
-CONFIG = MoEConfig(d_model=D, d_ff=4, router=RouterConfig(num_experts=E, top_k=1))
+# ragged_dot: eager calls of the blocked kernel re-trace its scans layer by layer (slow);
+# the contract does not depend on the expert kernel.
+CONFIG = MoEConfig(
+    d_model=D, d_ff=4, router=RouterConfig(num_experts=E, top_k=1), kernel="ragged_dot"
+)
 
 
 def _moe(expert: int) -> MoELayer:

@@ -94,6 +94,7 @@ def test_two_processes_give_the_results_of_one_process_on_the_same_mesh(tmp_path
     from sigmoid_moe.cli import main
 
     common = ["compare", "--preset", "tiny", "--steps", "4", "--mesh", "data=2,expert=4"]
+    common += ["--strategy", "sigmoid+lossfree(0.001,sign)"]  # the bias moves: its loads count
     assert main([*common, "--out", str(tmp_path / "one"), "--quiet", "--jobs", "2"]) == 0
     assert main([*common, "--out", str(tmp_path / "two"), "--quiet", "--num-processes", "2"]) == 0
     one = json.loads((tmp_path / "one" / "results.json").read_text())["results"]

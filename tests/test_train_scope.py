@@ -82,7 +82,7 @@ def test_global_scope_with_micro_batches_equals_one_big_batch():
 def _layer_loads(config, tokens, per_sequence=False):
     """Each layer's load on ``tokens`` through an independent captured forward."""
     model = TransformerLM(config.model, rngs=nnx.Rngs(params=jax.random.key(0)))
-    out, _ = nnx.capture(model, ExpertLoad)(tokens[:, :-1])
+    out, _ = nnx.jit(lambda m, t: nnx.capture(m, ExpertLoad)(t))(model, tokens[:, :-1])
     ids = np.asarray(out.aux.expert_ids)  # [L, B, S, k]
     num_experts = config.model.num_experts
     if per_sequence:

@@ -84,6 +84,15 @@ def _compare(args: argparse.Namespace) -> int:
             scopes=args.balance_scope or preset.scopes,
             softmax_baseline=preset.softmax_baseline,
         )
+        if args.strategy:
+            names = [strategy.name for strategy in strategies]
+            for name in args.strategy:
+                if name not in names:
+                    raise ValueError(
+                        f"--strategy {name!r} is not one of this comparison's strategies: "
+                        f"{', '.join(names)}."
+                    )
+            strategies = [s for s in strategies if s.name in args.strategy]
         seeds = check_runs(strategies, args.seeds or preset.seeds)
         corpus = build_corpus(base.data, base.model.seq_len)
     out = output_dir(args.out or f"runs/compare-{args.preset}")
@@ -192,6 +201,13 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         help="constant rate, or cosine decay to a tenth over training",
     )
     p.add_argument("--aux-coefs", type=rates, help="aux-loss coefficients, e.g. 1e-3,1e-2")
+    p.add_argument(
+        "--strategy",
+        action="append",
+        metavar="NAME",
+        help="run only this strategy of the comparison (repeatable), e.g. "
+        "'sigmoid+lossfree(0.001,sign)'",
+    )
     p.add_argument("--no-resume", action="store_true", help="retrain runs that have checkpoints")
     p.add_argument(
         "--allow-data-change",
