@@ -255,6 +255,14 @@ def test_blocked_expert_ffn_hand_worked():
     np.testing.assert_allclose(np.asarray(y[:, 1]), want, rtol=1e-6)
 
 
+def _gather_einsum_scatter(token_a, expert_a, x, weight_a, w_in, w_out):
+    """The expert FFN as whole-array gather, per-row einsums and a weighted scatter-add."""
+    h = jnp.einsum("ad,adf->af", x[token_a], w_in[expert_a])
+    gate, up = jnp.split(h, 2, axis=-1)
+    o = jnp.einsum("af,afd->ad", jax.nn.silu(gate) * up, w_out[expert_a])
+    return jnp.zeros_like(x).at[token_a].add(weight_a[:, None] * o)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 5, 32])
 def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
     """The hand-written backward equals autodiff of the plain gather-einsum-scatter form."""
@@ -279,11 +287,7 @@ def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
         )
         return blocked_expert_ffn(x, layout, w_in, w_out)
 
-    def plain(x, weight_a, w_in, w_out):
-        h = jnp.einsum("ad,adf->af", x[token_a], w_in[expert_a])
-        gate, up = jnp.split(h, 2, axis=-1)
-        o = jnp.einsum("af,afd->ad", jax.nn.silu(gate) * up, w_out[expert_a])
-        return jnp.zeros_like(x).at[token_a].add(weight_a[:, None] * o)
+    plain = functools.partial(_gather_einsum_scatter, token_a, expert_a)
 
     args = (x, weights.reshape(-1), w_in, w_out)
     cotangent = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
@@ -540,11 +544,7 @@ def test_partly_filled_blocks_run_their_size_class(block_size, rows_e):
         )
         return blocked_expert_ffn(x, layout, w_in, w_out)
 
-    def plain(x, weight_a, w_in, w_out):
-        h = jnp.einsum("ad,adf->af", x[token_a], w_in[expert_a])
-        gate, up = jnp.split(h, 2, axis=-1)
-        o = jnp.einsum("af,afd->ad", jax.nn.silu(gate) * up, w_out[expert_a])
-        return jnp.zeros_like(x).at[token_a].add(weight_a[:, None] * o)
+    plain = functools.partial(_gather_einsum_scatter, token_a, expert_a)
 
     args = (x, f32(rng.random(expert_a.size)), w_in, w_out)
     cotangent = f32(rng.normal(size=x.shape))
