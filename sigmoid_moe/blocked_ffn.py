@@ -48,6 +48,7 @@ __all__ = [
     "auto_block_size",
     "block_layout",
     "blocked_expert_ffn",
+    "capped_block_size",
     "num_blocks_bound",
 ]
 
@@ -74,6 +75,18 @@ def auto_block_size(rows_per_expert: int) -> int:
     """
     target = -(-3 * max(1, rows_per_expert) // 2)
     return int(min(512, max(16, -(-target // 16) * 16)))
+
+
+def capped_block_size(block_size: int | None, rows_per_expert: int) -> int:
+    """The block size for experts of ``rows_per_expert`` average rows (dropless layouts).
+
+    ``None``: :func:`auto_block_size`. An explicit size is capped at the average share, so
+    that a few tokens per expert do not pay for a mostly empty block each.
+    """
+    rows_per_expert = max(1, rows_per_expert)
+    if block_size is None:
+        return auto_block_size(rows_per_expert)
+    return min(block_size, rows_per_expert)
 
 
 def num_blocks_bound(num_rows: int, num_experts: int, block_size: int) -> int:

@@ -40,7 +40,12 @@ from sigmoid_moe._dispatch_common import (
     rank_within_expert,
     resolve_kernel,
 )
-from sigmoid_moe.blocked_ffn import auto_block_size, block_layout, blocked_expert_ffn
+from sigmoid_moe.blocked_ffn import (
+    auto_block_size,
+    block_layout,
+    blocked_expert_ffn,
+    capped_block_size,
+)
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -284,11 +289,7 @@ def dropless_moe(
     if num_tokens == 0:
         return _empty(x_td)
     if kernel == "blocked":
-        rows_per_expert = max(1, -(-num_assign // num_experts))
-        if block_size is None:
-            block_size = auto_block_size(rows_per_expert)
-        else:  # an explicit size keeps its cap: no longer than an expert's average share
-            block_size = min(block_size, rows_per_expert)
+        block_size = capped_block_size(block_size, -(-num_assign // num_experts))
     else:
         block_size = 1  # ragged_dot needs no padding: exactly A rows
     with jax.named_scope("layout"):

@@ -69,7 +69,12 @@ from sigmoid_moe._dispatch_common import (
     rank_within_expert,
     resolve_kernel,
 )
-from sigmoid_moe.blocked_ffn import auto_block_size, block_layout, blocked_expert_ffn
+from sigmoid_moe.blocked_ffn import (
+    auto_block_size,
+    block_layout,
+    blocked_expert_ffn,
+    capped_block_size,
+)
 from sigmoid_moe.dispatch import (
     CapacityKernel,
     DroplessKernel,
@@ -299,11 +304,7 @@ def _dropless_local_moe(
         plan.recv_sizes_q,
         axis_name=expert_axis,
     )
-    rows_per_expert = max(1, -(-num_copies // local_experts))  # T_l * k / E_l
-    if block_size is None:
-        block_size = auto_block_size(rows_per_expert)
-    else:  # an explicit size keeps its cap: no longer than a local expert's average share
-        block_size = min(block_size, rows_per_expert)
+    block_size = capped_block_size(block_size, -(-num_copies // local_experts))  # T_l k / E_l
     w_in, w_out = w_in_ldf.astype(x_td.dtype), w_out_lfd.astype(x_td.dtype)
     out_md = _grouped_ffn(recv_md, plan.group_sizes_l, w_in, w_out, kernel, block_size)
     # The inverse exchange: my received slices go back to where they came from.

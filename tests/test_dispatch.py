@@ -263,6 +263,17 @@ def _gather_einsum_scatter(token_a, expert_a, x, weight_a, w_in, w_out):
     return jnp.zeros_like(x).at[token_a].add(weight_a[:, None] * o)
 
 
+def _assert_vjps_match(got_fn, want_fn, args, cotangent, *, y_atol):
+    """Values (to ``y_atol``) and the VJPs of x, weights, w_in, w_out (to 1e-5) agree."""
+    got_y, got_vjp = jax.vjp(got_fn, *args)
+    want_y, want_vjp = jax.vjp(want_fn, *args)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=y_atol)
+    for name, a, b in zip(
+        "x weights w_in w_out".split(), got_vjp(cotangent), want_vjp(cotangent), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 5, 32])
 def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
     """The hand-written backward equals autodiff of the plain gather-einsum-scatter form."""
@@ -291,13 +302,7 @@ def test_blocked_expert_ffn_gradients_match_autodiff(block_size):
 
     args = (x, weights.reshape(-1), w_in, w_out)
     cotangent = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
-    got_y, got_vjp = jax.vjp(jax.jit(blocked), *args)
-    want_y, want_vjp = jax.vjp(plain, *args)
-    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-6)
-    for name, a, b in zip(
-        "x weights w_in w_out".split(), got_vjp(cotangent), want_vjp(cotangent), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+    _assert_vjps_match(jax.jit(blocked), plain, args, cotangent, y_atol=1e-6)
 
 
 @given(
@@ -531,8 +536,8 @@ def test_partly_filled_blocks_run_their_size_class(block_size, rows_e):
     w_in = f32(rng.normal(size=(num_experts, d_model, 2 * d_ff)))
     w_out = f32(rng.normal(size=(num_experts, d_ff, d_model)))
 
-    def blocked(x, weight_a, w_in, w_out):
-        layout = block_layout(
+    def layout_of(weight_a):
+        return block_layout(
             expert_a,
             rank_a,
             jnp.ones(expert_a.shape, bool),
@@ -542,35 +547,21 @@ def test_partly_filled_blocks_run_their_size_class(block_size, rows_e):
             num_tokens=num_tokens,
             block_size=block_size,
         )
-        return blocked_expert_ffn(x, layout, w_in, w_out)
+
+    def blocked(x, weight_a, w_in, w_out):
+        return blocked_expert_ffn(x, layout_of(weight_a), w_in, w_out)
 
     plain = functools.partial(_gather_einsum_scatter, token_a, expert_a)
 
     args = (x, f32(rng.random(expert_a.size)), w_in, w_out)
     cotangent = f32(rng.normal(size=x.shape))
-    got_y, got_vjp = jax.vjp(jax.jit(blocked), *args)
-    want_y, want_vjp = jax.vjp(plain, *args)
-    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
-    for name, a, b in zip(
-        "x weights w_in w_out".split(), got_vjp(cotangent), want_vjp(cotangent), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+    _assert_vjps_match(jax.jit(blocked), plain, args, cotangent, y_atol=1e-5)
     # The saved pre-activations fit the static bound: A rows plus < granule per expert.
     sizes = blocked_ffn._size_classes(block_size)
     granule = sizes[0]
     tails = [n % block_size for n in rows_e if n % block_size]
     used = sum(rows_e) + sum(-t % granule for t in tails)
-    layout = block_layout(
-        expert_a,
-        rank_a,
-        jnp.ones(expert_a.shape, bool),
-        token_a,
-        args[1],
-        jnp.asarray(rows_e, jnp.int32),
-        num_tokens=num_tokens,
-        block_size=block_size,
-    )
-    plan, num_rows = blocked_ffn._block_plan(layout, num_tokens, num_experts)
+    plan, num_rows = blocked_ffn._block_plan(layout_of(args[1]), num_tokens, num_experts)
     rows_b = np.minimum(np.asarray(plan.class_b) * granule, block_size)
     assert int(rows_b.sum()) == used <= num_rows
 
