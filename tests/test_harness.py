@@ -98,6 +98,31 @@ def test_loss_goes_down(tmp_path, corpus):
     assert len(record["maxvio"]) == len(record["aux_loss"]) == num_layers
 
 
+def test_train_step_compiles_once_per_step_relevant_config():
+    """Seeds, data and evaluation/checkpoint cadence do not enter the step: one cached jit
+    for all of them; anything the step reads (the rate, the schedule, the model) makes a
+    new one."""
+    from flax import nnx
+
+    from sigmoid_moe.harness.model import TransformerLM
+    from sigmoid_moe.harness.train import make_train_step
+    from sigmoid_moe.routing_bias import RoutingBias
+
+    graphdef = nnx.split(TransformerLM(TINY.model, rngs=nnx.Rngs(0)), nnx.Param, RoutingBias)[0]
+    step = make_train_step(graphdef, TINY)
+    same = dict(
+        seed=3,
+        eval_every=7,
+        eval_windows=5,
+        checkpoint_every=2,
+        data=DataConfig(code_bytes=1000, prose_bytes=1000),
+    )
+    for field, value in same.items():
+        assert make_train_step(graphdef, _config(**{field: value})) is step, field
+    for field, value in dict(steps=31, bias_rate=1e-2, learning_rate=1e-3, grad_accum=2).items():
+        assert make_train_step(graphdef, _config(**{field: value})) is not step, field
+
+
 def test_rerun_is_bit_identical(tmp_path, reference_run, corpus):
     config, out = reference_run
     train(config, tmp_path, progress=False, corpus=corpus)
@@ -144,7 +169,10 @@ def test_lossfree_bias_lowers_maxvio_on_a_skewed_router(tmp_path, corpus):
 @pytest.mark.slow
 def test_cli_compare_writes_report_and_plots(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--preset", "tiny", "--steps", "8", "--out", str(out), "--quiet"]) == 0
+    # One worker: the four runs share its start-up and compilations (the suite keeps both
+    # cores busy anyway).
+    argv = ["compare", "--preset", "tiny", "--steps", "8", "--out", str(out), "--quiet"]
+    assert main([*argv, "--jobs", "1"]) == 0
     report = (out / "report.md").read_text()
     for name in ("softmax+aux", "sigmoid+aux", "sigmoid+lossfree(0.001,sign)", "sigmoid+none"):
         assert name in report
@@ -243,6 +271,35 @@ def test_specialisation_mutual_information_hand_worked():
     mi, floor = specialisation(np.stack([split, even]), domain)
     np.testing.assert_allclose(mi, [1.0, 0.0], atol=1e-12)
     assert 0.0 <= floor <= 1.0  # shuffled labels of 4 windows: at most the split's 1 bit
+
+
+def test_batch_size_curve_matches_numpy():
+    # Chunks of b consecutive tokens, each chunk's load per layer, MaxVio averaged over
+    # chunks and layers; sizes beyond the token count are left out.
+    from sigmoid_moe.harness.evaluate import batch_size_curve
+    from sigmoid_moe.metrics import uniform_maxvio_floor
+
+    rng = np.random.default_rng(3)
+    num_layers, tokens, top_k, num_experts = 2, 100, 2, 8
+    ids = np.stack(
+        [
+            np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(tokens)])
+            for _ in range(num_layers)
+        ]
+    )  # [L, T, k], skewed in layer 1
+    ids[1, :40] = [0, 1]
+    got = batch_size_curve(ids, num_experts, sizes=(16, 32, 64, 128))
+    assert got["sizes"] == [16, 32, 64]
+    for size, maxvio, floor in zip(got["sizes"], got["maxvio"], got["floor"], strict=True):
+        chunks = tokens // size
+        vios = []
+        for layer in range(num_layers):
+            for c in range(chunks):
+                load = np.bincount(ids[layer, c * size : (c + 1) * size].ravel(), minlength=8)
+                vios.append((load.max() - load.mean()) / load.mean())
+        assert maxvio == pytest.approx(np.mean(vios), rel=1e-6)
+        assert floor == uniform_maxvio_floor(size, num_experts, top_k)
+    assert batch_size_curve(ids[:, :10], num_experts) == {"sizes": [], "maxvio": [], "floor": []}
 
 
 def test_evaluate_reports_train_window_balance_dead_experts_and_mi(reference_run, corpus):

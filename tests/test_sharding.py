@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType
 
 from sigmoid_moe import (
     DEFAULT_RULES,
@@ -176,42 +175,6 @@ def test_capacity_drops_match_per_device_capacity_moe(kernel):
         dropped += int(drop)
     assert dropped > 0 and int(out.dropped) == dropped
     np.testing.assert_allclose(np.asarray(out.y_td), np.concatenate(ys), atol=TOL, rtol=TOL)
-
-
-def test_param_shardings_declared_and_kept_by_the_trainer(tmp_path):
-    # The research trainer on a (2, 4) mesh: every MoE parameter placed by its logical
-    # axes at init, and still there after optimizer steps.
-    from sigmoid_moe.harness import PRESETS, build_corpus, train
-    from sigmoid_moe.harness.distributed import mesh_context, run_mesh
-
-    config = dataclasses.replace(
-        PRESETS["tiny"].base, steps=2, warmup_steps=1, mesh=(2, 4), bias_rate=1e-3
-    )
-    mesh = run_mesh(config.mesh)
-    rules = rules_for_mesh(mesh)
-    expected = {name: logical_sharding(mesh, axes, rules) for name, axes in PARAM_AXES.items()}
-
-    def shardings(model):
-        moe = model.blocks[0].moe
-        return {
-            name: getattr(moe, name)[...].sharding
-            for name in expected
-            if getattr(moe, name) is not None
-        }
-
-    with mesh_context(mesh):
-        from sigmoid_moe.harness.model import TransformerLM
-
-        built = nnx.jit(lambda: TransformerLM(config.model_on_mesh(), rngs=nnx.Rngs(0)))()
-    before = shardings(built)
-    corpus = build_corpus(config.data, config.model.seq_len)
-    after = shardings(train(config, tmp_path, progress=False, corpus=corpus).model)
-    split = NamedSharding(mesh, P("expert", None, None))
-    assert before["w_in_edf"].is_equivalent_to(split, 3)
-    assert before["router_w_de"].is_fully_replicated and before["bias_e"].is_fully_replicated
-    for name, sharding in before.items():
-        assert sharding.is_equivalent_to(expected[name], len(PARAM_AXES[name])), name
-        assert after[name].is_equivalent_to(sharding, len(PARAM_AXES[name])), name
 
 
 def test_unsharded_layer_carries_logical_axes_without_placement():

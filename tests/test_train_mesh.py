@@ -40,16 +40,19 @@ def single_device(tmp_path_factory, corpus):
     return _metrics(out), evaluate(result.model, corpus)
 
 
-@pytest.mark.parametrize("mesh", [(1, 8), (2, 4), (4, 2)])
-def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device, mesh):
-    want, want_eval = single_device
-    config = dataclasses.replace(BASE, mesh=mesh)
-    result = train(config, tmp_path, progress=False, corpus=corpus)
-    got = _metrics(tmp_path)
+def _assert_same_steps(got, want):
     assert len(got) == len(want) == 20
     for a, b in zip(got, want, strict=True):
         assert a["load"] == b["load"] and a["bias"] == b["bias"], a["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [(1, 8), (4, 2)])
+def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device, mesh):
+    want, want_eval = single_device
+    config = dataclasses.replace(BASE, mesh=mesh)
+    result = train(config, tmp_path, progress=False, corpus=corpus)
+    _assert_same_steps(_metrics(tmp_path), want)
     # Expert weights are split over the expert axis, the bias replicated.
     w_in = result.model.blocks[0].moe.w_in_edf[...]
     assert len(w_in.sharding.device_set) == 8
@@ -62,9 +65,53 @@ def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device,
     assert got_eval["val_loss"] == pytest.approx(want_eval["val_loss"], rel=1e-5)
 
 
-def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def run_2x4(tmp_path_factory, corpus):
+    """``(out_dir, result)`` of an uninterrupted run on mesh (2, 4)."""
+    out = tmp_path_factory.mktemp("mesh2x4")
+    return out, train(dataclasses.replace(BASE, mesh=(2, 4)), out, progress=False, corpus=corpus)
+
+
+def test_mesh_2x4_run_matches_the_single_device_run(run_2x4, single_device):
+    _assert_same_steps(_metrics(run_2x4[0]), single_device[0])
+
+
+def test_trainer_places_every_param_by_its_logical_axes(run_2x4):
+    # Every MoE parameter placed by its logical axes at init, and still there after the
+    # optimizer steps.
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sigmoid_moe import PARAM_AXES, logical_sharding, rules_for_mesh
+    from sigmoid_moe.harness.model import TransformerLM
+
     config = dataclasses.replace(BASE, mesh=(2, 4))
-    train(config, tmp_path / "whole", progress=False, corpus=corpus)
+    mesh = run_2x4[1].mesh
+    rules = rules_for_mesh(mesh)
+    expected = {name: logical_sharding(mesh, axes, rules) for name, axes in PARAM_AXES.items()}
+
+    def shardings(model):
+        moe = model.blocks[0].moe
+        return {
+            name: getattr(moe, name)[...].sharding
+            for name in expected
+            if getattr(moe, name) is not None
+        }
+
+    with mesh_context(mesh):
+        built = nnx.jit(lambda: TransformerLM(config.model_on_mesh(), rngs=nnx.Rngs(0)))()
+    before, after = shardings(built), shardings(run_2x4[1].model)
+    split = NamedSharding(mesh, P("expert", None, None))
+    assert before["w_in_edf"].is_equivalent_to(split, 3)
+    assert before["router_w_de"].is_fully_replicated and before["bias_e"].is_fully_replicated
+    for name, sharding in before.items():
+        assert sharding.is_equivalent_to(expected[name], len(PARAM_AXES[name])), name
+        assert after[name].is_equivalent_to(sharding, len(PARAM_AXES[name])), name
+
+
+def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corpus, run_2x4):
+    config = dataclasses.replace(BASE, mesh=(2, 4))
 
     class Stop(Exception):
         pass
@@ -76,7 +123,7 @@ def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corp
     with pytest.raises(Stop):
         train(config, tmp_path / "cut", progress=False, corpus=corpus, on_step=stop_at_12)
     train(config, tmp_path / "cut", progress=False, corpus=corpus)  # resumes from step 10
-    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
+    assert _metrics(tmp_path / "cut") == _metrics(run_2x4[0])
 
 
 def test_a_batch_that_does_not_split_over_the_mesh_is_refused():

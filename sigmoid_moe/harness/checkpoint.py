@@ -220,16 +220,26 @@ def _manifest_problem(folder: pathlib.Path, step: int) -> str | None:
     return None
 
 
+@jax.jit
+def _non_finite_counts(leaves: list) -> list:
+    """Non-finite values in each leaf: one compiled program for the whole state (op by op,
+    every leaf shape compiled three primitives of its own). A global reduction, so a leaf
+    sharded over several processes is checked whole."""
+    return [jnp.sum(~jnp.isfinite(leaf)) for leaf in leaves]
+
+
 def _require_finite(step: int, state: dict[str, Any]) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            continue
-        # A global reduction, so a leaf sharded over several processes is checked whole.
-        bad = int(fetch(jnp.sum(~jnp.isfinite(leaf))))
-        if bad:
+    inexact = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    counts = fetch(_non_finite_counts([leaf for _, leaf in inexact]))
+    for (path, _), bad in zip(inexact, counts, strict=True):
+        if int(bad):
             raise NonFiniteError(
-                f"step {step}: {jax.tree_util.keystr(path)} holds {bad} non-finite value(s); "
-                "refusing to save it as a checkpoint."
+                f"step {step}: {jax.tree_util.keystr(path)} holds {int(bad)} non-finite "
+                "value(s); refusing to save it as a checkpoint."
             )
 
 

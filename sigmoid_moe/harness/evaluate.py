@@ -10,6 +10,8 @@ token count: what perfectly uniform random routing would show.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +87,21 @@ def _chunk_loads(ids_ltk: jax.Array, num_experts: int, size: int) -> jax.Array:
     return loads.reshape(num_layers, chunks, num_experts)
 
 
+@functools.partial(jax.jit, static_argnames=("num_experts", "sizes"))
+def _curve_maxvio(ids_ltk: jax.Array, num_experts: int, sizes: tuple[int, ...]) -> jax.Array:
+    """``[len(sizes)]`` mean MaxVio of the chunks of each size: one compiled program for
+    the whole curve (op by op, every size compiled a dozen primitives of its own)."""
+    return jnp.stack(
+        [jnp.mean(max_violation(_chunk_loads(ids_ltk, num_experts, size))) for size in sizes]
+    )
+
+
+@functools.partial(jax.jit, static_argnames="num_experts")
+def _window_loads(ids_lnsk: jax.Array, num_experts: int) -> jax.Array:
+    """``[L, N, E]`` load of each window from ``expert_ids [L, N, S, k]``."""
+    return jax.vmap(jax.vmap(lambda ids: expert_load(ids, num_experts)))(ids_lnsk)
+
+
 def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -> dict:
     """Mean MaxVio (over chunks and layers) of the tokens cut into batches of ``b``.
 
@@ -94,16 +111,19 @@ def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -
       ``{"sizes": [...], "maxvio": [...], "floor": [...]}`` for each ``b <= T``.
     """
     _, tokens, top_k = ids_ltk.shape
-    ids_ltk = jnp.asarray(ids_ltk, jnp.int32)
-    out = {"sizes": [], "maxvio": [], "floor": []}
+    kept = []
     for size in sizes:
         if tokens // size < 1:
             break
-        vio = max_violation(_chunk_loads(ids_ltk, num_experts, size))
-        out["sizes"].append(int(size))
-        out["maxvio"].append(float(jnp.mean(vio)))
-        out["floor"].append(uniform_maxvio_floor(int(size), num_experts, top_k))
-    return out
+        kept.append(int(size))
+    if not kept:
+        return {"sizes": [], "maxvio": [], "floor": []}
+    vio = _curve_maxvio(jnp.asarray(ids_ltk, jnp.int32), int(num_experts), tuple(kept))
+    return {
+        "sizes": kept,
+        "maxvio": [float(v) for v in np.asarray(vio)],
+        "floor": [uniform_maxvio_floor(size, num_experts, top_k) for size in kept],
+    }
 
 
 def _loads_and_ids(model, windows: np.ndarray, mesh):
@@ -183,9 +203,7 @@ def evaluate(model, corpus: Corpus, *, mesh=None, train_sample_seed: int = 0) ->
     num_layers, n, s, _ = ids_lnsk.shape
     tokens = n * s
     vio = np.asarray(max_violation(jnp.asarray(load_le)), np.float64)
-    window_load = np.asarray(
-        jax.vmap(jax.vmap(lambda i: expert_load(i, num_experts)))(jnp.asarray(ids_lnsk)), np.int64
-    )  # [L, N, E]
+    window_load = np.asarray(_window_loads(jnp.asarray(ids_lnsk), num_experts), np.int64)
     domain_fraction, domain_tokens = {}, {}
     for d, name in enumerate(corpus.domains):
         dl = window_load[:, corpus.val_domain == d].sum(axis=1).astype(np.float64)

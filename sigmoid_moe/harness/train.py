@@ -241,11 +241,11 @@ def _scoped_loads(loads: nnx.State, scope: str) -> nnx.State:
     return jax.tree.map(lambda leaf: leaf.reshape(-1, leaf.shape[-1]), loads)
 
 
-@functools.lru_cache(maxsize=8)
 def make_train_step(graphdef, config: TrainConfig) -> Callable:
     """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
-    bias, opt_state, metrics)``, cached per ``(graphdef, config)`` so reruns and resumes in
-    one process compile once.
+    bias, opt_state, metrics)``, cached per ``graphdef`` and the fields of ``config`` the
+    step depends on: runs that differ only in seed, data or how often they evaluate and
+    save (the seeds of one strategy, reruns, resumes) compile once per process.
 
     The batch runs as ``config.grad_accum`` micro-batches (a ``lax.scan``): their gradients
     are averaged into one optimizer step and their integer loads combined by the model's
@@ -256,6 +256,15 @@ def make_train_step(graphdef, config: TrainConfig) -> Callable:
     Metrics: ``loss`` [], ``aux_loss``/``balance_loss`` ``[L]``, ``load [L, E]`` int32 (the
     whole step), ``maxvio [L]`` and the new ``bias [L, E]``.
     """
+    # The step reads the model, optimizer, schedules, bias rule and micro-batching only.
+    step_config = dataclasses.replace(
+        config, data=DataConfig(), seed=0, eval_every=1, eval_windows=1, checkpoint_every=1
+    )
+    return _train_step(graphdef, step_config)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(graphdef, config: TrainConfig) -> Callable:
     rate = config.bias_rate_fn()
     lr = config.lr_schedule()
     tx = _optimizer(config)

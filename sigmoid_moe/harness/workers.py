@@ -16,6 +16,7 @@ one two-threaded process.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -60,6 +61,11 @@ def map_in_workers(
 ) -> list[T]:
     """``[fn(*task) for task in tasks]``, each computed in a single-threaded worker process.
 
+    Each worker takes a contiguous share of ``tasks`` (shares differ by at most one task)
+    and runs it in order, so neighbouring tasks that share compiled programs (the seeds of
+    one strategy: the train step is cached per process) compile once per worker instead
+    of once per task that a free worker happened to pick up.
+
     Args:
       fn: a module-level function; the tasks must be picklable.
       tasks: its argument tuples.
@@ -86,13 +92,24 @@ def map_in_workers(
         return results
     context = multiprocessing.get_context("spawn")
     results: list[Any] = [None] * len(tasks)
-    with ProcessPoolExecutor(
-        max_workers=max(1, min(jobs, len(tasks))),
-        mp_context=context,
-        initializer=_set_up_worker,
-        initargs=(host_devices,),
-    ) as pool:
-        futures = {pool.submit(fn, *task): index for index, task in enumerate(tasks)}
+    workers = max(1, min(jobs, len(tasks)))
+    with contextlib.ExitStack() as stack:
+        pools = [
+            stack.enter_context(
+                ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=context,
+                    initializer=_set_up_worker,
+                    initargs=(host_devices,),
+                )
+            )
+            for _ in range(workers)
+        ]
+        # Task i goes to worker i * workers // n: contiguous shares, in task order.
+        futures = {
+            pools[index * workers // len(tasks)].submit(fn, *task): index
+            for index, task in enumerate(tasks)
+        }
         try:
             for future in as_completed(futures):
                 index = futures[future]
