@@ -22,6 +22,10 @@ from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import train_batch
 from sigmoid_moe.harness.report import PLOTS
 
+# One xdist worker runs the whole module (pyproject: --dist loadgroup), so its module
+# fixtures are built once and its runs share their compiled train steps.
+pytestmark = pytest.mark.xdist_group("harness")
+
 TINY = PRESETS["tiny"].base
 
 

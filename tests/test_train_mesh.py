@@ -19,6 +19,10 @@ from sigmoid_moe.harness import PRESETS, build_corpus, train
 from sigmoid_moe.harness.distributed import mesh_context
 from sigmoid_moe.harness.evaluate import evaluate
 
+# One xdist worker runs the whole module (pyproject: --dist loadgroup), so its module
+# fixtures are built once and its runs share their compiled train steps.
+pytestmark = pytest.mark.xdist_group("train_mesh")
+
 BASE = dataclasses.replace(
     PRESETS["tiny"].base, steps=20, bias_rate=1e-2, checkpoint_every=10, eval_every=10
 )

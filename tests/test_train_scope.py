@@ -23,6 +23,10 @@ from sigmoid_moe.harness.data import train_batch
 from sigmoid_moe.harness.model import TransformerLM
 from sigmoid_moe.harness.train import TrainConfig, _optimizer, make_train_step
 
+# One xdist worker runs the whole module (pyproject: --dist loadgroup): the micro and
+# sequence tests share the global-scope step they compare with.
+pytestmark = pytest.mark.xdist_group("train_scope")
+
 BASE = PRESETS["tiny"].base
 RATE = 1e-2
 
