@@ -405,8 +405,8 @@ def blocked_expert_ffn(
     gathered from), ``w_in_edf`` and ``w_out_efd``, in reverse mode only (``jax.grad``,
     ``jax.vjp``, also nested): it is a ``jax.custom_vjp``, so ``jax.jvp`` / ``jax.jacfwd``
     raise; use the batched or ragged_dot kernels for forward mode. Work is the placed
-    rows plus fewer than ``max(16, ceil(B / 16))`` empty rows per expert (``B`` below 128
-    rows). Under ``jax.vmap`` the
+    rows plus fewer than ``max(16, ceil(B / 16))`` empty rows per expert (up to ``B - 1``
+    for blocks below 128 rows). Under ``jax.vmap`` the
     per-block ``lax.cond`` and size ``lax.switch`` become selects that run every block in
     every size class and copy the accumulators (many times slower): flatten mapped token
     groups into ``T`` instead.

@@ -321,6 +321,17 @@ def test_evaluate_reports_train_window_balance_dead_experts_and_mi(reference_run
     assert sum(got["domain_tokens"].values()) == got["val_tokens"]
 
 
+def test_each_worker_takes_a_contiguous_share_of_the_tasks():
+    # Neighbouring tasks (the seeds of one strategy) run in one process, so they share
+    # its compiled train step; the shares differ by at most one task.
+    import os
+
+    from sigmoid_moe.harness.workers import map_in_workers
+
+    pids = map_in_workers(os.getpid, [()] * 5, jobs=2)
+    assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4]
+
+
 def test_runs_give_the_same_numbers_whatever_the_number_of_workers(tmp_path, corpus):
     from sigmoid_moe.harness import Strategy, compare
 
