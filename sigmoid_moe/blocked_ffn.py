@@ -13,8 +13,8 @@ and a hand-written backward scan does the matching gather / GEMMs / scatter-add 
 block, accumulating the expert weight gradients in float32.
 
 A partly filled block (an expert's last) runs only its filled rows, rounded up to one of
-at most 16 *size classes* (multiples of ``max(16, ceil(B / 16))`` rows; blocks below 128
-rows run whole) by a ``lax.switch``; its saved
+16 *size classes* (multiples of ``ceil(B / 16)``; blocks below 128 rows run whole) by a
+``lax.switch``; its saved
 pre-activations are packed, so neither the GEMMs nor ``h`` pay for the empty rows. With
 fine-grained experts (DeepSeek-V3: 256 experts, top-8, ~256 rows each) the last block is
 most of the work: whole blocks added 25-50% to the GEMMs there.
@@ -178,26 +178,26 @@ def _vary(array, axes: frozenset):
     return jax.lax.pcast(array, missing, to="varying") if missing else array
 
 
-# A block runs with the fewest rows, out of at most this many evenly spaced sizes up to
-# the block size, that cover its filled rows: only an expert's last block is partly
-# filled, and it then wastes less than B / _SIZE_CLASSES rows of GEMM work instead of up
-# to B - 1. Every class is one more branch of the forward and the backward scan to
-# compile, so sizes are multiples of at least _MIN_GRANULE rows (finer steps save almost
-# no GEMM time) and blocks below _MIN_CLASSED_BLOCK rows run whole: their GEMMs cost
-# little next to the per-block work. XLA compile time of the tiny harness preset's train
-# step (block 96, measured with ``lower().compile()``): 16 classes of 6 rows 11.1 s,
-# 6 classes of 16 rows 7.0 s, one class 4.9 s (the ragged_dot kernel: 4.2 s).
+# A block runs with the fewest rows, out of this many evenly spaced sizes up to the block
+# size, that cover its filled rows: only an expert's last block is partly filled, and it
+# then wastes less than B / _SIZE_CLASSES rows of GEMM work instead of up to B - 1. Every
+# class is one more branch of the forward and the backward scan to compile, so blocks
+# below _MIN_CLASSED_BLOCK rows run whole: their GEMMs cost little next to the per-block
+# work. XLA compile time of the tiny harness preset's train step (block 96, measured with
+# ``lower().compile()``): 16 classes of 6 rows 11.1 s, one class 4.9 s (the ragged_dot
+# kernel: 4.2 s). A floor of 16 rows on the class step instead (6 classes there: 7.0 s)
+# made the `small` benchmark preset (block 192, 12 classes of 16) slower: 1.46-1.67x the
+# dense FFN against 1.37-1.46x with 16 classes of 12, so the step stays B / 16.
 _SIZE_CLASSES = 16
-_MIN_GRANULE = 16
 _MIN_CLASSED_BLOCK = 128
 
 
 def _size_classes(block_size: int) -> tuple[int, ...]:
-    """Row counts a block may run with: multiples of ``max(_MIN_GRANULE, ceil(B /
-    _SIZE_CLASSES))``, then B; just ``(B,)`` below ``_MIN_CLASSED_BLOCK`` rows."""
+    """Row counts a block may run with: multiples of ``ceil(B / _SIZE_CLASSES)``, then B;
+    just ``(B,)`` below ``_MIN_CLASSED_BLOCK`` rows."""
     if block_size < _MIN_CLASSED_BLOCK:
         return (block_size,)
-    granule = max(_MIN_GRANULE, -(-block_size // _SIZE_CLASSES))
+    granule = -(-block_size // _SIZE_CLASSES)
     return tuple(min(c * granule, block_size) for c in range(1, -(-block_size // granule) + 1))
 
 
@@ -405,8 +405,8 @@ def blocked_expert_ffn(
     gathered from), ``w_in_edf`` and ``w_out_efd``, in reverse mode only (``jax.grad``,
     ``jax.vjp``, also nested): it is a ``jax.custom_vjp``, so ``jax.jvp`` / ``jax.jacfwd``
     raise; use the batched or ragged_dot kernels for forward mode. Work is the placed
-    rows plus fewer than ``max(16, ceil(B / 16))`` empty rows per expert (up to ``B - 1``
-    for blocks below 128 rows). Under ``jax.vmap`` the
+    rows plus fewer than ``ceil(B / 16)`` empty rows per expert (up to ``B - 1`` for
+    blocks below 128 rows). Under ``jax.vmap`` the
     per-block ``lax.cond`` and size ``lax.switch`` become selects that run every block in
     every size class and copy the accumulators (many times slower): flatten mapped token
     groups into ``T`` instead.
