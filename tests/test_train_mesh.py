@@ -26,6 +26,7 @@ pytestmark = pytest.mark.xdist_group("train_mesh")
 BASE = dataclasses.replace(
     PRESETS["tiny"].base, steps=20, bias_rate=1e-2, checkpoint_every=10, eval_every=10
 )
+ON_2X4 = dataclasses.replace(BASE, mesh=(2, 4))
 
 
 def _metrics(run_dir):
@@ -73,7 +74,7 @@ def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device,
 def run_2x4(tmp_path_factory, corpus):
     """``(out_dir, result)`` of an uninterrupted run on mesh (2, 4)."""
     out = tmp_path_factory.mktemp("mesh2x4")
-    return out, train(dataclasses.replace(BASE, mesh=(2, 4)), out, progress=False, corpus=corpus)
+    return out, train(ON_2X4, out, progress=False, corpus=corpus)
 
 
 def test_mesh_2x4_run_matches_the_single_device_run(run_2x4, single_device):
@@ -90,7 +91,6 @@ def test_trainer_places_every_param_by_its_logical_axes(run_2x4):
     from sigmoid_moe import PARAM_AXES, logical_sharding, rules_for_mesh
     from sigmoid_moe.harness.model import TransformerLM
 
-    config = dataclasses.replace(BASE, mesh=(2, 4))
     mesh = run_2x4[1].mesh
     rules = rules_for_mesh(mesh)
     expected = {name: logical_sharding(mesh, axes, rules) for name, axes in PARAM_AXES.items()}
@@ -104,7 +104,7 @@ def test_trainer_places_every_param_by_its_logical_axes(run_2x4):
         }
 
     with mesh_context(mesh):
-        built = nnx.jit(lambda: TransformerLM(config.model_on_mesh(), rngs=nnx.Rngs(0)))()
+        built = nnx.jit(lambda: TransformerLM(ON_2X4.model_on_mesh(), rngs=nnx.Rngs(0)))()
     before, after = shardings(built), shardings(run_2x4[1].model)
     split = NamedSharding(mesh, P("expert", None, None))
     assert before["w_in_edf"].is_equivalent_to(split, 3)
@@ -115,8 +115,6 @@ def test_trainer_places_every_param_by_its_logical_axes(run_2x4):
 
 
 def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corpus, run_2x4):
-    config = dataclasses.replace(BASE, mesh=(2, 4))
-
     class Stop(Exception):
         pass
 
@@ -125,8 +123,8 @@ def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corp
             raise Stop
 
     with pytest.raises(Stop):
-        train(config, tmp_path / "cut", progress=False, corpus=corpus, on_step=stop_at_12)
-    train(config, tmp_path / "cut", progress=False, corpus=corpus)  # resumes from step 10
+        train(ON_2X4, tmp_path / "cut", progress=False, corpus=corpus, on_step=stop_at_12)
+    train(ON_2X4, tmp_path / "cut", progress=False, corpus=corpus)  # resumes from step 10
     assert _metrics(tmp_path / "cut") == _metrics(run_2x4[0])
 
 
