@@ -103,28 +103,48 @@ def test_loss_goes_down(tmp_path, corpus):
 
 
 def test_train_step_compiles_once_per_step_relevant_config():
-    """Seeds, data and evaluation/checkpoint cadence do not enter the step: one cached jit
-    for all of them; anything the step reads (the rate, the schedule, the model) makes a
-    new one."""
+    """Seeds, data, evaluation/checkpoint cadence, the bias rate and the global-scope aux
+    coefficient do not change the step's program: one cached jit for all of them (the
+    numbers are inputs); anything structural (the schedule, the rule, the model, the
+    micro-batching) makes a new one."""
     from flax import nnx
 
     from sigmoid_moe.harness.model import TransformerLM
     from sigmoid_moe.harness.train import make_train_step
     from sigmoid_moe.routing_bias import RoutingBias
 
-    graphdef = nnx.split(TransformerLM(TINY.model, rngs=nnx.Rngs(0)), nnx.Param, RoutingBias)[0]
-    step = make_train_step(graphdef, TINY)
+    def program(config):
+        model = TransformerLM(config.model, rngs=nnx.Rngs(0))
+        graphdef = nnx.split(model, nnx.Param, RoutingBias)[0]
+        return make_train_step(graphdef, config).func
+
+    step = program(TINY)
+    aux = dataclasses.replace(TINY.model, balance_loss_coef=1e-2)
     same = dict(
         seed=3,
         eval_every=7,
         eval_windows=5,
         checkpoint_every=2,
         data=DataConfig(code_bytes=1000, prose_bytes=1000),
+        bias_rate=1e-2,
+        model=aux,
     )
     for field, value in same.items():
-        assert make_train_step(graphdef, _config(**{field: value})) is step, field
-    for field, value in dict(steps=31, bias_rate=1e-2, learning_rate=1e-3, grad_accum=2).items():
-        assert make_train_step(graphdef, _config(**{field: value})) is not step, field
+        assert program(_config(**{field: value})) is step, field
+    other = dict(
+        steps=31,
+        learning_rate=1e-3,
+        grad_accum=2,
+        bias_rule="proportional",
+        bias_rate_schedule="cosine",
+        model=dataclasses.replace(aux, balance_scope="micro"),
+    )
+    for field, value in other.items():
+        assert program(_config(**{field: value})) is not step, field
+    # Several micro-batches: the aux loss needs a counting pass, a program of its own.
+    accum = _config(grad_accum=2)
+    assert program(dataclasses.replace(accum, model=aux)) is not program(accum)
+    assert program(dataclasses.replace(accum, bias_rate=0.0)) is program(accum)
 
 
 def test_rerun_is_bit_identical(tmp_path, reference_run, corpus):

@@ -197,10 +197,9 @@ def evaluate(model, corpus: Corpus, *, mesh=None, train_sample_seed: int = 0) ->
     with its ``specialisation_mi_floor`` (:func:`specialisation`); ``batch_curve``.
     ``mesh``: the one the model lives on (call it under ``distributed.mesh_context``).
     """
-    num_experts = model.config.num_experts
-    top_k = model.config.top_k
     total, load_le, ids_lnsk = _loads_and_ids(model, corpus.val, mesh)
-    num_layers, n, s, _ = ids_lnsk.shape
+    num_layers, n, s, top_k = ids_lnsk.shape
+    num_experts = load_le.shape[-1]
     tokens = n * s
     vio = np.asarray(max_violation(jnp.asarray(load_le)), np.float64)
     window_load = np.asarray(_window_loads(jnp.asarray(ids_lnsk), num_experts), np.int64)

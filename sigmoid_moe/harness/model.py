@@ -175,7 +175,10 @@ class TransformerLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}.")
-        self.config = config
+        # Only what the forward reads is kept (it is part of the graphdef): models that
+        # differ in a training-side number (the global-scope aux coefficient, which the
+        # train step applies) have equal graphdefs and share their compiled programs.
+        self.seq_len = config.seq_len
         d = config.d_model
         self.embed_vd = nnx.Param(jax.random.normal(rngs.params(), (VOCAB_SIZE, d)) * 0.02)
         self.pos_sd = nnx.Param(jax.random.normal(rngs.params(), (config.seq_len, d)) * 0.02)
@@ -188,8 +191,8 @@ class TransformerLM(nnx.Module):
         """``tokens_bs [B, S]`` int32; ``token_mask_bs [B, S]`` bool marks real tokens
         (False: padding, which the MoE layers do not count or route)."""
         s = tokens_bs.shape[-1]
-        if s > self.config.seq_len:
-            raise ValueError(f"tokens have length {s} > seq_len={self.config.seq_len}.")
+        if s > self.seq_len:
+            raise ValueError(f"tokens have length {s} > seq_len={self.seq_len}.")
         x = self.embed_vd[...][tokens_bs] + self.pos_sd[...][:s]
         auxes = []
         for block in self.blocks:

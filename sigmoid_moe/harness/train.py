@@ -243,9 +243,7 @@ def _scoped_loads(loads: nnx.State, scope: str) -> nnx.State:
 
 def make_train_step(graphdef, config: TrainConfig) -> Callable:
     """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
-    bias, opt_state, metrics)``, cached per ``graphdef`` and the fields of ``config`` the
-    step depends on: runs that differ only in seed, data or how often they evaluate and
-    save (the seeds of one strategy, reruns, resumes) compile once per process.
+    bias, opt_state, metrics)``.
 
     The batch runs as ``config.grad_accum`` micro-batches (a ``lax.scan``): their gradients
     are averaged into one optimizer step and their integer loads combined by the model's
@@ -253,55 +251,81 @@ def make_train_step(graphdef, config: TrainConfig) -> Callable:
     the auxiliary loss takes ``f_i`` from the counts of the whole step, which a forward
     pass over the micro-batches counts first (only when there are several and a loss).
 
-    Metrics: ``loss`` [], ``aux_loss``/``balance_loss`` ``[L]``, ``load [L, E]`` int32 (the
-    whole step), ``maxvio [L]`` and the new ``bias [L, E]``.
+    One compiled program serves every run that differs only in numbers: the bias rate
+    ``u`` and the global-scope aux coefficient are inputs of the program, not constants of
+    it, and seed, data and evaluation or checkpoint cadence do not enter it. So the seeds
+    of a strategy, and the loss-free, no-balancing and aux-loss runs of one model (global
+    scope, one micro-batch), compile once per process. A rate of 0 adds ``0 * delta`` to
+    the bias and a coefficient of 0 adds ``0 * balance`` to the loss: both exact, so the
+    numbers are those of a program without the term.
+
+    Metrics: ``loss`` [], ``aux_loss``/``balance_loss`` ``[L]`` (the latter 0 when no aux
+    loss is on), ``load [L, E]`` int32 (the whole step), ``maxvio [L]``, ``lr``,
+    ``bias_rate`` (float32, as applied) and the new ``bias [L, E]``.
     """
-    # The step reads the model, optimizer, schedules, bias rule and micro-batching only.
+    model_cfg = config.model
+    global_scope = model_cfg.balance_scope == "global"
+    coef = model_cfg.balance_loss_coef if global_scope else 0.0  # other scopes: in the layer
+    # The counting pass over the micro-batches is part of the program's structure.
+    counts_pass = global_scope and coef > 0 and config.grad_accum > 1
     step_config = dataclasses.replace(
-        config, data=DataConfig(), seed=0, eval_every=1, eval_windows=1, checkpoint_every=1
+        config,
+        model=dataclasses.replace(model_cfg, balance_loss_coef=0.0),
+        bias_rate=1.0,  # the schedule's shape; the rate itself is an input
+        data=DataConfig(),
+        seed=0,
+        eval_every=1,
+        eval_windows=1,
+        checkpoint_every=1,
     )
-    return _train_step(graphdef, step_config)
+    numbers = {"bias_rate": np.float32(config.bias_rate), "aux_coef": np.float32(coef)}
+    return functools.partial(_train_step(graphdef, step_config, counts_pass), numbers)
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(graphdef, config: TrainConfig) -> Callable:
-    rate = config.bias_rate_fn()
+def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
+    unit_rate = config.bias_rate_fn()  # u(step) / u
     lr = config.lr_schedule()
     tx = _optimizer(config)
     model_cfg = config.model
-    scope, coef, top_k = model_cfg.balance_scope, model_cfg.balance_loss_coef, model_cfg.top_k
+    scope, top_k = model_cfg.balance_scope, model_cfg.top_k
     micro_batches = config.grad_accum
-    global_aux = scope == "global" and coef > 0
+    # Global scope: the step adds the aux loss (coef * balance, coef an input), from the
+    # whole step's counts; with several micro-batches only when a counting pass runs.
+    global_aux = scope == "global" and (micro_batches == 1 or counts_pass)
 
     def forward(params, bias, tokens):
         model = nnx.merge(graphdef, params, bias)
         # Each layer's load, recorded where the layer sits in the model (its ExpertLoad).
         return nnx.capture(model, ExpertLoad)(tokens[:, :-1])
 
-    def loss_fn(params, bias, tokens, counts_le, step_tokens):
+    def loss_fn(params, bias, tokens, counts_le, step_tokens, coef):
         out, loads = forward(params, bias, tokens)
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:]).mean()
         balance = out.aux.balance_loss + out.aux.seq_balance_loss  # the layers' own scopes
         aux_loss = out.aux.aux_loss  # [L]
         if global_aux:  # f_i from the whole step's counts, P_i from this micro-batch
             counts = out.aux.expert_load if counts_le is None else counts_le
-            balance = balance_loss(counts, out.aux.router_prob, step_tokens, top_k)
-            aux_loss = aux_loss + coef * balance
+            global_balance = balance_loss(counts, out.aux.router_prob, step_tokens, top_k)
+            aux_loss = aux_loss + coef * global_balance
+            balance = jnp.where(coef > 0, global_balance, balance)
         return ce + jnp.sum(aux_loss), (ce, aux_loss, balance, loads)
 
-    def step_fn(params, bias, opt_state, tokens, step):
+    def step_fn(numbers, params, bias, opt_state, tokens, step):
+        coef = numbers["aux_coef"]
+        rate = lambda s: numbers["bias_rate"] * unit_rate(s)  # noqa: E731
         tokens = tokens.astype(jnp.int32)
         micro = tokens.reshape(micro_batches, -1, tokens.shape[-1])
         step_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
         counts_le = None
-        if global_aux and micro_batches > 1:
+        if counts_pass:
             counts_le = jnp.sum(
                 jax.lax.map(lambda mb: forward(params, bias, mb)[0].aux.expert_load, micro), 0
             )
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(grads, mb):
-            (_, out), g = grad_fn(params, bias, mb, counts_le, step_tokens)
+            (_, out), g = grad_fn(params, bias, mb, counts_le, step_tokens, coef)
             return jax.tree.map(jnp.add, grads, g), out
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -309,10 +333,9 @@ def _train_step(graphdef, config: TrainConfig) -> Callable:
         grads = jax.tree.map(lambda g: g / micro_batches, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        if config.bias_rate > 0:
-            bias = routing_bias_update(
-                bias, _scoped_loads(loads, scope), rate=rate, rule=config.bias_rule, step=step
-            )
+        bias = routing_bias_update(
+            bias, _scoped_loads(loads, scope), rate=rate, rule=config.bias_rule, step=step
+        )
         load = per_layer(jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), loads))
         metrics = {
             "loss": jnp.mean(ce),
@@ -326,7 +349,7 @@ def _train_step(graphdef, config: TrainConfig) -> Callable:
         }
         return params, bias, opt_state, replicated(metrics)
 
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    return jax.jit(step_fn, donate_argnums=(1, 2, 3))
 
 
 def _to_json(metrics: dict, step: int) -> dict:
