@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,9 +23,8 @@ from sigmoid_moe.harness.checkpoint import Checkpointer
 from sigmoid_moe.harness.data import train_batch
 from sigmoid_moe.harness.report import PLOTS
 
-# Asks xdist to run the whole module on one worker (pyproject: --dist loadgroup), so that
-# its module fixtures are built once. Inactive with pytest 9 + pytest-xdist 3.8 (xdist
-# writes the group into item._nodeid, which pytest 9 no longer reads): see the README.
+# The whole module runs on one worker (pyproject: --dist loadgroup), so its module
+# fixtures are built once; tests/test_xdist_groups.py checks that the group is in effect.
 pytestmark = pytest.mark.xdist_group("harness")
 
 TINY = PRESETS["tiny"].base
@@ -104,22 +104,22 @@ def test_loss_goes_down(tmp_path, corpus):
 
 
 def test_train_step_compiles_once_per_step_relevant_config():
-    """Seeds, data, evaluation/checkpoint cadence, the bias rate and the global-scope aux
-    coefficient do not change the step's program: one cached jit for all of them (the
-    numbers are inputs); anything structural (the schedule, the rule, the model, the
-    micro-batching) makes a new one."""
+    """Seeds, data, evaluation/checkpoint cadence, the run's length and schedules, the
+    bias rate and the global-scope aux coefficient do not change the step's program: one
+    cached jit for all of them (the numbers are inputs); anything structural (the rule,
+    the model, the scope, the micro-batching) makes a new one."""
     from flax import nnx
 
     from sigmoid_moe.harness.model import TransformerLM
     from sigmoid_moe.harness.train import make_train_step
     from sigmoid_moe.routing_bias import RoutingBias
 
-    def program(config):
+    def step_of(config):
         model = TransformerLM(config.model, rngs=nnx.Rngs(0))
         graphdef = nnx.split(model, nnx.Param, RoutingBias)[0]
-        return make_train_step(graphdef, config).func
+        return make_train_step(graphdef, config)
 
-    step = program(TINY)
+    step = step_of(TINY).program
     aux = dataclasses.replace(TINY.model, balance_loss_coef=1e-2)
     same = dict(
         seed=3,
@@ -129,23 +129,51 @@ def test_train_step_compiles_once_per_step_relevant_config():
         data=DataConfig(code_bytes=1000, prose_bytes=1000),
         bias_rate=1e-2,
         model=aux,
+        steps=31,
+        warmup_steps=2,
+        learning_rate=1e-3,
+        final_lr_fraction=0.5,
+        bias_rate_schedule="cosine",
     )
     for field, value in same.items():
-        assert program(_config(**{field: value})) is step, field
+        assert step_of(_config(**{field: value})).program is step, field
     other = dict(
-        steps=31,
-        learning_rate=1e-3,
         grad_accum=2,
         bias_rule="proportional",
-        bias_rate_schedule="cosine",
+        weight_decay=0.0,
         model=dataclasses.replace(aux, balance_scope="micro"),
     )
     for field, value in other.items():
-        assert program(_config(**{field: value})) is not step, field
+        assert step_of(_config(**{field: value})).program is not step, field
     # Several micro-batches: the aux loss needs a counting pass, a program of its own.
     accum = _config(grad_accum=2)
-    assert program(dataclasses.replace(accum, model=aux)) is not program(accum)
-    assert program(dataclasses.replace(accum, bias_rate=0.0)) is program(accum)
+    assert step_of(dataclasses.replace(accum, model=aux)).program is not step_of(accum).program
+    assert step_of(dataclasses.replace(accum, bias_rate=0.0)).program is step_of(accum).program
+
+
+def test_schedules_are_the_steps_inputs_with_the_values_of_the_optax_schedules():
+    """The step's learning rate and bias rate are the optax schedules' values at that
+    step, so runs of different lengths share a program without changing their numbers."""
+    from flax import nnx
+
+    from sigmoid_moe.harness.model import TransformerLM
+    from sigmoid_moe.harness.train import make_train_step
+    from sigmoid_moe.routing_bias import RoutingBias
+
+    config = _config(
+        steps=40, warmup_steps=7, bias_rate=1e-2, bias_rate_schedule="cosine", learning_rate=2e-3
+    )
+    model = TransformerLM(config.model, rngs=nnx.Rngs(0))
+    step = make_train_step(nnx.split(model, nnx.Param, RoutingBias)[0], config)
+    peak, end, warm = 2e-3, 2e-3 * config.final_lr_fraction, 7
+    for s in (0, 3, 7, 20, 39):
+        got = step.schedules(jnp.asarray(s, jnp.int32))
+        assert got["learning_rate"].dtype == got["unit_rate"].dtype == jnp.float32
+        cosine = 0.5 * (1 + np.cos(np.pi * (s - warm) / (40 - warm)))
+        want_lr = peak * s / warm if s < warm else end + (peak - end) * cosine
+        np.testing.assert_allclose(got["learning_rate"], want_lr, rtol=1e-6, atol=1e-12)
+        want_unit = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * s / 40))  # decays to u / 10
+        np.testing.assert_allclose(got["unit_rate"], want_unit, rtol=1e-6)
 
 
 def test_rerun_is_bit_identical(tmp_path, reference_run, corpus):

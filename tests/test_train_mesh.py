@@ -19,9 +19,8 @@ from sigmoid_moe.harness import PRESETS, build_corpus, train
 from sigmoid_moe.harness.distributed import mesh_context
 from sigmoid_moe.harness.evaluate import evaluate
 
-# Asks xdist to run the whole module on one worker (pyproject: --dist loadgroup), so that
-# its module fixtures are built once. Inactive with pytest 9 + pytest-xdist 3.8 (xdist
-# writes the group into item._nodeid, which pytest 9 no longer reads): see the README.
+# The whole module runs on one worker (pyproject: --dist loadgroup), so its module
+# fixtures are built once; tests/test_xdist_groups.py checks that the group is in effect.
 pytestmark = pytest.mark.xdist_group("train_mesh")
 
 # warmup_steps = steps // 10, as `sigmoid-moe compare --steps 20` sets it: the CLI run of

@@ -23,9 +23,8 @@ from sigmoid_moe.harness.data import train_batch
 from sigmoid_moe.harness.model import TransformerLM
 from sigmoid_moe.harness.train import TrainConfig, _optimizer, make_train_step
 
-# Asks xdist to run the whole module on one worker (pyproject: --dist loadgroup), so that
-# its module fixtures are built once. Inactive with pytest 9 + pytest-xdist 3.8 (xdist
-# writes the group into item._nodeid, which pytest 9 no longer reads): see the README.
+# The whole module runs on one worker (pyproject: --dist loadgroup), so its module
+# fixtures are built once; tests/test_xdist_groups.py checks that the group is in effect.
 pytestmark = pytest.mark.xdist_group("train_scope")
 
 BASE = PRESETS["tiny"].base

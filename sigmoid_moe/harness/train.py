@@ -62,7 +62,7 @@ from sigmoid_moe.metrics import max_violation
 from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
 from sigmoid_moe.sharding import EXPERT_AXIS
 
-__all__ = ["TrainConfig", "TrainResult", "make_train_step", "per_layer", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainStep", "make_train_step", "per_layer", "train"]
 
 RateSchedule = Literal["constant", "cosine"]
 RATE_SCHEDULES: tuple[str, ...] = get_args(RateSchedule)
@@ -207,18 +207,38 @@ class TrainResult(NamedTuple):
     mesh: jax.sharding.Mesh | None = None
 
 
-def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def _optimizer(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """Clipping and AdamW, whose learning rate is an argument of ``update``
+    (``learning_rate=``): the step takes it as an input, so runs with different schedules
+    share one program (:func:`make_train_step`)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(
-            config.lr_schedule(),
-            b1=0.9,
-            b2=0.95,
-            weight_decay=config.weight_decay,
-            mask=decay_mask,
+        # optax.adamw's chain, its learning rate passed in instead of a schedule.
+        optax.chain(
+            optax.scale_by_adam(b1=0.9, b2=0.95),
+            optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+            _scale_by_learning_rate_arg(),
         ),
     )
+
+
+def _scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
+    """``updates * -learning_rate``, the rate given to ``update``. The state is that of
+    ``optax.scale_by_learning_rate(schedule)`` (the update count), so checkpoints keep
+    their structure, and the product is the same float32 one."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        step_size = -learning_rate
+        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def per_layer(state: nnx.State) -> jax.Array:
@@ -241,9 +261,10 @@ def _scoped_loads(loads: nnx.State, scope: str) -> nnx.State:
     return jax.tree.map(lambda leaf: leaf.reshape(-1, leaf.shape[-1]), loads)
 
 
-def make_train_step(graphdef, config: TrainConfig) -> Callable:
-    """The jitted pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
-    bias, opt_state, metrics)``.
+def make_train_step(graphdef, config: TrainConfig) -> TrainStep:
+    """The pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
+    bias, opt_state, metrics)``: a jitted program (donating params, bias and optimizer state)
+    with its numbers bound.
 
     The batch runs as ``config.grad_accum`` micro-batches (a ``lax.scan``): their gradients
     are averaged into one optimizer step and their integer loads combined by the model's
@@ -251,13 +272,15 @@ def make_train_step(graphdef, config: TrainConfig) -> Callable:
     the auxiliary loss takes ``f_i`` from the counts of the whole step, which a forward
     pass over the micro-batches counts first (only when there are several and a loss).
 
-    One compiled program serves every run that differs only in numbers: the bias rate
-    ``u`` and the global-scope aux coefficient are inputs of the program, not constants of
-    it, and seed, data and evaluation or checkpoint cadence do not enter it. So the seeds
-    of a strategy, and the loss-free, no-balancing and aux-loss runs of one model (global
-    scope, one micro-batch), compile once per process. A rate of 0 adds ``0 * delta`` to
-    the bias and a coefficient of 0 adds ``0 * balance`` to the loss: both exact, so the
-    numbers are those of a program without the term.
+    One compiled program serves every run that differs only in numbers: the learning
+    rate and the bias rate of the step (each schedule's value, computed by a small jitted
+    program of its own) and the global-scope aux coefficient are inputs of the program,
+    not constants of it, and seed, data, length, schedules and evaluation or checkpoint
+    cadence do not enter it. So the seeds of a strategy, runs of any length, and the
+    loss-free, no-balancing and aux-loss runs of one model (global scope, one
+    micro-batch) compile once per process. A rate of 0 adds ``0 * delta`` to the bias
+    and a coefficient of 0 adds ``0 * balance`` to the loss: both exact, so the numbers
+    are those of a program without the term.
 
     Metrics: ``loss`` [], ``aux_loss``/``balance_loss`` ``[L]`` (the latter 0 when no aux
     loss is on), ``load [L, E]`` int32 (the whole step), ``maxvio [L]``, ``lr``,
@@ -271,21 +294,62 @@ def make_train_step(graphdef, config: TrainConfig) -> Callable:
     step_config = dataclasses.replace(
         config,
         model=dataclasses.replace(model_cfg, balance_loss_coef=0.0),
-        bias_rate=1.0,  # the schedule's shape; the rate itself is an input
+        bias_rate=1.0,  # an input
         data=DataConfig(),
         seed=0,
         eval_every=1,
         eval_windows=1,
         checkpoint_every=1,
+        **_NO_SCHEDULE,  # the schedules' values are inputs
     )
-    numbers = {"bias_rate": np.float32(config.bias_rate), "aux_coef": np.float32(coef)}
-    return functools.partial(_train_step(graphdef, step_config, counts_pass), numbers)
+    schedule_config = dataclasses.replace(
+        TrainConfig(),
+        **{name: getattr(config, name) for name in _NO_SCHEDULE},
+        bias_rate=1.0,  # the schedule's shape u(step) / u; the rate itself is an input
+    )
+    return TrainStep(
+        program=_train_step(graphdef, step_config, counts_pass),
+        schedules=_schedules(schedule_config),
+        numbers={"bias_rate": np.float32(config.bias_rate), "aux_coef": np.float32(coef)},
+    )
+
+
+# TrainConfig fields that only set the schedules' values, and neutral values for them.
+_NO_SCHEDULE = dict(
+    steps=1,
+    warmup_steps=0,
+    learning_rate=1.0,
+    final_lr_fraction=0.0,
+    bias_rate_schedule="constant",
+)
+
+
+class TrainStep(NamedTuple):
+    """A run's train step: ``program`` (the compiled step, shared by every run that differs
+    only in numbers) with the run's ``numbers`` and the ``schedules`` that give the step's
+    learning rate and bias-rate factor. Call it as the step itself."""
+
+    program: Callable
+    schedules: Callable
+    numbers: dict
+
+    def __call__(self, params, bias, opt_state, tokens, step):
+        # numpy float32 scalars, as the bound numbers: host values, placed like them.
+        values = {name: np.asarray(v) for name, v in self.schedules(step).items()}
+        return self.program({**self.numbers, **values}, params, bias, opt_state, tokens, step)
+
+
+@functools.lru_cache(maxsize=32)
+def _schedules(config: TrainConfig) -> Callable:
+    """``step -> {"learning_rate", "unit_rate"}`` (float32): the AdamW schedule's value
+    and the bias-rate schedule's factor ``u(step) / u``, jitted (eager float32 ops round
+    some values differently)."""
+    lr, unit_rate = config.lr_schedule(), config.bias_rate_fn()
+    return jax.jit(lambda step: {"learning_rate": lr(step), "unit_rate": unit_rate(step)})
 
 
 @functools.lru_cache(maxsize=8)
 def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
-    unit_rate = config.bias_rate_fn()  # u(step) / u
-    lr = config.lr_schedule()
     tx = _optimizer(config)
     model_cfg = config.model
     scope, top_k = model_cfg.balance_scope, model_cfg.top_k
@@ -312,8 +376,8 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
         return ce + jnp.sum(aux_loss), (ce, aux_loss, balance, loads)
 
     def step_fn(numbers, params, bias, opt_state, tokens, step):
-        coef = numbers["aux_coef"]
-        rate = lambda s: numbers["bias_rate"] * unit_rate(s)  # noqa: E731
+        coef, lr = numbers["aux_coef"], numbers["learning_rate"]
+        rate = lambda s: numbers["bias_rate"] * numbers["unit_rate"]  # noqa: E731
         tokens = tokens.astype(jnp.int32)
         micro = tokens.reshape(micro_batches, -1, tokens.shape[-1])
         step_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
@@ -331,7 +395,7 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, (ce, aux_loss, balance, loads) = jax.lax.scan(accumulate, zeros, micro)
         grads = jax.tree.map(lambda g: g / micro_batches, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params, learning_rate=lr)
         params = optax.apply_updates(params, updates)
         bias = routing_bias_update(
             bias, _scoped_loads(loads, scope), rate=rate, rule=config.bias_rule, step=step
@@ -339,7 +403,7 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
         load = per_layer(jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), loads))
         metrics = {
             "loss": jnp.mean(ce),
-            "lr": lr(step),
+            "lr": lr,
             "bias_rate": rate(step),
             "aux_loss": jnp.mean(aux_loss, axis=0),
             "balance_loss": jnp.mean(balance, axis=0),
