@@ -8,6 +8,15 @@ strictly after the previous pick in that order, so nothing is written back and `
 entries (masked groups) behave like any other value. Rows longer than 128 entries (a
 384-expert router) keep the best entry of each chunk of 16 and rescan only the chunk the
 pick came from, so a round costs ``O(n / 16 + 16)`` instead of ``O(n)``.
+
+What bounds it on XLA:CPU (measured at ``[16384, 128]``, k=8, 2 cores: 10.8 ms, the router
+matmul it follows 50 ms): a plain row max is 0.4 ms, but each round compares the row with
+the previous round's reduced value, and XLA materialises that broadcast (the reduce and
+its broadcast form one fusion whose output is the full block) before the select and the
+next reduction, so a round costs about four passes over the block. Tried and slower: the
+chunked formulation at 128 columns (16-34 ms over chunks of 8-32 and blocks of 64-256
+rows); keeping a sorted top-k list per row and inserting the columns one by one, rows as
+vector lanes (``fori_loop``: 130-520 ms; unrolled, it did not finish compiling).
 """
 
 from __future__ import annotations

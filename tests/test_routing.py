@@ -1,5 +1,6 @@
 """route() against the float64 oracle, hand-worked cases, properties and transformations."""
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +188,12 @@ def test_reference_function_bad_input():
 # ---------------------------------------------------------------------------- properties
 
 
+# The property tests below draw the same cases (one seed, one strategy, nothing else
+# drawn), so a case's compiled `_route` serves all of them on a worker (one xdist group).
+SAME_CASES = hypothesis.seed(20261201)
+_properties = pytest.mark.xdist_group("routing_properties")
+
+
 @st.composite
 def router_cases(draw):
     num_groups = draw(st.sampled_from([1, 2, 4]))
@@ -207,12 +214,14 @@ def router_cases(draw):
     rng = np.random.default_rng(seed)
     logits = (rng.normal(size=(tokens, num_experts)) * 3).astype(np.float32)
     bias = (rng.normal(size=num_experts) * 0.5).astype(np.float32)
-    return cfg, logits, bias
+    return cfg, logits, bias, seed
 
 
+@_properties
+@SAME_CASES
 @given(router_cases())
 def test_ids_unique_in_range_and_weights_sum_to_scale(case):
-    cfg, logits, bias = case
+    cfg, logits, bias, _ = case
     got = _route(logits, bias, cfg)
     ids = np.asarray(got.expert_ids)
     assert ids.min() >= 0 and ids.max() < cfg.num_experts
@@ -220,9 +229,11 @@ def test_ids_unique_in_range_and_weights_sum_to_scale(case):
     np.testing.assert_allclose(np.asarray(got.weights).sum(-1), cfg.route_scale, rtol=1e-5)
 
 
+@_properties
+@SAME_CASES
 @given(router_cases())
 def test_selection_bias_changes_choice_never_the_weight_formula(case):
-    cfg, logits, bias = case
+    cfg, logits, bias, _ = case
     got = _route(logits, bias, cfg)
     # Unbiased scores (a zero bias: the same compiled program as the biased call).
     scores = np.asarray(_route(logits, np.zeros_like(bias), cfg).scores)
@@ -231,9 +242,12 @@ def test_selection_bias_changes_choice_never_the_weight_formula(case):
     np.testing.assert_allclose(np.asarray(got.weights), want, rtol=2e-5, atol=1e-7)
 
 
-@given(router_cases(), st.floats(-4, 4))
-def test_constant_bias_shift_changes_nothing(case, shift):
-    cfg, logits, _ = case
+@_properties
+@SAME_CASES
+@given(router_cases())
+def test_constant_bias_shift_changes_nothing(case):
+    cfg, logits, _, seed = case
+    shift = np.random.default_rng(seed + 1).uniform(-4, 4)
     shift = np.float32(np.round(shift * 4) / 4)  # exact in float32: no rounding ties
     logits = np.round(logits * 8) / 8
     base = _route(logits, jnp.zeros(cfg.num_experts), cfg)
@@ -242,23 +256,26 @@ def test_constant_bias_shift_changes_nothing(case, shift):
     np.testing.assert_array_equal(base.weights, shifted.weights)
 
 
-@given(router_cases(), st.randoms(use_true_random=False))
-def test_permuting_tokens_permutes_routing(case, rnd):
-    cfg, logits, bias = case
-    perm = list(range(len(logits)))
-    rnd.shuffle(perm)
+@_properties
+@SAME_CASES
+@given(router_cases())
+def test_permuting_tokens_permutes_routing(case):
+    cfg, logits, bias, seed = case
+    perm = np.random.default_rng(seed + 2).permutation(len(logits))
     got = _route(logits, bias, cfg)
     permuted = _route(logits[perm], bias, cfg)
     np.testing.assert_array_equal(np.asarray(got.expert_ids)[perm], permuted.expert_ids)
     np.testing.assert_array_equal(np.asarray(got.weights)[perm], permuted.weights)
 
 
+@_properties
+@SAME_CASES
 @settings(max_examples=15)  # eager: every new shape compiles each primitive (~1.4 s)
 @given(router_cases())
 def test_jit_equals_eager(case):
-    cfg, logits, bias = case
+    cfg, logits, bias, _ = case
     eager = route(logits, bias, cfg)
-    jitted = jax.jit(route, static_argnums=2)(logits, bias, cfg)
+    jitted = _route(logits, bias, cfg)
     for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_array_equal(a, b)
 
