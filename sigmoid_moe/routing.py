@@ -166,10 +166,12 @@ def _route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> R
         bias = jnp.zeros((config.num_experts,), jnp.float32)
     bias = jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
     # A token with a NaN or infinite logit, or any token when the bias is not finite, is
-    # not routed. Its logits are zeroed first, so neither its forward values nor its
-    # gradients can carry a NaN into the rest of the batch.
-    routed = jnp.all(jnp.isfinite(logits), axis=-1) & jnp.all(jnp.isfinite(bias))
-    logits = jnp.where(routed[..., None], logits, 0.0)
+    # not routed. Non-finite logits are zeroed first, so neither the token's forward
+    # values nor its gradients can carry a NaN into the rest of the batch (elementwise:
+    # broadcasting the per-token flag over [..., E] cost a full pass on XLA:CPU).
+    finite = jnp.isfinite(logits)
+    routed = jnp.all(finite, axis=-1) & jnp.all(jnp.isfinite(bias))
+    logits = jnp.where(finite, logits, 0.0)
 
     if config.bias_mode == "logit":
         logits = logits + bias
