@@ -190,6 +190,7 @@ def test_reference_function_bad_input():
 
 # The property tests below draw the same cases (one seed, one strategy, nothing else
 # drawn), so a case's compiled `_route` serves all of them on a worker (one xdist group).
+# test_jit_equals_eager runs fewer examples, so hypothesis draws it other cases.
 SAME_CASES = hypothesis.seed(20261201)
 _properties = pytest.mark.xdist_group("routing_properties")
 

@@ -377,7 +377,7 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
 
     def step_fn(numbers, params, bias, opt_state, tokens, step):
         coef, lr = numbers["aux_coef"], numbers["learning_rate"]
-        rate = lambda s: numbers["bias_rate"] * numbers["unit_rate"]  # noqa: E731
+        rate = numbers["bias_rate"] * numbers["unit_rate"]  # u(step)
         tokens = tokens.astype(jnp.int32)
         micro = tokens.reshape(micro_batches, -1, tokens.shape[-1])
         step_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
@@ -404,7 +404,7 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
         metrics = {
             "loss": jnp.mean(ce),
             "lr": lr,
-            "bias_rate": rate(step),
+            "bias_rate": rate,
             "aux_loss": jnp.mean(aux_loss, axis=0),
             "balance_loss": jnp.mean(balance, axis=0),
             "load": load,
