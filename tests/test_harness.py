@@ -151,6 +151,40 @@ def test_train_step_compiles_once_per_step_relevant_config():
     assert step_of(dataclasses.replace(accum, bias_rate=0.0)).program is step_of(accum).program
 
 
+def test_optimizer_with_the_rate_as_input_equals_optax_adamw_with_the_schedule():
+    """The step's optimizer takes the learning rate as an argument; its updates and state
+    structure are those of optax.adamw with the schedule, bit for bit."""
+    import jax
+    import optax
+
+    from sigmoid_moe.harness.train import _optimizer
+
+    config = _config(steps=12, warmup_steps=3, weight_decay=0.1)
+    schedule = config.lr_schedule()
+    mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    reference = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask),
+    )
+    ours = _optimizer(config)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "n": jnp.ones(3)}
+    state_ref, state = reference.init(params), ours.init(params)
+    assert jax.tree.structure(state_ref) == jax.tree.structure(state)
+    p_ref = p_ours = params
+    for step in range(5):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        lr = jax.jit(schedule)(jnp.asarray(step, jnp.int32))
+        up_ref, state_ref = jax.jit(reference.update)(grads, state_ref, p_ref)
+        up, state = jax.jit(lambda g, s, p, lr: ours.update(g, s, p, learning_rate=lr))(
+            grads, state, p_ours, lr
+        )
+        p_ref, p_ours = optax.apply_updates(p_ref, up_ref), optax.apply_updates(p_ours, up)
+        leaves = jax.tree.leaves((p_ref, state_ref)), jax.tree.leaves((p_ours, state))
+        for a, b in zip(*leaves, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_schedules_are_the_steps_inputs_with_the_values_of_the_optax_schedules():
     """The step's learning rate and bias rate are the optax schedules' values at that
     step, so runs of different lengths share a program without changing their numbers."""
