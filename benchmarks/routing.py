@@ -5,6 +5,8 @@ a shared machine hits them alike: warm-up (compile + one call), then ``--repeats
 each, ``block_until_ready`` on every output, median (and min-max range) reported. The
 ``lax.top_k`` rows swap our top-k for ``jax.lax.top_k`` inside ``route`` (for reference
 only: ``lax.top_k`` does not canonicalise ``-0.0`` or NaN) so the gain from ours is visible.
+The ``portable`` rows are ours with the native CPU kernel off (``SIGMOID_MOE_NATIVE=0`` at
+trace time): the pure-JAX path every other backend runs.
 
 Run::
 
@@ -17,6 +19,7 @@ Goal (issue 3): route adds at most 25% over the bare matmul at the first shape.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -93,6 +96,11 @@ def _measure(shape, args) -> None:
     calls["x@W + route ids+w"] = lambda: ours["routed ids+w"](x, w, bias)
     calls["route alone"] = lambda: ours["route alone"](logits, bias)
     calls["top-k alone"] = lambda: ours["top-k alone"](logits)
+    with mock.patch.dict(os.environ, {"SIGMOID_MOE_NATIVE": "0"}):
+        portable = compile_all()
+    calls["x@W + route[portable]"] = lambda: portable["routed"](x, w, bias)
+    calls["ids+w[portable]"] = lambda: portable["routed ids+w"](x, w, bias)
+    calls["top-k alone[portable]"] = lambda: portable["top-k alone"](logits)
     if not args.no_lax:
         with mock.patch.object(routing_module, "top_k", _lax_top_k):
             lax = compile_all()
@@ -107,9 +115,9 @@ def _measure(shape, args) -> None:
     )
     for name, ts in times.items():
         med = statistics.median(ts)
-        ratio = f"{med / bare_median:7.3f}" if name.startswith(("bare", "x@W")) else ""
+        ratio = f"{med / bare_median:7.3f}" if name.startswith(("bare", "x@W", "ids+w")) else ""
         print(
-            f"{label:<30} {name:<19} {med * 1e3:10.3f} "
+            f"{label:<30} {name:<23} {med * 1e3:10.3f} "
             f"{min(ts) * 1e3:8.3f}-{max(ts) * 1e3:8.3f} {ratio:>7}"
         )
         label = ""

@@ -83,6 +83,21 @@ def test_exact_ties_go_to_lower_index(cfg):
     _check_against_oracle(logits, np.zeros(cfg.num_experts), cfg)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_portable_path_matches_oracle(cfg, monkeypatch):
+    # The pure-JAX top-k that GPU and TPU programs run (on CPU the native kernel serves, and
+    # the tests above check it): the same oracle, ties included. The flag is read at trace
+    # time, so the shapes are ones no other test traces `_route` with.
+    monkeypatch.setenv("SIGMOID_MOE_NATIVE", "0")
+    rng = np.random.default_rng(11)
+    ties = rng.integers(-1, 2, size=(66, cfg.num_experts)).astype(np.float32)
+    _check_against_oracle(ties, np.zeros(cfg.num_experts), cfg)
+    normal = (rng.normal(size=(39, cfg.num_experts)) * 2).astype(np.float32)
+    _check_against_oracle(normal, rng.normal(size=cfg.num_experts) * 0.3, cfg)
+    lowered = jax.jit(lambda x: route(x, None, cfg)).lower(jnp.asarray(ties)).as_text()
+    assert "sigmoid_moe_top_k" not in lowered
+
+
 def test_all_equal_scores_pick_the_first_experts():
     cfg = RouterConfig(num_experts=6, top_k=3)
     got = route(jnp.zeros((2, 6)), None, cfg)

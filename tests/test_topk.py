@@ -1,5 +1,8 @@
 """top_k (and each internal formulation) against a stable-argsort NumPy oracle."""
 
+import os
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -8,7 +11,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sigmoid_moe import _native
 from sigmoid_moe import topk as topk_module
 from sigmoid_moe.topk import top_k
 
@@ -26,9 +32,12 @@ def _canon(x):  # NaN -> -inf, as top_k does, for the internal formulations
     return jnp.where(jnp.isnan(x), -jnp.inf, x)
 
 
-# Every path top_k can take, each called on canonicalised input.
+# Every path top_k can take, each called on canonicalised input. On CPU top_k itself is
+# the native kernel (test_native_kernel_is_built_and_used_on_cpu); "portable" is the
+# whole pure-JAX path, dispatch included, on the raw input.
 VARIANTS = {
     "top_k": top_k,
+    "portable": lambda x, k: topk_module._top_k_portable(x, k),
     "narrow": lambda x, k: topk_module._top_k_narrow(_canon(x), k),
     "wide": lambda x, k: topk_module._top_k_wide(_canon(x), k),
     "sorted": lambda x, k: topk_module._top_k_sorted(_canon(x), k),
@@ -85,6 +94,7 @@ def test_row_blocked_path_matches_oracle(n, extra_rows):
     x[::3, 11] = np.nan
     x[-1] = -np.inf  # a padding-like row of the input itself
     _check(jax.jit(top_k, static_argnums=1), x, 6)
+    _check(jax.jit(VARIANTS["portable"], static_argnums=1), x, 6)
 
 
 def test_bfloat16_input():
@@ -164,3 +174,124 @@ def test_wide_row_blocked_path_matches_oracle():
     x[::4, 2] = np.nan
     x[::6, 100:140] = -np.inf
     _check(jax.jit(top_k, static_argnums=1), x, 8)
+    _check(jax.jit(VARIANTS["portable"], static_argnums=1), x, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# The native CPU kernel (csrc/top_k_cpu.cc): its paths, its dispatch, its sharding.
+
+
+def test_native_kernel_is_built_and_used_on_cpu():
+    # `pip install -e .` builds it (setup.py). Were the build to fail silently, the library
+    # would still be right but slow: this test says so instead.
+    assert _native.available(), "sigmoid_moe._top_k_cpu is not built: reinstall the package"
+    x = jnp.zeros((4, 16))
+    assert "sigmoid_moe_top_k" in jax.jit(lambda x: top_k(x, 3)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_programs_take_the_portable_path(platform):
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((8, 64)), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda x: top_k(x, 6)), platforms=(platform,))(x)
+    assert "sigmoid_moe_top_k" not in exported.mlir_module()
+    assert "stablehlo.custom_call" not in exported.mlir_module()
+
+
+def test_environment_switch_and_unsupported_inputs_take_the_portable_path(monkeypatch):
+    x = jnp.zeros((4, 80))
+    assert "sigmoid_moe_top_k" not in jax.jit(lambda x: top_k(x, 65)).lower(x).as_text()
+    monkeypatch.setenv("SIGMOID_MOE_NATIVE", "0")
+    assert not _native.available()
+    assert "sigmoid_moe_top_k" not in jax.jit(lambda x: top_k(x, 3)).lower(x).as_text()
+
+
+def _router_like(rng, rows, n):
+    """Sigmoid scores plus a small bias, a few rows with one hot expert or saturation."""
+    logits = rng.standard_normal((rows, n)).astype(np.float32) * 2
+    logits[::13] *= 8  # saturated: many scores round to exactly 1.0
+    scores = 1 / (1 + np.exp(-logits)) + 0.01 * rng.standard_normal(n).astype(np.float32)
+    return scores.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "rows, n, k",
+    [(2048, 128, 8), (700, 384, 8), (300, 896, 16), (1030, 64, 6), (4096, 8, 4), (513, 16, 2)],
+)
+def test_native_matches_oracle_and_portable_at_router_shapes(rows, n, k):
+    """Many rows (the threaded split, a short last task), router-like and tied inputs: the
+    fast path, rows with more candidates than slots, and the general path all occur."""
+    rng = np.random.default_rng(zlib.crc32(repr(("router", rows, n, k)).encode()))
+    for x in (_router_like(rng, rows, n), _sample(rng, (rows, n), "ties")):
+        x[5, : n // 2] = -np.inf  # fewer finite entries than chunks: the general path
+        x[7] = np.nan
+        x[9, -k:] = 100.0  # the k best at the end of the row
+        _check(jax.jit(topk_module._top_k_native, static_argnums=1), x, k)
+        want = jax.jit(topk_module._top_k_portable, static_argnums=1)(jnp.asarray(x), k)[1]
+        got = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)[1]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_native_values_carry_the_gradient():
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((6, 40)), jnp.float32)
+    weights = jnp.arange(1.0, 6.0)
+
+    def loss(fn):
+        return lambda x: jnp.sum(fn(x, 5)[0] * weights)
+
+    got = jax.grad(loss(topk_module._top_k_native))(x)
+    want = jax.grad(loss(topk_module._top_k_portable))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.count_nonzero(np.asarray(got)) == 6 * 5
+
+
+def _auto_mesh(shape, names):
+    return jax.make_mesh(shape, names, (jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def test_native_keeps_row_sharding_without_gathering():
+    mesh = _auto_mesh((8,), ("data",))  # the axes sigmoid_moe.make_mesh makes
+    x = jax.device_put(
+        jnp.asarray(_router_like(np.random.default_rng(6), 64, 128)),
+        NamedSharding(mesh, P("data", None)),
+    )
+    fn = jax.jit(lambda x: top_k(x, 8))
+    hlo = fn.lower(x).compile().as_text()
+    assert "sigmoid_moe_top_k" in hlo
+    assert "all-gather" not in hlo  # each device ranks its own 8 rows
+    values, ids = fn(x)
+    assert ids.sharding.spec[0] == "data"
+    _check(lambda x, k: fn(x), x, 8)
+
+
+def test_sharded_last_dimension_is_gathered_and_explicit_axes_take_the_portable_path():
+    x = _sample(np.random.default_rng(7), (16, 64), "ties")
+    fn = jax.jit(lambda x, k: top_k(x, k), static_argnums=1)
+    # Auto axes: the expert axis is gathered for the kernel, the rows stay sharded.
+    mesh = _auto_mesh((2, 4), ("data", "model"))
+    xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data", "model")))
+    assert "sigmoid_moe_top_k" in fn.lower(xs, 6).compile().as_text()
+    _check(fn, xs, 6)
+    # Explicit axes: the sharding is in the type, and the portable path follows it.
+    mesh = jax.make_mesh((2, 4), ("data", "model"), (jax.sharding.AxisType.Explicit,) * 2)
+    for spec in (P("data", None), P("data", "model")):
+        xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, spec))
+        assert "sigmoid_moe_top_k" not in fn.lower(xs, 6).compile().as_text()
+        _check(fn, xs, 6)
+
+
+def test_native_kernel_in_a_fresh_process_with_one_thread():
+    # The single-threaded path (no intra-op pool to split over) gives the same indices.
+    code = (
+        "import numpy as np, jax, jax.numpy as jnp\n"
+        "from sigmoid_moe import topk\n"
+        "x = np.random.default_rng(8).integers(-3, 4, (3000, 128)).astype(np.float32)\n"
+        "a = jax.jit(topk._top_k_native, static_argnums=1)(jnp.asarray(x), 8)[1]\n"
+        "b = jax.jit(topk._top_k_portable, static_argnums=1)(jnp.asarray(x), 8)[1]\n"
+        "assert (np.asarray(a) == np.asarray(b)).all()\n"
+        "print('same')\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "same" in out.stdout, out.stderr[-2000:]
