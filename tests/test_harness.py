@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import pathlib
 
@@ -253,15 +255,31 @@ def test_lossfree_bias_lowers_maxvio_on_a_skewed_router(tmp_path, corpus):
     assert vio[2e-2] < 0.6 * vio[0.0], vio
 
 
+# `sigmoid-moe compare` of the tiny preset as test_cli_compare_writes_report_and_plots runs
+# it; two seeds, so that the two-worker test compares its runs against these.
+CLI_STEPS, CLI_SEEDS = 8, (0, 1)
+CLI_LOSSFREE = "sigmoid+lossfree(0.001,sign)"
+
+
+@pytest.fixture(scope="module")
+def cli_compare(tmp_path_factory):
+    """``(exit status, out_dir, stdout)`` of the CLI comparison in one worker (its four
+    runs of a seed share the worker's start-up; the seeds share its compilations)."""
+    out = tmp_path_factory.mktemp("cli_compare") / "cmp"
+    argv = ["compare", "--preset", "tiny", "--steps", str(CLI_STEPS), "--out", str(out)]
+    argv += ["--seeds", ",".join(map(str, CLI_SEEDS)), "--quiet", "--jobs", "1"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(argv)
+    return status, out, stdout.getvalue()
+
+
 @pytest.mark.slow
-def test_cli_compare_writes_report_and_plots(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    # One worker: the four runs share its start-up and compilations (the suite keeps both
-    # cores busy anyway).
-    argv = ["compare", "--preset", "tiny", "--steps", "8", "--out", str(out), "--quiet"]
-    assert main([*argv, "--jobs", "1"]) == 0
+def test_cli_compare_writes_report_and_plots(cli_compare):
+    status, out, stdout = cli_compare
+    assert status == 0
     report = (out / "report.md").read_text()
-    for name in ("softmax+aux", "sigmoid+aux", "sigmoid+lossfree(0.001,sign)", "sigmoid+none"):
+    for name in ("softmax+aux", "sigmoid+aux", CLI_LOSSFREE, "sigmoid+none"):
         assert name in report
     assert "MaxVio_global" in report and "floor" in report
     for plot in PLOTS:
@@ -269,7 +287,7 @@ def test_cli_compare_writes_report_and_plots(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())["results"]
     assert {r["kind"] for r in results} == {"aux loss", "loss-free bias", "none"}
     assert all(set(r["domain_fraction"]) == {"code", "prose"} for r in results)
-    assert "| strategy |" in capsys.readouterr().out
+    assert "| strategy |" in stdout
 
 
 @pytest.mark.parametrize(
@@ -415,18 +433,31 @@ def test_each_worker_takes_a_contiguous_share_of_the_tasks():
     assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4]
 
 
-def test_runs_give_the_same_numbers_whatever_the_number_of_workers(tmp_path, corpus):
+def test_runs_give_the_same_numbers_whatever_the_number_of_workers(tmp_path, corpus, cli_compare):
+    # The CLI comparison ran every run in one worker; its loss-free runs of the two seeds
+    # again over two workers (one seed each) give the same bytes and numbers.
     from sigmoid_moe.harness import Strategy, compare
+    from sigmoid_moe.harness.compare import default_strategies
 
-    base = _config(steps=6, checkpoint_every=3, eval_every=3)
-    strategies = [Strategy("lossfree", bias_rate=1e-2)]
-    kwargs = dict(seeds=(0, 1), progress=False, report=False, corpus=corpus)
-    serial = compare(base, strategies, tmp_path / "serial", jobs=1, **kwargs)
-    parallel = compare(base, strategies, tmp_path / "parallel", jobs=2, **kwargs)
-    assert [(r["name"], r["seed"]) for r in parallel] == [("lossfree", 0), ("lossfree", 1)]
+    status, cli_out, _ = cli_compare
+    assert status == 0
+    base = _config(steps=CLI_STEPS, warmup_steps=min(TINY.warmup_steps, CLI_STEPS // 10))
+    serial_summary = json.loads((cli_out / "results.json").read_text())
+    # The CLI's base, as built here (compared as results.json writes it).
+    assert serial_summary["base_config"] == json.loads(json.dumps(base.to_dict()))
+    (strategy,) = [s for s in default_strategies() if s.name == CLI_LOSSFREE]
+    assert isinstance(strategy, Strategy) and strategy.bias_rate > 0
+    kwargs = dict(seeds=CLI_SEEDS, progress=False, report=False, corpus=corpus)
+    parallel = compare(base, [strategy], tmp_path / "parallel", jobs=2, **kwargs)
+    assert [(r["name"], r["seed"]) for r in parallel] == [(CLI_LOSSFREE, 0), (CLI_LOSSFREE, 1)]
+    # Both sides as results.json holds them (the serial side is read from there).
+    parallel = json.loads((tmp_path / "parallel" / "results.json").read_text())["results"]
+    serial = [r for r in serial_summary["results"] if r["name"] == CLI_LOSSFREE]
+    assert [r["seed"] for r in serial] == list(CLI_SEEDS)
     for a, b in zip(serial, parallel, strict=True):
         metrics = "metrics.jsonl"
         a_dir, b_dir = pathlib.Path(a["run_dir"]), pathlib.Path(b["run_dir"])
+        assert a_dir != b_dir
         assert (a_dir / metrics).read_bytes() == (b_dir / metrics).read_bytes()
         for key in ("val_loss", "maxvio_global", "maxvio_batch_steady", "load_fraction"):
             assert a[key] == b[key]
