@@ -57,7 +57,7 @@ def top_k_indices(x: jax.Array, k: int) -> jax.Array:
     """
     if not available():
         raise RuntimeError("the native top-k kernel is not built; reinstall with a C++ compiler")
-    return _batched(jax.lax.stop_gradient(x), k)
+    return _batched(k)(jax.lax.stop_gradient(x))
 
 
 def _call(x: jax.Array, k: int) -> jax.Array:
@@ -94,7 +94,7 @@ _partitioned.def_partition(
 
 
 @functools.cache
-def _batched_for(k: int):
+def _batched(k: int):
     """The partitioned call for this ``k``, with a vmap rule: the batch dimension, which
     ``custom_vmap`` moves to the front, is one more leading (row) dimension."""
 
@@ -109,6 +109,3 @@ def _batched_for(k: int):
 
     return call
 
-
-def _batched(x: jax.Array, k: int) -> jax.Array:
-    return _batched_for(k)(x)
