@@ -108,4 +108,3 @@ def _batched(k: int):
         return call(x), True
 
     return call
-
