@@ -200,9 +200,18 @@ def test_accelerator_programs_take_the_portable_path(platform):
 def test_environment_switch_and_unsupported_inputs_take_the_portable_path(monkeypatch):
     x = jnp.zeros((4, 80))
     assert "sigmoid_moe_top_k" not in jax.jit(lambda x: top_k(x, 65)).lower(x).as_text()
+    fn = jax.jit(lambda x: top_k(x, 3))
+    # A CPU program with the kernel cannot be exported (its custom call has no
+    # compatibility guarantee); with the switch off it can (README, Set-up).
+    with pytest.raises(ValueError, match="custom calls"):
+        jax.export.export(fn)(x)
     monkeypatch.setenv("SIGMOID_MOE_NATIVE", "0")
     assert not _native.available()
     assert "sigmoid_moe_top_k" not in jax.jit(lambda x: top_k(x, 3)).lower(x).as_text()
+    assert (
+        "sigmoid_moe_top_k"
+        not in jax.export.export(jax.jit(lambda x: top_k(x, 3)))(x).mlir_module()
+    )
 
 
 def _router_like(rng, rows, n):
