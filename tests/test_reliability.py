@@ -36,6 +36,12 @@ from sigmoid_moe.harness import checkpoint as checkpoint_module
 from sigmoid_moe.harness.checkpoint import MANIFEST, Checkpointer
 from sigmoid_moe.harness.run_files import read_jsonl, truncate_jsonl
 
+# On the worker of tests/test_harness.py (pyproject: --dist loadgroup): this module's
+# module fixtures are built once, and its runs share that module's compiled programs
+# (CONFIG's train step is the one of test_harness's reference run: the numbers are inputs)
+# and its first checkpoint restore, instead of compiling them on a second worker.
+pytestmark = pytest.mark.xdist_group("harness")
+
 COMPARE = importlib.import_module("sigmoid_moe.harness.compare")  # the module, not the function
 TINY = PRESETS["tiny"].base
 # Checkpoints at steps 2 and 4; one compiled step serves every run of this module.
