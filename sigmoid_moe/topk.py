@@ -68,7 +68,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         and k <= _native.MAX_K
         and x.dtype in _NATIVE_DTYPES
         and n < 2**31
-        and not _explicitly_sharded(x)
+        and _on_a_cpu_mesh_or_none(x)
     ):
         # The CPU lowering calls the kernel; every other platform lowers the portable path.
         return jax.lax.platform_dependent(
@@ -77,12 +77,24 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return _top_k_portable(x, k)
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
-    """Whether ``x``'s type carries a sharding (an ``Explicit`` mesh axis). Such arrays
-    take the portable path, whose ops all have sharding rules in the type system; under
-    ``Auto`` axes (:func:`sigmoid_moe.make_mesh`) the kernel's own partitioning rule
-    keeps the rows sharded."""
-    return any(axis is not None for axis in jax.typeof(x).sharding.spec)
+def _on_a_cpu_mesh_or_none(x: jax.Array) -> bool:
+    """Whether the kernel may serve ``x``: unsharded, or on a mesh of CPU devices whose
+    axes are not ``Explicit``.
+
+    An ``Explicit`` axis puts the sharding in the type, and the portable path's ops all have
+    rules for it; under ``Auto`` axes (:func:`sigmoid_moe.make_mesh`) the kernel's own
+    partitioning rule keeps the rows sharded. A mesh without devices (an ``AbstractMesh``,
+    as when exporting for an accelerator) cannot lower that rule, and a mesh of other
+    devices never runs the kernel: both take the portable path.
+    """
+    sharding = jax.typeof(x).sharding
+    if any(axis is not None for axis in sharding.spec):
+        return False
+    mesh = sharding.mesh
+    if mesh.empty:
+        return True
+    device = mesh.abstract_device
+    return device is not None and device.platform == "cpu"
 
 
 # Converted to float32 exactly, so the order is the same.

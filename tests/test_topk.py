@@ -195,6 +195,12 @@ def test_accelerator_programs_take_the_portable_path(platform):
     exported = jax.export.export(jax.jit(lambda x: top_k(x, 6)), platforms=(platform,))(x)
     assert "sigmoid_moe_top_k" not in exported.mlir_module()
     assert "stablehlo.custom_call" not in exported.mlir_module()
+    # On a mesh without devices (how accelerator programs are exported from a CPU host):
+    # the kernel's partitioning rule needs devices to lower, so the portable path serves.
+    mesh = jax.sharding.AbstractMesh((8,), ("data",), (jax.sharding.AxisType.Auto,))
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P("data")))
+    exported = jax.export.export(jax.jit(lambda x: top_k(x, 6)), platforms=(platform,))(spec)
+    assert "sigmoid_moe_top_k" not in exported.mlir_module()
 
 
 def test_environment_switch_and_unsupported_inputs_take_the_portable_path(monkeypatch):
