@@ -56,7 +56,10 @@ def top_k_indices(x: jax.Array, k: int) -> jax.Array:
     Under ``vmap`` the batch dimension is one more leading dimension.
     """
     if not available():
-        raise RuntimeError("the native top-k kernel is not built; reinstall with a C++ compiler")
+        raise RuntimeError(
+            "the native top-k kernel is off: not built (reinstall with a C++ compiler) or "
+            "SIGMOID_MOE_NATIVE=0; call sigmoid_moe.topk.top_k, which falls back by itself."
+        )
     return _batched(k)(jax.lax.stop_gradient(x))
 
 
