@@ -1,9 +1,11 @@
-"""Builds the optional native CPU top-k kernel (an XLA FFI handler, csrc/top_k_cpu.cc).
+"""Builds the optional native CPU kernels (XLA FFI handlers in csrc/): the exact top-k
+(top_k_cpu.cc) and the sigmoid router's candidate experts (route_cpu.cc).
 
-Everything else is in pyproject.toml. The kernel compiles against the XLA FFI headers that
+Everything else is in pyproject.toml. The kernels compile against the XLA FFI headers that
 jaxlib ships (``jaxlib/include``, the same directory as ``jax.ffi.include_dir()``), which
 the build requirements install. Without a C++ compiler the build skips it (``optional``)
-and ``sigmoid_moe.topk.top_k`` uses its portable pure-JAX path everywhere.
+and ``sigmoid_moe.topk.top_k`` and ``sigmoid_moe.route`` use their portable pure-JAX paths
+everywhere.
 """
 
 import importlib.util
@@ -22,11 +24,12 @@ def _ffi_include_dir() -> str:
 setup(
     ext_modules=[
         Extension(
-            "sigmoid_moe._top_k_cpu",
-            sources=["csrc/top_k_cpu.cc"],
+            "sigmoid_moe._native_cpu",
+            sources=["csrc/module.cc", "csrc/top_k_cpu.cc", "csrc/route_cpu.cc"],
+            depends=["csrc/top_k_row.h", "csrc/row_tasks.h"],
             include_dirs=[_ffi_include_dir()],
             language="c++",
-            extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+            extra_compile_args=["-std=c++17", "-O3", "-fno-trapping-math", "-fvisibility=hidden"],
             optional=True,
         )
     ]

@@ -1,15 +1,30 @@
-"""The native CPU top-k kernel (csrc/top_k_cpu.cc), registered with ``jax.ffi`` on use.
+"""The native CPU kernels (csrc/), registered with ``jax.ffi`` on first use.
 
-Internal: :func:`sigmoid_moe.topk.top_k` calls it on CPU and keeps its portable path for
-every other backend and case. The extension is built by ``pip install`` (setup.py); where
-it could not be (no C++ compiler), or with ``SIGMOID_MOE_NATIVE=0`` in the environment,
-:func:`available` is False and nothing uses it.
+Internal. Two kernels, each called by one function here:
+
+- :func:`top_k_indices` (csrc/top_k_cpu.cc): exact top-k indices of each row, for
+  :func:`sigmoid_moe.topk.top_k`;
+- :func:`route_candidates` (csrc/route_cpu.cc): the few experts per token that can be
+  among its top k under the sigmoid router's selection ``sigmoid(logits) + bias``, for
+  :func:`sigmoid_moe.route`.
+
+Callers keep a portable pure-JAX path for every other backend and case. The extension is
+built by ``pip install`` (setup.py); where it could not be (no C++ compiler), or with
+``SIGMOID_MOE_NATIVE=0`` in the environment, :func:`available` is False and nothing uses
+it.
+
+Both kernels work row by row, so both get the same wrapping: under a mesh every device
+handles its own rows (``custom_partitioning``: the leading dimensions keep their
+sharding, only the last one is gathered if it was sharded, and parameters such as the
+bias are replicated); under ``vmap`` the batch dimension is one more leading dimension.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +34,23 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 try:
-    from sigmoid_moe import _top_k_cpu
-except ImportError:  # not built: the portable path serves
-    _top_k_cpu = None
+    from sigmoid_moe import _native_cpu
+except ImportError:  # not built: the portable paths serve
+    _native_cpu = None
 
-__all__ = ["MAX_K", "available", "top_k_indices"]
+__all__ = [
+    "MAX_K",
+    "available",
+    "may_serve",
+    "rank_candidates",
+    "route_candidates",
+    "top_k_indices",
+]
 
-_TARGET = "sigmoid_moe_top_k"
-# The kernel's largest k; csrc/top_k_cpu.cc checks the same bound.
+_TOP_K = "sigmoid_moe_top_k"
+_ROUTE_CANDIDATES = "sigmoid_moe_route_candidates"
+_RANK_CANDIDATES = "sigmoid_moe_rank_candidates"
+# The kernels' largest k; csrc/top_k_row.h checks the same bound.
 MAX_K = 64
 
 
@@ -35,12 +59,46 @@ def available() -> bool:
 
     Read at trace time: a program already compiled keeps the path it was traced with.
     """
-    return _top_k_cpu is not None and os.environ.get("SIGMOID_MOE_NATIVE", "1") != "0"
+    return _native_cpu is not None and os.environ.get("SIGMOID_MOE_NATIVE", "1") != "0"
+
+
+def may_serve(x: jax.Array) -> bool:
+    """Whether a kernel may take ``x``: unsharded, or on a mesh of CPU devices whose axes
+    are not ``Explicit``.
+
+    An ``Explicit`` axis puts the sharding in the type, and the portable paths' ops all
+    have rules for it; under ``Auto`` axes (:func:`sigmoid_moe.make_mesh`) the kernels' own
+    partitioning rule keeps the rows sharded. A mesh without devices (an ``AbstractMesh``,
+    as when exporting for an accelerator) cannot lower that rule, and a mesh of other
+    devices never runs a kernel: both take the portable paths.
+    """
+    sharding = jax.typeof(x).sharding
+    if any(axis is not None for axis in sharding.spec):
+        return False
+    mesh = sharding.mesh
+    if mesh.empty:
+        return True
+    device = mesh.abstract_device
+    return device is not None and device.platform == "cpu"
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(
+            "the native CPU kernels are off: not built (reinstall with a C++ compiler) or "
+            "SIGMOID_MOE_NATIVE=0; call sigmoid_moe.topk.top_k or sigmoid_moe.route, which "
+            "fall back by themselves."
+        )
 
 
 @functools.cache
 def _register() -> None:
-    jax.ffi.register_ffi_target(_TARGET, _top_k_cpu.top_k_handler(), platform="cpu")
+    jax.ffi.register_ffi_target(_TOP_K, _native_cpu.top_k_handler(), platform="cpu")
+    for name, handler in (
+        (_ROUTE_CANDIDATES, _native_cpu.route_candidates_handler()),
+        (_RANK_CANDIDATES, _native_cpu.rank_candidates_handler()),
+    ):
+        jax.ffi.register_ffi_target(name, handler, platform="cpu")
 
 
 def top_k_indices(x: jax.Array, k: int) -> jax.Array:
@@ -49,65 +107,172 @@ def top_k_indices(x: jax.Array, k: int) -> jax.Array:
     The order of :func:`sigmoid_moe.topk.top_k`: value descending, ties to the lower index,
     NaN as -inf, ``-0.0 == 0.0``. ``1 <= k <= MAX_K``, ``n < 2**31``. No gradient flows
     through it (indices); callers gather the values.
-
-    Rows are independent, so under a mesh every device ranks its own rows: the leading
-    dimensions keep their sharding and only the last one is gathered, if it was sharded
-    (``custom_partitioning``; without it XLA would gather all of ``x`` on every device).
-    Under ``vmap`` the batch dimension is one more leading dimension.
     """
-    if not available():
-        raise RuntimeError(
-            "the native top-k kernel is off: not built (reinstall with a C++ compiler) or "
-            "SIGMOID_MOE_NATIVE=0; call sigmoid_moe.topk.top_k, which falls back by itself."
-        )
-    return _batched(k)(jax.lax.stop_gradient(x))
+    _require()
+    return _wrapped(_TOP_K, k)(jax.lax.stop_gradient(x))
 
 
-def _call(x: jax.Array, k: int) -> jax.Array:
+def route_candidates(
+    logits: jax.Array, bias: jax.Array, k: int, num_candidates: int, *, allow_avx2: bool = True
+):
+    """Experts that can be among each token's top ``k`` by ``sigmoid(logits) + bias``.
+
+    The kernel ranks approximate keys (within ``delta`` of the float32 ones, bounds in
+    csrc/route_cpu.cc) and keeps every expert within ``2 delta`` of a lower bound of the
+    ``k``-th; the exact top ``k`` are always among them. Float32 ``logits [..., E]``,
+    ``bias [E]``; ``1 <= k <= num_candidates <= E``, ``k <= MAX_K``. No gradient.
+    ``allow_avx2=False`` takes the kernel's generic path on every CPU (for tests).
+
+    Returns, with ``C = num_candidates``:
+      ``index [..., C]`` int32, the candidates ascending, padded with -1;
+      ``logits [..., C]`` and ``bias [..., C]`` float32, theirs (pads: 0 and -inf);
+      ``status [...]`` int32: 1 routed; 0 a non-finite logit, or a non-finite bias (then
+      ``index`` is ``0 .. C-1`` with logits and biases 0); 2 more than ``C`` candidates
+      (the caller must rank all experts).
+    """
+    _require()
+    call = _wrapped(_ROUTE_CANDIDATES, k, num_candidates, bool(allow_avx2))
+    return call(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(bias))
+
+
+def rank_candidates(keys: jax.Array, index: jax.Array, logits: jax.Array, k: int):
+    """The ``k`` best candidates by their exact ``keys [..., C]``: keys descending, ties to
+    the earlier candidate (NaN as -inf); ``1 <= k <= C <= 128``.
+
+    With ``index`` and ``logits`` from :func:`route_candidates` (ascending), returns each
+    token's top-``k`` expert ids ``[..., k]`` int32 and their logits ``[..., k]`` float32.
+    No gradient.
+    """
+    _require()
+    call = _wrapped(_RANK_CANDIDATES, k)
+    return call(jax.lax.stop_gradient(keys), index, jax.lax.stop_gradient(logits))
+
+
+def _top_k_call(x: jax.Array, k: int) -> jax.Array:
     _register()
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (k,), jnp.int32)
-    return jax.ffi.ffi_call(_TARGET, out)(x, k=np.int64(k))
+    return jax.ffi.ffi_call(_TOP_K, out)(x, k=np.int64(k))
 
 
-def _rows_sharding(mesh, shape: jax.ShapeDtypeStruct) -> NamedSharding:
-    """``shape``'s sharding with the last dimension replicated."""
-    rank = len(shape.shape)
-    spec = tuple(shape.sharding.spec) + (None,) * rank
-    return NamedSharding(mesh, P(*spec[: rank - 1], None))
+def _route_candidates_call(
+    logits: jax.Array, bias: jax.Array, k: int, num_candidates: int, allow_avx2: bool
+):
+    _register()
+    lead = logits.shape[:-1]
+    out = (
+        jax.ShapeDtypeStruct(lead + (num_candidates,), jnp.int32),
+        jax.ShapeDtypeStruct(lead + (num_candidates,), jnp.float32),
+        jax.ShapeDtypeStruct(lead + (num_candidates,), jnp.float32),
+        jax.ShapeDtypeStruct(lead, jnp.int32),
+    )
+    return jax.ffi.ffi_call(_ROUTE_CANDIDATES, out)(
+        logits, bias, k=np.int64(k), allow_avx2=np.int64(allow_avx2)
+    )
 
 
-def _partition(k, mesh, arg_shapes, result_shape):
-    del result_shape
-    rows = _rows_sharding(mesh, arg_shapes[0])
-    return mesh, functools.partial(_call, k=k), rows, (rows,)
+def _rank_candidates_call(keys: jax.Array, index: jax.Array, logits: jax.Array, k: int):
+    _register()
+    out = (
+        jax.ShapeDtypeStruct(keys.shape[:-1] + (k,), jnp.int32),
+        jax.ShapeDtypeStruct(keys.shape[:-1] + (k,), jnp.float32),
+    )
+    return jax.ffi.ffi_call(_RANK_CANDIDATES, out)(keys, index, logits, k=np.int64(k))
 
 
-def _infer_sharding(k, mesh, arg_shapes, result_shape):
-    del k, result_shape
-    return _rows_sharding(mesh, arg_shapes[0])
+# ----------------------------------------------------------------- rows under a mesh
 
 
-_partitioned = custom_partitioning(_call, static_argnums=(1,))
-_partitioned.def_partition(
-    partition=_partition,
-    infer_sharding_from_operands=_infer_sharding,
-    sharding_rule="... n -> ... k",
-    need_replication_factors=("n", "k"),
-)
+class _Kernel(NamedTuple):
+    """A row-wise FFI call ``call(*rows, *params, *static)``: operands ``rows`` share
+    their leading (row) dimensions, ``params`` are the same for every row, and every
+    result has those leading dimensions (Shardy rule: ``...`` the rows)."""
+
+    call: Callable
+    num_rows: int  # operands with the row dimensions
+    num_params: int  # operands without
+    sharding_rule: str
+    replicated_factors: tuple[str, ...]
+
+
+_KERNELS = {
+    _TOP_K: _Kernel(_top_k_call, 1, 0, "... n -> ... k", ("n", "k")),
+    _ROUTE_CANDIDATES: _Kernel(
+        _route_candidates_call, 1, 1, "... e, e -> ... c, ... c, ... c, ...", ("e", "c")
+    ),
+    _RANK_CANDIDATES: _Kernel(
+        _rank_candidates_call, 3, 0, "... c, ... c, ... c -> ... k, ... k", ("c", "k")
+    ),
+}
+
+
+def _shardings(mesh, arg_shapes, result_shapes, num_rows: int):
+    """Rows keep the first operand's leading sharding; last dimensions and the operands
+    past ``num_rows`` (parameters) are replicated."""
+    first = arg_shapes[0]
+    rank = len(first.shape)
+    lead = (tuple(first.sharding.spec) + (None,) * rank)[: rank - 1]
+
+    def like_rows(shape):
+        return NamedSharding(mesh, P(*lead, *(None,) * (len(shape.shape) - len(lead))))
+
+    def replicated(shape):
+        return NamedSharding(mesh, P(*(None,) * len(shape.shape)))
+
+    args = tuple(
+        like_rows(shape) if i < num_rows else replicated(shape)
+        for i, shape in enumerate(arg_shapes)
+    )
+    return args, jax.tree.map(like_rows, result_shapes)
 
 
 @functools.cache
-def _batched(k: int):
-    """The partitioned call for this ``k``, with a vmap rule: the batch dimension, which
-    ``custom_vmap`` moves to the front, is one more leading (row) dimension."""
+def _wrapped(name: str, *static):
+    """Kernel ``name`` with its static arguments bound, partitioned by rows (operand 0)
+    and batched by rows."""
+    kernel = _KERNELS[name]
+
+    def partition(*args):
+        *_, mesh, arg_shapes, result_shapes = args
+        arg_shardings, result_shardings = _shardings(
+            mesh, arg_shapes, result_shapes, kernel.num_rows
+        )
+        lower = lambda *operands: kernel.call(*operands, *static)  # noqa: E731
+        return mesh, lower, result_shardings, arg_shardings
+
+    def infer(*args):
+        *_, mesh, arg_shapes, result_shapes = args
+        return _shardings(mesh, arg_shapes, result_shapes, kernel.num_rows)[1]
+
+    num_operands = kernel.num_rows + kernel.num_params
+    partitioned = custom_partitioning(
+        kernel.call, static_argnums=tuple(range(num_operands, num_operands + len(static)))
+    )
+    partitioned.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=kernel.sharding_rule,
+        need_replication_factors=kernel.replicated_factors,
+    )
 
     @jax.custom_batching.custom_vmap
-    def call(x):
-        return _partitioned(x, k)
+    def batched(*operands):
+        return partitioned(*operands, *static)
 
-    @call.def_vmap
-    def _(axis_size, in_batched, x):
-        del axis_size, in_batched  # one argument, so it is the batched one
-        return call(x), True
+    @batched.def_vmap
+    def _(axis_size, in_batched, *operands):
+        operands = [
+            x if is_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, is_batched in zip(operands, in_batched, strict=True)
+        ]
+        if any(in_batched[kernel.num_rows :]):
+            # Per-example parameters (a vmapped bias): one call per example.
+            out = jax.lax.map(lambda ops: batched(*ops), tuple(operands))
+        else:
+            # The batch dimension, moved to the front, is one more row dimension; the
+            # parameters were not batched, so they keep their shape.
+            rows = operands[: kernel.num_rows]
+            params = [p[0] for p in operands[kernel.num_rows :]]
+            out = batched(*rows, *params)
+        return out, jax.tree.map(lambda _: True, out)
 
-    return call
+    return batched

@@ -68,33 +68,13 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         and k <= _native.MAX_K
         and x.dtype in _NATIVE_DTYPES
         and n < 2**31
-        and _on_a_cpu_mesh_or_none(x)
+        and _native.may_serve(x)
     ):
         # The CPU lowering calls the kernel; every other platform lowers the portable path.
         return jax.lax.platform_dependent(
             x, cpu=lambda x: _top_k_native(x, k), default=lambda x: _top_k_portable(x, k)
         )
     return _top_k_portable(x, k)
-
-
-def _on_a_cpu_mesh_or_none(x: jax.Array) -> bool:
-    """Whether the kernel may serve ``x``: unsharded, or on a mesh of CPU devices whose
-    axes are not ``Explicit``.
-
-    An ``Explicit`` axis puts the sharding in the type, and the portable path's ops all have
-    rules for it; under ``Auto`` axes (:func:`sigmoid_moe.make_mesh`) the kernel's own
-    partitioning rule keeps the rows sharded. A mesh without devices (an ``AbstractMesh``,
-    as when exporting for an accelerator) cannot lower that rule, and a mesh of other
-    devices never runs the kernel: both take the portable path.
-    """
-    sharding = jax.typeof(x).sharding
-    if any(axis is not None for axis in sharding.spec):
-        return False
-    mesh = sharding.mesh
-    if mesh.empty:
-        return True
-    device = mesh.abstract_device
-    return device is not None and device.platform == "cpu"
 
 
 # Converted to float32 exactly, so the order is the same.

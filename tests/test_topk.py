@@ -184,7 +184,7 @@ def test_wide_row_blocked_path_matches_oracle():
 def test_native_kernel_is_built_and_used_on_cpu():
     # `pip install -e .` builds it (setup.py). Were the build to fail silently, the library
     # would still be right but slow: this test says so instead.
-    assert _native.available(), "sigmoid_moe._top_k_cpu is not built: reinstall the package"
+    assert _native.available(), "sigmoid_moe._native_cpu is not built: reinstall the package"
     x = jnp.zeros((4, 16))
     assert "sigmoid_moe_top_k" in jax.jit(lambda x: top_k(x, 3)).lower(x).as_text()
 
