@@ -1,9 +1,11 @@
 """Router overhead: jitted ``x @ W`` + :func:`sigmoid_moe.route` against the bare ``x @ W``.
 
-Each shape is timed in one run, the variants interleaved repeat by repeat so that load on
-a shared machine hits them alike: warm-up (compile + one call), then ``--repeats`` calls of
-each, ``block_until_ready`` on every output, median (and min-max range) reported. The
-``lax.top_k`` rows swap our top-k for ``jax.lax.top_k`` inside ``route`` (for reference
+Each shape is timed in one run. Every call of a variant comes right after a call of the
+bare matmul (``_timing.paired_rounds``), ``--repeats`` times, so that load drifting on a
+shared machine hits both alike; the ratio column is the median of those paired ratios
+(min-max in brackets), and ``min/min`` the ratio of the fastest calls, the steadier figure
+where other jobs take the cores now and then. Times are medians. The ``lax.top_k`` rows
+swap our top-k for ``jax.lax.top_k`` inside ``route`` (for reference
 only: ``lax.top_k`` does not canonicalise ``-0.0`` or NaN) so the gain from ours is visible.
 The ``portable`` rows are ours with the native CPU kernel off (``SIGMOID_MOE_NATIVE=0`` at
 trace time): the pure-JAX path every other backend runs.
@@ -13,7 +15,7 @@ Run::
     python benchmarks/routing.py --repeats 20
     python benchmarks/routing.py --shapes 0 --repeats 50   # the goal shape only
 
-Goal (issue 3): route adds at most 25% over the bare matmul at the first shape.
+Goal (issue 15): ``x @ W`` + route at most 1.15x the bare matmul at every shape.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from collections.abc import Callable
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
+from _timing import paired_rounds
 
 import sigmoid_moe.routing as routing_module
 from sigmoid_moe import RouterConfig, route
@@ -43,20 +44,6 @@ SHAPES = [
 def _lax_top_k(x, k):
     values, indices = jax.lax.top_k(x, k)
     return values, indices.astype(jnp.int32)
-
-
-def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Interleaves the calls; returns seconds per call for each name."""
-    for fn in fns.values():  # warm-up: compile and one more call
-        jax.block_until_ready(fn())
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _compiled(fn, *args):
@@ -108,25 +95,29 @@ def _measure(shape, args) -> None:
         calls["route alone[lax]"] = lambda: lax["route alone"](logits, bias)
         calls["top-k alone[lax]"] = lambda: lax["top-k alone"](logits)
 
-    times = _time(calls, args.repeats)
-    bare_median = statistics.median(times["bare x@W"])
+    bare_call = calls.pop("bare x@W")
+    results = paired_rounds(bare_call, calls, args.repeats)
+    bare_times = [t for base, _ in results.values() for t in base.wall]
     label = f"{tokens}x{d_model}x{num_experts}, k={k}, " + (
         f"{groups}g/{kept}" if groups > 1 else "no groups"
     )
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        ratio = f"{med / bare_median:7.3f}" if name.startswith(("bare", "x@W", "ids+w")) else ""
-        print(
-            f"{label:<30} {name:<23} {med * 1e3:10.3f} "
-            f"{min(ts) * 1e3:8.3f}-{max(ts) * 1e3:8.3f} {ratio:>7}"
-        )
+    rows = [("bare x@W", bare_times, None)]
+    rows += [(name, cand.wall, base.wall) for name, (base, cand) in results.items()]
+    for name, times, base in rows:
+        ratio = min_ratio = ""
+        if base is not None and name.startswith(("x@W", "ids+w")):
+            ratios = [c / b for c, b in zip(times, base, strict=True)]
+            ratio = f"{statistics.median(ratios):5.3f} ({min(ratios):4.2f}-{max(ratios):4.2f})"
+            min_ratio = f"{min(times) / min(base):5.3f}"
+        median_ms = statistics.median(times) * 1e3
+        print(f"{label:<30} {name:<23} {median_ms:10.3f} {ratio:>18} {min_ratio:>8}")
         label = ""
     print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant")
     parser.add_argument(
         "--shapes",
         type=int,
@@ -139,12 +130,12 @@ def main() -> None:
     shapes = [SHAPES[i] for i in (args.shapes if args.shapes is not None else range(len(SHAPES)))]
 
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; median of {args.repeats} "
-        "(min-max) ms, variants interleaved"
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; {args.repeats} calls of each "
+        "variant, each right after a bare matmul"
     )
     header = (
-        f"{'tokens x d x E, k, groups':<30} {'variant':<14} {'median ms':>10} "
-        f"{'range ms':>17} {'x bare':>7}"
+        f"{'tokens x d x E, k, groups':<30} {'variant':<23} {'median ms':>10} "
+        f"{'x bare (min-max)':>18} {'min/min':>8}"
     )
     print(header)
     print("-" * len(header))
