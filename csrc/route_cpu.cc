@@ -1,9 +1,10 @@
-// Candidate experts of the sigmoid router, for sigmoid_moe.routing.route on the CPU.
+// Candidate experts of the sigmoid router, for sigmoid_moe.route on the CPU
+// (sigmoid_moe/_sigmoid_selection.py).
 //
 // DeepSeek-V3 selection ranks key_e = sigmoid(l_e) + b_e (float32, as XLA computes it).
 // This kernel does not rank: it narrows down, per token, which experts can be among the
 // top k, reading the logits once and writing no [tokens, E] array. XLA then computes the
-// exact keys of the candidates only and ranks them (sigmoid_moe/routing.py):
+// exact keys of the candidates only and ranks them:
 //
 //   a_e = s(l_e) + b_e        s: sigmoid from a polynomial exp, |a_e - key_e| <= delta
 //   candidates = {e : a_e >= bound - 2 delta}, ascending, where bound <= a_(k), the k-th
@@ -19,9 +20,10 @@
 // bits, t clamped to [-126, 126] (saturated beyond |x| = 87, as float32 sigmoid is).
 // Measured over every 7th float32 in [-120, 120] (321 M values) against float64: both
 // this s (generic and AVX2 code) and XLA's float32 sigmoid stay within 1.1e-7. The two
-// sums with b_e round by at most ulp(1 + max|b|) / 2 each. The kernel takes
-// delta = 1e-5 + 2^-20 (1 + max|b|): about 50 times the sigmoid errors, 8 times the
-// rounding.
+// sums with b_e, and the threshold bound - 2 delta, round by at most ulp(1 + max|b|) / 2
+// each. The kernel takes delta = 1e-5 + 2^-20 (1 + max|b|): about 50 times the sigmoid
+// errors, over 5 times the rounding. (A bias near the float32 limit makes the threshold
+// -inf: every expert is then a candidate, still correct.)
 //
 // bound. AVX2 path (x86-64 CPUs with AVX2 + FMA, E a multiple of 16, k <= 16): the keys
 // are computed 16 at a time into two vectors; lane j of every first vector is chunk j,
@@ -30,6 +32,11 @@
 // logits it leaves k to k + 5 candidates, gathered with a lookup-table compaction.
 // Elsewhere (the generic path), and when the AVX2 bound leaves more than C candidates,
 // bound = a_(k) itself, from the exact top-k of the approximate keys (top_k_row.h).
+//
+// Exact ties: experts whose logit and bias are bitwise equal (an all-zero padding token
+// with a bias quantised by sign updates) have equal exact keys, so only the k lowest ids
+// of such a group can be chosen. A row with more candidates than slots keeps just those,
+// which leaves at most 2k - 1 when the ties are exact (the Python side's C is >= 2k).
 //
 // Out, per row: `candidates` [C] ascending, padded with -1; the candidates' logits and
 // biases (pads: 0 and -inf, so a pad's key sigmoid(0) + -inf is -inf); and `status`:
@@ -43,10 +50,12 @@
 // each row's k best, value descending, ties to the lower expert id (the candidates are
 // ascending, so to the earlier candidate), and their logits.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "row_tasks.h"
 #include "top_k_row.h"
@@ -70,9 +79,10 @@ constexpr int64_t kMaxCandidates = 128;
 
 constexpr float kMinusLog2E = -1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (t + it) - it rounds t
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (t + it) - it is t rounded
 
-// A row's working memory (n entries each, plus 8 for the vector compaction's overrun).
+// A row's working memory: n entries each (8 more keep the 8-lane stores of the vector
+// compaction in bounds without relying on the count bound that already does).
 struct RowBuffers {
   explicit RowBuffers(int64_t n)
       : key(new float[n + 8]),
@@ -258,8 +268,56 @@ void WriteNotRouted(int64_t c, const RowOut& out) {
   *out.status = kNotRouted;
 }
 
+// Experts whose logit and bias are bitwise equal have equal exact keys, so of such a group
+// only its k lowest ids can be chosen: drops the others from the gathered candidates,
+// keeping their order; returns how many are left. Sorting is O(count log count), so the
+// caller does this only for rows with more candidates than slots.
+int64_t DropTiedBeyondK(RowBuffers& buf, int64_t count, int64_t k) {
+  const float* logit = buf.logit.get();
+  const float* bias = buf.bias.get();
+  auto bits = [](float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  };
+  std::vector<int32_t> order(static_cast<size_t>(count));
+  for (int64_t j = 0; j < count; ++j) order[j] = static_cast<int32_t>(j);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    const uint32_t la = bits(logit[a]), lb = bits(logit[b]);
+    if (la != lb) return la < lb;
+    const uint32_t ba = bits(bias[a]), bb = bits(bias[b]);
+    return ba != bb ? ba < bb : a < b;
+  });
+  std::vector<char> keep(static_cast<size_t>(count), 1);
+  int64_t in_group = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const int32_t p = order[j];
+    const bool same = j > 0 && bits(logit[p]) == bits(logit[order[j - 1]]) &&
+                      bits(bias[p]) == bits(bias[order[j - 1]]);
+    in_group = same ? in_group + 1 : 0;
+    keep[p] = in_group < k;
+  }
+  int64_t kept = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    if (!keep[j]) continue;
+    buf.index[kept] = buf.index[j];
+    buf.logit[kept] = buf.logit[j];
+    buf.bias[kept] = buf.bias[j];
+    ++kept;
+  }
+  return kept;
+}
+
+// The last row of a task that had more candidates than slots, and where its results went:
+// padding tokens repeat one row (all-zero logits, say), and each copy would be as costly.
+struct TiedRowCache {
+  const float* logits = nullptr;
+  RowOut out{};
+};
+
 void CandidatesRow(const float* logits, const float* bias, int64_t n, int64_t k, int64_t c,
-                   float margin, bool vectorized, RowBuffers& buf, const RowOut& out) {
+                   float margin, bool vectorized, RowBuffers& buf, TiedRowCache& cache,
+                   const RowOut& out) {
   float* key = buf.key.get();
   int64_t count = -1;
 #if SIGMOID_MOE_AVX2
@@ -275,6 +333,18 @@ void CandidatesRow(const float* logits, const float* bias, int64_t n, int64_t k,
     if (count < 0 && !ApproxKeys(logits, bias, n, key)) return WriteNotRouted(c, out);
     const float bound = KthLargest(key, n, k, buf.index.get());
     count = GatherAbove(key, logits, bias, n, bound - margin, buf);
+  }
+  if (count > c) {
+    if (cache.logits != nullptr &&
+        std::memcmp(cache.logits, logits, static_cast<size_t>(n) * sizeof(float)) == 0) {
+      std::memcpy(out.index, cache.out.index, static_cast<size_t>(c) * sizeof(int32_t));
+      std::memcpy(out.logit, cache.out.logit, static_cast<size_t>(c) * sizeof(float));
+      std::memcpy(out.bias, cache.out.bias, static_cast<size_t>(c) * sizeof(float));
+      *out.status = *cache.out.status;
+      return;
+    }
+    count = DropTiedBeyondK(buf, count, k);
+    cache = {logits, out};
   }
   *out.status = count > c ? kTooMany : kRouted;
   count = count > c ? c : count;
@@ -328,12 +398,13 @@ ffi::Error RouteCandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logit
 
   ForEachRowRange(pool, rows, n, [=](int64_t begin, int64_t end) {
     RowBuffers buf(n);
+    TiedRowCache cache;
     for (int64_t r = begin; r < end; ++r) {
       const RowOut out{out_index + r * c, out_logit + r * c, out_bias + r * c, out_status + r};
       if (!bias_finite) {
         WriteNotRouted(c, out);
       } else {
-        CandidatesRow(l + r * n, b, n, k, c, margin, vectorized, buf, out);
+        CandidatesRow(l + r * n, b, n, k, c, margin, vectorized, buf, cache, out);
       }
     }
   });
@@ -341,11 +412,10 @@ ffi::Error RouteCandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logit
 }
 
 // Writes index[i] at out[rank_i], and logit[i] at out_logit[rank_i], for the candidates of
-// rank < k, where rank_i counts the
-// candidates before i in the order (key descending, position ascending). NaN keys count
-// as -inf, so the ranks are a permutation and every out[0..k) is written. Branch-free:
-// C^2 comparisons, vectorised over the candidates whose ranks are counted; kC is C when
-// known at compile time (the common sizes, several times faster), 0 otherwise.
+// rank < k, where rank_i counts the candidates before i in the order (key descending,
+// position ascending). NaN keys count as -inf, so the ranks are a permutation and every
+// out[0..k) is written. Branch-free: C^2 comparisons, vectorised over the candidates whose
+// ranks are counted; kC is C when known at compile time (several times faster), else 0.
 template <int64_t kC>
 __attribute__((always_inline)) inline void RankRow(const float* key_in, const int32_t* index,
                                                    const float* logit, int64_t runtime_c, int64_t k,
@@ -373,8 +443,8 @@ __attribute__((always_inline)) inline void RankRow(const float* key_in, const in
   std::memcpy(out_logit, slot_logit, static_cast<size_t>(k) * sizeof(float));
 }
 
-// RankRow over rows [begin, end), with C = kC, kC + 8, ... up to the largest C routing.py
-// asks for (k + 8 rounded up to 8, k <= 64), else the runtime size.
+// RankRow over rows [begin, end), compiled for C = 16, 24, ..., 128 (the slots Python
+// asks for are multiples of 8), else with the runtime size.
 struct RankArgs {
   const float* key;
   const int32_t* index;
@@ -387,10 +457,10 @@ struct RankArgs {
 template <int64_t kC = 16>
 __attribute__((always_inline)) inline void RankRows(const RankArgs& a, int64_t begin,
                                                     int64_t end) {
-  if constexpr (kC <= 72) {
+  if constexpr (kC <= kMaxCandidates) {
     if (a.c != kC) return RankRows<kC + 8>(a, begin, end);
   }
-  constexpr int64_t kFixed = kC <= 72 ? kC : 0;
+  constexpr int64_t kFixed = kC <= kMaxCandidates ? kC : 0;
   const int64_t c = a.c, k = a.k;
   for (int64_t r = begin; r < end; ++r) {
     RankRow<kFixed>(a.key + r * c, a.index + r * c, a.logit + r * c, c, k, a.out + r * k,

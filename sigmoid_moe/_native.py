@@ -1,19 +1,20 @@
 """The native CPU kernels (csrc/), registered with ``jax.ffi`` on first use.
 
-Internal. Two kernels, each called by one function here:
+Internal. Three FFI targets, each called by one function here:
 
 - :func:`top_k_indices` (csrc/top_k_cpu.cc): exact top-k indices of each row, for
   :func:`sigmoid_moe.topk.top_k`;
-- :func:`route_candidates` (csrc/route_cpu.cc): the few experts per token that can be
-  among its top k under the sigmoid router's selection ``sigmoid(logits) + bias``, for
-  :func:`sigmoid_moe.route`.
+- :func:`route_candidates` and :func:`rank_candidates` (csrc/route_cpu.cc): the few
+  experts per token that can be among its top k under the sigmoid router's selection
+  ``sigmoid(logits) + bias``, and their ranking once XLA has their exact keys, for
+  :mod:`sigmoid_moe._sigmoid_selection`.
 
 Callers keep a portable pure-JAX path for every other backend and case. The extension is
 built by ``pip install`` (setup.py); where it could not be (no C++ compiler), or with
 ``SIGMOID_MOE_NATIVE=0`` in the environment, :func:`available` is False and nothing uses
 it.
 
-Both kernels work row by row, so both get the same wrapping: under a mesh every device
+All three work row by row, so all get the same wrapping: under a mesh every device
 handles its own rows (``custom_partitioning``: the leading dimensions keep their
 sharding, only the last one is gathered if it was sharded, and parameters such as the
 bias are replicated); under ``vmap`` the batch dimension is one more leading dimension.
@@ -40,6 +41,9 @@ except ImportError:  # not built: the portable paths serve
 
 __all__ = [
     "MAX_K",
+    "NOT_ROUTED",
+    "ROUTED",
+    "TOO_MANY",
     "available",
     "may_serve",
     "rank_candidates",
@@ -52,6 +56,8 @@ _ROUTE_CANDIDATES = "sigmoid_moe_route_candidates"
 _RANK_CANDIDATES = "sigmoid_moe_rank_candidates"
 # The kernels' largest k; csrc/top_k_row.h checks the same bound.
 MAX_K = 64
+# route_candidates' status per token, as csrc/route_cpu.cc writes it.
+NOT_ROUTED, ROUTED, TOO_MANY = 0, 1, 2
 
 
 def available() -> bool:
@@ -126,9 +132,9 @@ def route_candidates(
     Returns, with ``C = num_candidates``:
       ``index [..., C]`` int32, the candidates ascending, padded with -1;
       ``logits [..., C]`` and ``bias [..., C]`` float32, theirs (pads: 0 and -inf);
-      ``status [...]`` int32: 1 routed; 0 a non-finite logit, or a non-finite bias (then
-      ``index`` is ``0 .. C-1`` with logits and biases 0); 2 more than ``C`` candidates
-      (the caller must rank all experts).
+      ``status [...]`` int32: ``ROUTED``; ``NOT_ROUTED``, a non-finite logit or bias (then
+      ``index`` is ``0 .. C-1`` with logits and biases 0); ``TOO_MANY``, more than ``C``
+      candidates (the caller must rank all experts).
     """
     _require()
     call = _wrapped(_ROUTE_CANDIDATES, k, num_candidates, bool(allow_avx2))

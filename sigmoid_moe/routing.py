@@ -10,7 +10,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigmoid_moe import _native
+from sigmoid_moe import _sigmoid_selection
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.topk import top_k
 
@@ -144,6 +143,11 @@ def route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> Ro
     does not count an id of -1, the dispatch gives such a token no expert, and
     :class:`sigmoid_moe.MoELayer` reports how many there were (``MoEAux.nonfinite_tokens``).
 
+    On CPU, with the native kernels built, sigmoid selection without groups first narrows
+    each token's experts in C++ (csrc/route_cpu.cc: approximate keys, every expert within
+    a proven margin of the k-th) and ranks only those by their exact keys; the results
+    are the portable path's, bit for bit (README, "How the CPU router is fast").
+
     Everything is computed in float32 whatever the input dtype. Normalised weights are a
     softmax of the chosen log-scores (``log_sigmoid``), so they sum to 1 even when every
     chosen sigmoid underflows. The bias gets no gradient; the logits get theirs through
@@ -197,8 +201,8 @@ def _route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> R
         kept_groups = _kept_groups(group_source, config)
         expert_ids = _group_limited_top_k(selection, kept_groups, config)
         selection = _group_mask(selection, kept_groups, config)  # reported; unused -> DCE
-    elif _ranks_candidates(logits, config):
-        expert_ids, chosen, routed = _sigmoid_selection(logits, bias, config.top_k)
+    elif _sigmoid_selection.applies(logits, config):
+        expert_ids, chosen, routed = _sigmoid_selection.select(logits, bias, config.top_k)
     else:
         _, expert_ids = top_k(selection, config.top_k)  # [..., k]
     if routed is None:
@@ -226,89 +230,6 @@ def _route(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> R
         selection_scores=selection,
         routed=routed,
     )
-
-
-def _num_candidates(top_k: int) -> int:
-    """Experts per token the native CPU path ranks exactly: ``k`` plus at least 8 for
-    near ties, in multiples of 8."""
-    return -(-(top_k + 8) // 8) * 8
-
-
-def _ranks_candidates(logits: jax.Array, config: RouterConfig) -> bool:
-    """Whether :func:`_sigmoid_selection` may narrow the experts natively on CPU:
-    DeepSeek-V3 selection without groups, more experts than candidates, a kernel built."""
-    return (
-        config.score_fn == "sigmoid"
-        and config.bias_mode == "selection"
-        and config.num_experts > _num_candidates(config.top_k)
-        and config.top_k <= _native.MAX_K
-        and _native.available()
-        and _native.may_serve(logits)
-    )
-
-
-def _sigmoid_selection(
-    logits: jax.Array, bias: jax.Array, top_k: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(expert_ids [..., k], chosen logits [..., k], routed [...])`` of
-    ``top_k(sigmoid(logits) + bias)``; the chosen logits are those at ``expert_ids``
-    (zeroed where not finite), differentiable in ``logits``.
-
-    On CPU the native kernel (csrc/route_cpu.cc) reads the float32 logits once and returns
-    the few experts per token that can be among its top k; only their keys are computed,
-    with the same float32 operations as the portable path, and ranked, so the ids are the
-    same bits. Should a token have more near-tied experts than candidate slots (saturated
-    sigmoids), every token of the call is ranked over all experts instead. Every other
-    backend runs the portable path.
-    """
-    ids, values, routed = jax.lax.platform_dependent(
-        jax.lax.stop_gradient(logits),
-        bias,
-        cpu=functools.partial(_selection_by_candidates, k=top_k),
-        default=functools.partial(_selection_of_all, k=top_k),
-    )
-    return ids, _gathered_logits(logits, ids, values), routed
-
-
-@jax.custom_jvp
-def _gathered_logits(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
-    """``values``, equal to ``take_along_axis(logits, ids)`` zeroed where not finite, with
-    that gather's derivative: the forward pass need not read ``[..., E]`` again."""
-    del logits, ids
-    return values
-
-
-@_gathered_logits.defjvp
-def _gathered_logits_jvp(primals, tangents):
-    logits, ids, values = primals
-    chosen_dot = jnp.take_along_axis(tangents[0], ids, axis=-1)
-    finite = jnp.isfinite(jnp.take_along_axis(logits, ids, axis=-1))
-    return values, jnp.where(finite, chosen_dot, 0.0)
-
-
-def _selection_of_all(logits, bias, *, k):
-    finite = jnp.isfinite(logits)
-    routed = jnp.all(finite, axis=-1) & jnp.all(jnp.isfinite(bias))
-    zeroed = jnp.where(finite, logits, 0.0)
-    ids = top_k(jax.nn.sigmoid(zeroed) + bias, k)[1]
-    return ids, jnp.take_along_axis(zeroed, ids, axis=-1), routed
-
-
-def _selection_by_candidates(logits, bias, *, k):
-    index, chosen, chosen_bias, status = _native.route_candidates(
-        logits, bias, k, _num_candidates(k)
-    )
-    # The exact keys of the candidates: a routed token's logits are all finite, so these
-    # are the bits _selection_of_all ranks; pads are -inf (bias -inf).
-    keys = jax.nn.sigmoid(chosen) + chosen_bias  # [..., C]
-    # Candidates are ascending, so ties among them still go to the lower expert index.
-    ids, values = _native.rank_candidates(keys, index, chosen, k)
-    ids, values = jax.lax.cond(
-        jnp.any(status == 2),  # a token with more near ties than slots: rank all experts
-        lambda: _selection_of_all(logits, bias, k=k)[:2],
-        lambda: (ids, values),
-    )
-    return ids, values, (status != 0) & jnp.all(jnp.isfinite(bias))
 
 
 def sigmoid_moe_router(

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sigmoid_moe import RouterConfig, _native, route
-from sigmoid_moe import routing as routing_module
+from sigmoid_moe._sigmoid_selection import num_candidates
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="native kernels not built")
 
@@ -52,7 +52,7 @@ def test_candidates_hold_every_expert_near_the_top_k(allow_avx2, e, k, bias_scal
     rng = _rng("cand", e, k, bias_scale)
     logits = _router_logits(rng, 700, e)
     bias = (rng.standard_normal(e) * bias_scale).astype(np.float32)
-    c = routing_module._num_candidates(k)
+    c = num_candidates(k)
     index, chosen, chosen_bias, status = map(
         np.asarray,
         jax.jit(
@@ -86,7 +86,8 @@ def test_candidates_status_not_routed_and_too_many(allow_avx2):
     logits = _router_logits(_rng("status"), 6, e)
     logits[1, 3] = np.nan
     logits[2, 7] = -np.inf
-    logits[3] = 30.0  # every sigmoid rounds to 1.0: 64 tied keys, more than C
+    # Every sigmoid rounds to 1.0 but no two logits are equal: 64 near ties, more than C.
+    logits[3] = 30.0 + np.arange(e, dtype=np.float32) / 8
     fn = jax.jit(
         functools.partial(_native.route_candidates, k=k, num_candidates=c, allow_avx2=allow_avx2)
     )
@@ -98,6 +99,34 @@ def test_candidates_status_not_routed_and_too_many(allow_avx2):
     bias = np.zeros(e, np.float32)
     bias[5] = np.inf
     assert np.all(np.asarray(fn(logits, bias)[3]) == 0)  # a non-finite bias routes nothing
+
+
+@pytest.mark.parametrize("allow_avx2", [True, False], ids=["avx2", "generic"])
+def test_exact_tie_groups_keep_k_and_do_not_overflow(allow_avx2):
+    """All-zero tokens (padding) with a zero or sign-quantised bias: whole groups of
+    experts tie exactly; only the k lowest ids of a group can be chosen, so the row fits
+    its slots (no fallback), identical rows included (the kernel reuses the first)."""
+    e, k = 128, 8
+    c = num_candidates(k)
+    quantised = (_rng("quantised").integers(-3, 4, e) * 1e-3).astype(np.float32)
+    fn = jax.jit(
+        functools.partial(_native.route_candidates, k=k, num_candidates=c, allow_avx2=allow_avx2)
+    )
+    for bias in (np.zeros(e, np.float32), quantised):
+        logits = np.zeros((600, e), np.float32)
+        logits[::7] = 0.5  # other repeated rows, interleaved
+        index, _, _, status = map(np.asarray, fn(logits, bias))
+        assert np.all(status == 1)
+        keys = _keys64(logits, bias)
+        for row in (0, 1, 7, 599):
+            got = index[row][index[row] >= 0]
+            assert len(got) <= 2 * k - 1
+            top = np.argsort(-keys[row], kind="stable")[:k]  # ties to the lower id
+            assert set(top) <= set(got)
+    # No bias at all, as route(x, None, cfg) at step 0: the zeros route to experts 0..k-1.
+    cfg = RouterConfig(num_experts=e, top_k=k)
+    routed = jax.jit(lambda x: route(x, None, cfg))(np.zeros((4, e), np.float32))
+    np.testing.assert_array_equal(routed.expert_ids, np.tile(np.arange(k), (4, 1)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +182,10 @@ def _inputs(kind, rows, e):
         steps = rng.integers(0, 4, size=(rows, e)).astype(np.float32)
         logits = base + steps * np.float32(2**-20)
         bias = (rng.integers(-2, 3, size=e) * 2.0**-24).astype(np.float32)
+    elif kind == "padding":  # zero tokens among real ones, a sign-quantised bias
+        logits = _router_logits(rng, rows, e)
+        logits[rows // 3 :: 2] = 0.0
+        bias = (rng.integers(-3, 4, size=e) * 1e-3).astype(np.float32)
     else:  # "special": exact ties, saturation, non-finite logits
         logits = rng.integers(-2, 3, size=(rows, e)).astype(np.float32)
         logits[3] = 40.0
@@ -174,7 +207,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("allow_avx2", [True, False], ids=["avx2", "generic"])
-@pytest.mark.parametrize("kind", ["router", "wide bias", "near ties", "special"])
+@pytest.mark.parametrize("kind", ["router", "wide bias", "near ties", "padding", "special"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"E{c.num_experts}k{c.top_k}")
 def test_native_route_equals_portable(cfg, kind, allow_avx2, monkeypatch):
     logits, bias = _inputs(kind, 300, cfg.num_experts)
@@ -226,6 +259,27 @@ def test_gradients_and_forward_mode_equal_portable(monkeypatch):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+def test_second_derivatives_equal_portable(monkeypatch):
+    cfg = RouterConfig(num_experts=64, top_k=6)
+    logits, bias = _inputs("router", 5, 64)
+    logits[2, 9] = np.nan
+
+    def loss(x):
+        return jnp.sum(route(x, bias, cfg).weights * jnp.arange(1.0, 7.0))
+
+    def hvp(x):
+        return jax.jvp(jax.grad(loss), (x,), (jnp.ones_like(x),))[1]
+
+    got = np.asarray(jax.jit(hvp)(logits))
+    np.testing.assert_array_equal(got, np.asarray(_portable(monkeypatch, hvp)(logits)))
+    assert np.abs(got).sum() > 0
+    hessian = jax.hessian(loss)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(hessian)(logits[:2])),
+        np.asarray(_portable(monkeypatch, hessian)(logits[:2])),
+    )
+
+
 def test_vmap_over_logits_and_over_bias(monkeypatch):
     cfg = RouterConfig(num_experts=64, top_k=6)
     logits = _router_logits(_rng("vmap"), 4 * 30, 64).reshape(4, 30, 64)
@@ -234,6 +288,9 @@ def test_vmap_over_logits_and_over_bias(monkeypatch):
     portable = _portable(monkeypatch, fn)
     both = jax.jit(jax.vmap(fn))(logits, biases)  # per-example bias: one call each
     shared = jax.jit(jax.vmap(fn, in_axes=(0, None)))(logits, biases[0])  # more rows
+    # The all-experts fallback stays a branch under vmap (a batched predicate would make
+    # it a select that always runs).
+    assert "conditional" in jax.jit(jax.vmap(fn)).lower(logits, biases).compile().as_text()
     for i in range(4):
         row = functools.partial(lambda a, i: a[i], i=i)
         _assert_same(jax.tree.map(row, both), portable(logits[i], biases[i]))
