@@ -4,11 +4,13 @@ Each shape is timed in one run. Every call of a variant comes right after a call
 bare matmul (``_timing.paired_rounds``), ``--repeats`` times, so that load drifting on a
 shared machine hits both alike; the ratio column is the median of those paired ratios
 (min-max in brackets), and ``min/min`` the ratio of the fastest calls, the steadier figure
-where other jobs take the cores now and then. Times are medians. The ``lax.top_k`` rows
-swap our top-k for ``jax.lax.top_k`` inside ``route`` (for reference
+where other jobs take the cores now and then. Times are medians. The ``lax`` rows
+are the portable path with ``jax.lax.top_k`` in place of ours (for reference
 only: ``lax.top_k`` does not canonicalise ``-0.0`` or NaN) so the gain from ours is visible.
-The ``portable`` rows are ours with the native CPU kernel off (``SIGMOID_MOE_NATIVE=0`` at
-trace time): the pure-JAX path every other backend runs.
+The ``portable`` rows are ours with the native CPU kernels off (``SIGMOID_MOE_NATIVE=0``
+at trace time): the pure-JAX path every other backend runs. The other rows take the
+native route where it applies (sigmoid selection without groups: csrc/route_cpu.cc) and
+the native top-k elsewhere.
 
 Run::
 
@@ -89,7 +91,11 @@ def _measure(shape, args) -> None:
     calls["ids+w[portable]"] = lambda: portable["routed ids+w"](x, w, bias)
     calls["top-k alone[portable]"] = lambda: portable["top-k alone"](logits)
     if not args.no_lax:
-        with mock.patch.object(routing_module, "top_k", _lax_top_k):
+        # The portable path with lax.top_k in it (the native route would not call it).
+        with (
+            mock.patch.dict(os.environ, {"SIGMOID_MOE_NATIVE": "0"}),
+            mock.patch.object(routing_module, "top_k", _lax_top_k),
+        ):
             lax = compile_all()
         calls["x@W + route[lax]"] = lambda: lax["routed"](x, w, bias)
         calls["route alone[lax]"] = lambda: lax["route alone"](logits, bias)
