@@ -341,11 +341,16 @@ def test_which_configs_and_platforms_take_the_native_route(monkeypatch):
         assert "sigmoid_moe" not in lowered(RouterConfig(num_experts=64, top_k=6))
 
 
-def test_native_route_in_a_fresh_process_with_one_thread():
-    # The single-threaded path (no intra-op pool to split over) gives the same routing.
+def test_native_kernels_in_a_fresh_process_with_one_thread():
+    # The single-threaded paths (no intra-op pool to split rows over) give the same top-k
+    # indices and the same routing as the portable paths.
     code = (
         "import os, numpy as np, jax, jax.numpy as jnp\n"
-        "from sigmoid_moe import RouterConfig, route\n"
+        "from sigmoid_moe import RouterConfig, route, topk\n"
+        "x = np.random.default_rng(8).integers(-3, 4, (3000, 128)).astype(np.float32)\n"
+        "a = jax.jit(topk._top_k_native, static_argnums=1)(jnp.asarray(x), 8)[1]\n"
+        "b = jax.jit(topk._top_k_portable, static_argnums=1)(jnp.asarray(x), 8)[1]\n"
+        "assert (np.asarray(a) == np.asarray(b)).all()\n"
         "cfg = RouterConfig(num_experts=128, top_k=8)\n"
         "rng = np.random.default_rng(9)\n"
         "x = rng.standard_normal((3000, 128)).astype(np.float32) * 2\n"
