@@ -134,6 +134,11 @@ def _edit_index(path, edit):
 def _rewrite_shard(path, shard, edit):
     from safetensors.numpy import load_file
 
+    # safetensors' NumPy reader looks float8_e4m3fn up on numpy (safetensors#682). The
+    # library names it there before its own first FP8 read (sigmoid_moe.interop.folder);
+    # this helper may read first, so it does the same.
+    if "float8_e4m3fn" not in np.__dict__:
+        np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
     tensors = load_file(str(path / shard))
     edit(tensors)
     save_file(tensors, str(path / shard))
