@@ -329,12 +329,15 @@ def test_block_layout_invariants(num_tokens, num_experts, block_size, capacity, 
             continue
         rank_a[a] = rows_e[expert_a[a]]
         rows_e[expert_a[a]] += 1
-    layout = block_layout(
-        *(jnp.asarray(v) for v in (expert_a, rank_a, placed_a, token_a, weight_a, rows_e)),
-        num_tokens=num_tokens,
-        block_size=block_size,
-        max_rows_per_expert=capacity,
-    )
+    # One compiled program per example (eagerly, each of its ops compiles for new shapes).
+    layout = jax.jit(
+        functools.partial(
+            block_layout,
+            num_tokens=num_tokens,
+            block_size=block_size,
+            max_rows_per_expert=capacity,
+        )
+    )(*(jnp.asarray(v) for v in (expert_a, rank_a, placed_a, token_a, weight_a, rows_e)))
     num_blocks, block_size = layout.src_bm.shape
     if capacity is not None:  # a block never outgrows an expert's capacity
         assert block_size <= capacity and num_blocks <= num_experts * -(-capacity // block_size)

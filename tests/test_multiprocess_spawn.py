@@ -74,3 +74,26 @@ def test_the_spawned_processes_do_not_spawn_again(flag, monkeypatch, tmp_path):
     assert main([*argv, *flag]) == 0
     (child,) = calls
     assert _build_parser().parse_args(child).num_processes == 1
+
+
+def test_the_processes_keep_xla_flags_but_the_device_count(tmp_path, monkeypatch):
+    # Each process sets its own device count (initialize); the caller's other XLA flags
+    # (dumps, codegen options) reach every process.
+    script = tmp_path / "python"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os, pathlib, sys\n"
+        "pid = next(a for a in sys.argv if a.startswith('--process-id=')).split('=')[1]\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'flags' + pid).write_text("
+        "os.environ.get('XLA_FLAGS', '<unset>'))\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(multiprocess.sys, "executable", str(script))
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert multiprocess.spawn(["run"], 2, 4) == 0
+    for pid in range(2):
+        assert (tmp_path / f"flags{pid}").read_text() == "--xla_backend_optimization_level=0"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert multiprocess.spawn(["run"], 2, 4) == 0
+    assert (tmp_path / "flags0").read_text() == "<unset>"

@@ -67,7 +67,10 @@ def spawn(argv: Sequence[str], num_processes: int, local_devices: int) -> int:
     """
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # each process sets its own devices and threads
+    # Each process sets its own devices and threads (initialize); other XLA flags carry over.
+    flags = [flag for flag in env.pop("XLA_FLAGS", "").split() if "device_count" not in flag]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     procs: list[subprocess.Popen] = []
     logs: list[IO[bytes] | None] = []
     try:
