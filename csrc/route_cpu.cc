@@ -308,6 +308,14 @@ int64_t DropTiedBeyondK(RowBuffers& buf, int64_t count, int64_t k) {
   return kept;
 }
 
+// The first `count` candidates (ids, logits, biases) into a row's outputs.
+void CopyCandidates(const int32_t* index, const float* logit, const float* bias, int64_t count,
+                    const RowOut& out) {
+  std::memcpy(out.index, index, static_cast<size_t>(count) * sizeof(int32_t));
+  std::memcpy(out.logit, logit, static_cast<size_t>(count) * sizeof(float));
+  std::memcpy(out.bias, bias, static_cast<size_t>(count) * sizeof(float));
+}
+
 // The last row of a task that had more candidates than slots, and where its results went:
 // padding tokens repeat one row (all-zero logits, say), and each copy would be as costly.
 struct TiedRowCache {
@@ -337,9 +345,7 @@ void CandidatesRow(const float* logits, const float* bias, int64_t n, int64_t k,
   if (count > c) {
     if (cache.logits != nullptr &&
         std::memcmp(cache.logits, logits, static_cast<size_t>(n) * sizeof(float)) == 0) {
-      std::memcpy(out.index, cache.out.index, static_cast<size_t>(c) * sizeof(int32_t));
-      std::memcpy(out.logit, cache.out.logit, static_cast<size_t>(c) * sizeof(float));
-      std::memcpy(out.bias, cache.out.bias, static_cast<size_t>(c) * sizeof(float));
+      CopyCandidates(cache.out.index, cache.out.logit, cache.out.bias, c, out);
       *out.status = *cache.out.status;
       return;
     }
@@ -348,9 +354,7 @@ void CandidatesRow(const float* logits, const float* bias, int64_t n, int64_t k,
   }
   *out.status = count > c ? kTooMany : kRouted;
   count = count > c ? c : count;
-  std::memcpy(out.index, buf.index.get(), static_cast<size_t>(count) * sizeof(int32_t));
-  std::memcpy(out.logit, buf.logit.get(), static_cast<size_t>(count) * sizeof(float));
-  std::memcpy(out.bias, buf.bias.get(), static_cast<size_t>(count) * sizeof(float));
+  CopyCandidates(buf.index.get(), buf.logit.get(), buf.bias.get(), count, out);
   for (int64_t j = count; j < c; ++j) {
     out.index[j] = -1;
     out.logit[j] = 0.0f;
