@@ -25,8 +25,13 @@ setup(
     ext_modules=[
         Extension(
             "sigmoid_moe._native_cpu",
-            sources=["csrc/module.cc", "csrc/top_k_cpu.cc", "csrc/route_cpu.cc"],
-            depends=["csrc/top_k_row.h", "csrc/row_tasks.h"],
+            sources=[
+                "csrc/module.cc",
+                "csrc/top_k_cpu.cc",
+                "csrc/route_cpu.cc",
+                "csrc/expert_ffn_cpu.cc",
+            ],
+            depends=["csrc/top_k_row.h", "csrc/row_tasks.h", "csrc/gemm_f32.h"],
             include_dirs=[_ffi_include_dir()],
             language="c++",
             extra_compile_args=["-std=c++17", "-O3", "-fno-trapping-math", "-fvisibility=hidden"],

@@ -8,6 +8,8 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SigmoidMoeTopK);             // top_k_cpu.cc
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SigmoidMoeRouteCandidates);  // route_cpu.cc
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SigmoidMoeRankCandidates);   // route_cpu.cc
+XLA_FFI_DECLARE_HANDLER_SYMBOL(SigmoidMoeExpertFfnFwd);     // expert_ffn_cpu.cc
+XLA_FFI_DECLARE_HANDLER_SYMBOL(SigmoidMoeExpertFfnBwd);     // expert_ffn_cpu.cc
 
 namespace {
 
@@ -23,12 +25,24 @@ PyObject* RankCandidatesHandler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(&SigmoidMoeRankCandidates), nullptr, nullptr);
 }
 
+PyObject* ExpertFfnFwdHandler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&SigmoidMoeExpertFfnFwd), nullptr, nullptr);
+}
+
+PyObject* ExpertFfnBwdHandler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&SigmoidMoeExpertFfnBwd), nullptr, nullptr);
+}
+
 PyMethodDef kMethods[] = {
     {"top_k_handler", TopKHandler, METH_NOARGS, "PyCapsule of the XLA FFI top-k handler."},
     {"route_candidates_handler", RouteCandidatesHandler, METH_NOARGS,
      "PyCapsule of the XLA FFI route-candidates handler."},
     {"rank_candidates_handler", RankCandidatesHandler, METH_NOARGS,
      "PyCapsule of the XLA FFI rank-candidates handler."},
+    {"expert_ffn_fwd_handler", ExpertFfnFwdHandler, METH_NOARGS,
+     "PyCapsule of the XLA FFI expert-FFN forward handler."},
+    {"expert_ffn_bwd_handler", ExpertFfnBwdHandler, METH_NOARGS,
+     "PyCapsule of the XLA FFI expert-FFN backward handler."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -54,6 +54,8 @@ __all__ = [
 _TOP_K = "sigmoid_moe_top_k"
 _ROUTE_CANDIDATES = "sigmoid_moe_route_candidates"
 _RANK_CANDIDATES = "sigmoid_moe_rank_candidates"
+_EXPERT_FFN_FWD = "sigmoid_moe_expert_ffn_fwd"
+_EXPERT_FFN_BWD = "sigmoid_moe_expert_ffn_bwd"
 # The kernels' largest k; csrc/top_k_row.h checks the same bound.
 MAX_K = 64
 # route_candidates' status per token, as csrc/route_cpu.cc writes it.
@@ -103,6 +105,8 @@ def _register() -> None:
     for name, handler in (
         (_ROUTE_CANDIDATES, _native_cpu.route_candidates_handler()),
         (_RANK_CANDIDATES, _native_cpu.rank_candidates_handler()),
+        (_EXPERT_FFN_FWD, _native_cpu.expert_ffn_fwd_handler()),
+        (_EXPERT_FFN_BWD, _native_cpu.expert_ffn_bwd_handler()),
     ):
         jax.ffi.register_ffi_target(name, handler, platform="cpu")
 
@@ -152,6 +156,76 @@ def rank_candidates(keys: jax.Array, index: jax.Array, logits: jax.Array, k: int
     _require()
     call = _wrapped(_RANK_CANDIDATES, k)
     return call(jax.lax.stop_gradient(keys), index, jax.lax.stop_gradient(logits))
+
+
+def expert_ffn_forward(
+    x_td,
+    weight_r,
+    w_in_edf,
+    w_out_efd,
+    src_r,
+    block_expert_b,
+    *,
+    h_rows: int,
+    allow_avx2: bool = True,
+):
+    """The blocked FFN's forward on the CPU (csrc/expert_ffn_cpu.cc), float32 only.
+
+    ``src_r [R]``, ``weight_r [R]`` are a ``BlockLayout``'s rows flattened, and
+    ``block_expert_b [NB]`` its block experts. Returns ``y_td [T, d]`` and the filled
+    rows' pre-activations packed in layout order, ``h_pf2 [h_rows, 2F]`` (rows past the
+    filled ones undefined); ``h_rows`` must be at least the filled rows.
+    """
+    _require()
+    _register()
+    out = (
+        jax.ShapeDtypeStruct(x_td.shape, jnp.float32),
+        jax.ShapeDtypeStruct((h_rows, w_in_edf.shape[2]), jnp.float32),
+    )
+    return jax.ffi.ffi_call(_EXPERT_FFN_FWD, out, vmap_method="sequential")(
+        x_td,
+        src_r,
+        weight_r,
+        block_expert_b,
+        w_in_edf,
+        w_out_efd,
+        allow_avx2=np.int64(allow_avx2),
+    )
+
+
+def expert_ffn_backward(
+    x_td,
+    dy_td,
+    weight_r,
+    w_in_edf,
+    w_out_efd,
+    h_pf2,
+    src_r,
+    block_expert_b,
+    *,
+    allow_avx2: bool = True,
+):
+    """Gradients ``(dx_td, dweight_r, dw_in_edf, dw_out_efd)`` of :func:`expert_ffn_forward`
+    from its ``h_pf2``, all float32."""
+    _require()
+    _register()
+    out = (
+        jax.ShapeDtypeStruct(x_td.shape, jnp.float32),
+        jax.ShapeDtypeStruct(weight_r.shape, jnp.float32),
+        jax.ShapeDtypeStruct(w_in_edf.shape, jnp.float32),
+        jax.ShapeDtypeStruct(w_out_efd.shape, jnp.float32),
+    )
+    return jax.ffi.ffi_call(_EXPERT_FFN_BWD, out, vmap_method="sequential")(
+        x_td,
+        dy_td,
+        src_r,
+        weight_r,
+        block_expert_b,
+        w_in_edf,
+        w_out_efd,
+        h_pf2,
+        allow_avx2=np.int64(allow_avx2),
+    )
 
 
 def _top_k_call(x: jax.Array, k: int) -> jax.Array:

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sigmoid_moe import _native_ffn
 from sigmoid_moe._dispatch_common import gather_rows
 from sigmoid_moe.experts import swiglu
 
@@ -421,6 +422,18 @@ def blocked_expert_ffn(
       ``[T, d_model]`` in ``x_td``'s dtype, accumulated in float32; tokens with no
       placed row get exactly 0.
     """
+    if _native_ffn.serves(x_td, w_in_edf, w_out_efd):
+        with jax.named_scope("blocked_ffn_native"):
+            y_td = _native_ffn.expert_ffn(
+                x_td,
+                layout.src_bm,
+                layout.weight_bm,
+                layout.block_expert_b,
+                layout.row_a,
+                w_in_edf,
+                w_out_efd,
+            )
+        return y_td.astype(x_td.dtype)
     with jax.named_scope("layout"):
         plan, num_rows = _block_plan(layout, x_td.shape[0], w_in_edf.shape[0])
     args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)

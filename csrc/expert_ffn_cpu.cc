@@ -1,0 +1,549 @@
+// The blocked FFN's routed experts on the CPU, forward and backward, as XLA FFI custom
+// calls (sigmoid_moe/blocked_ffn.py has the math and the block layout).
+//
+// The layout puts expert e's rows in consecutive blocks of B rows: its filled rows are a
+// prefix of those blocks. A *segment* is one expert's rows, and one task: gather its
+// tokens' rows, both GEMMs (gemm_f32.h, reading w[e] in place), the SwiGLU, the weight;
+// the backward also forms the expert's two weight gradients, so every task writes only its
+// own rows and its own expert's slices, and tasks run on XLA's intra-op pool with no
+// locks. The per-row outputs are then summed into tokens, each token's rows in increasing
+// row order, as the pure-JAX scan adds them (row_tasks.h). Which thread runs what never
+// changes a result: the sums have a fixed order.
+//
+// SigmoidMoeExpertFfnFwd(x [T, d], src [R], weight [R], block_expert [NB],
+//                        w_in [E, d, 2F], w_out [E, F, d])
+//   -> y [T, d] (sum over a token's rows of weight * SwiGLU_e(x) @ w_out[e]),
+//      h [P, 2F] (the pre-activations x @ w_in[e] of the segments' rows, packed: segment
+//      after segment in layout order; kept for the backward). P must be at least the
+//      filled rows (the assignments); rows past them are left unwritten.
+// SigmoidMoeExpertFfnBwd(x, dy [T, d], src, weight, block_expert, w_in, w_out, h)
+//   -> dx [T, d], dweight [R], dw_in [E, d, 2F], dw_out [E, F, d].
+//
+// The per-row outputs live in one buffer for a *wave* of segments (at most 32 MiB, or one
+// segment), summed into the tokens before the next wave; each task also keeps its
+// gathered rows and activations in per-thread buffers.
+// R = NB * B. A row whose src is outside [0, T) is empty: it reads a zero row and adds
+// nothing (the layout's empty rows have src T). An expert id of -1 marks an unused block.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "gemm_f32.h"
+#include "row_tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace sigmoid_moe {
+namespace {
+
+// GEMM row tiles: the packed A tile (rows x kKc floats) stays in the L2 cache.
+constexpr int64_t kTileRows = 192;
+// Below this many multiply-adds in all, the pool is not worth waking.
+constexpr int64_t kMinWorkToSplit = int64_t{1} << 22;
+
+bool UseAvx2(int64_t allow_avx2) {
+#ifdef SIGMOID_MOE_GEMM_AVX2
+  return allow_avx2 != 0 && gemm::HasAvx2Fma();
+#else
+  (void)allow_avx2;
+  return false;
+#endif
+}
+
+// C [m, n] = A B over `depth` (C row-major, leading dimension ldc), on this thread.
+void Gemm(const gemm::View& a, const gemm::View& b, int64_t m, int64_t n, int64_t depth,
+          float* c, int64_t ldc, bool avx2) {
+  for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
+    gemm::GemmTile(a, b, depth, c, ldc, m0, std::min(m, m0 + kTileRows), 0, n, false, avx2);
+  }
+}
+
+// ------------------------------------------------------------------ SwiGLU, vectorised
+//
+// exp as in Cephes' expf (argument reduction by ln 2 in two parts, a degree-6
+// polynomial), with the argument clamped to [-87, 88]. The scalar form repeats the
+// vector one operation by operation (fused multiply-adds included), so both give the
+// same bits.
+
+constexpr float kExpLo = -87.0f, kExpHi = 88.0f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f;
+constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+inline float ExpScalar(float x) {
+  x = std::min(kExpHi, std::max(kExpLo, x));  // NaN stays NaN
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fma(n, -kLn2Hi, x);
+  r = std::fma(n, -kLn2Lo, r);
+  float p = std::fma(kP0, r, kP1);
+  p = std::fma(p, r, kP2);
+  p = std::fma(p, r, kP3);
+  p = std::fma(p, r, kP4);
+  p = std::fma(p, r, kP5);
+  p = std::fma(p, r * r, r + 1.0f);
+  const int32_t e = std::isnan(n) ? 0 : static_cast<int32_t>(n);
+  const int32_t bits = (e + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float SigmoidScalar(float g) { return 1.0f / (1.0f + ExpScalar(-g)); }
+
+#ifdef SIGMOID_MOE_GEMM_AVX2
+__attribute__((target("avx2,fma"))) inline __m256 Exp8(__m256 x) {
+  // max(lo, x) and min(hi, .) return x where it is NaN (their second operand).
+  x = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP0), r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 Sigmoid8(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, Exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+#endif
+
+// a[j] = silu(g[j]) * u[j], g = h[j], u = h[F + j], for one row.
+inline void SwigluRowScalar(const float* h, float* a, int64_t f, int64_t j0) {
+  for (int64_t j = j0; j < f; ++j) {
+    const float g = h[j];
+    a[j] = (g * SigmoidScalar(g)) * h[f + j];
+  }
+}
+
+#ifdef SIGMOID_MOE_GEMM_AVX2
+__attribute__((target("avx2,fma"))) void SwigluRowAvx2(const float* h, float* a, int64_t f) {
+  int64_t j = 0;
+  for (; j + 8 <= f; j += 8) {
+    const __m256 g = _mm256_loadu_ps(h + j);
+    const __m256 silu = _mm256_mul_ps(g, Sigmoid8(g));
+    _mm256_storeu_ps(a + j, _mm256_mul_ps(silu, _mm256_loadu_ps(h + f + j)));
+  }
+  SwigluRowScalar(h, a, f, j);
+}
+#endif
+
+void SwigluRow(const float* h, float* a, int64_t f, bool avx2) {
+#ifdef SIGMOID_MOE_GEMM_AVX2
+  if (avx2) return SwigluRowAvx2(h, a, f);
+#endif
+  SwigluRowScalar(h, a, f, 0);
+}
+
+// The backward of one row. With s = sigmoid(g), silu = g s, a = silu u and the
+// *unweighted* cotangent da:
+//   aw = w a (for dw_out);  dweight = sum_j a da (8 lane sums, then in lane order);
+//   du = w da silu;  dg = w da u s (1 + g (1 - s)).
+// dh = [dg | du]. Returns dweight.
+inline void SwigluBwdScalar(const float* h, const float* da, float w, float* aw, float* dh,
+                            int64_t f, int64_t j0, float* lanes) {
+  for (int64_t j = j0; j < f; ++j) {
+    const float g = h[j], u = h[f + j];
+    const float s = SigmoidScalar(g);
+    const float silu = g * s;
+    const float a = silu * u;
+    aw[j] = a * w;
+    lanes[j % 8] = std::fma(a, da[j], lanes[j % 8]);
+    const float daw = da[j] * w;
+    dh[f + j] = daw * silu;
+    dh[j] = (daw * u) * (s * std::fma(g, 1.0f - s, 1.0f));
+  }
+}
+
+inline float SumLanes(const float* lanes) {
+  float total = 0.0f;
+  for (int i = 0; i < 8; ++i) total += lanes[i];
+  return total;
+}
+
+#ifdef SIGMOID_MOE_GEMM_AVX2
+__attribute__((target("avx2,fma"))) float SwigluBwdRowAvx2(const float* h, const float* da,
+                                                          float w, float* aw, float* dh,
+                                                          int64_t f) {
+  const __m256 wv = _mm256_set1_ps(w), one = _mm256_set1_ps(1.0f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= f; j += 8) {
+    const __m256 g = _mm256_loadu_ps(h + j), u = _mm256_loadu_ps(h + f + j);
+    const __m256 d = _mm256_loadu_ps(da + j);
+    const __m256 s = Sigmoid8(g);
+    const __m256 silu = _mm256_mul_ps(g, s);
+    const __m256 a = _mm256_mul_ps(silu, u);
+    _mm256_storeu_ps(aw + j, _mm256_mul_ps(a, wv));
+    acc = _mm256_fmadd_ps(a, d, acc);
+    const __m256 daw = _mm256_mul_ps(d, wv);
+    _mm256_storeu_ps(dh + f + j, _mm256_mul_ps(daw, silu));
+    const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
+    _mm256_storeu_ps(dh + j, _mm256_mul_ps(_mm256_mul_ps(daw, u), ds));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  SwigluBwdScalar(h, da, w, aw, dh, f, j, lanes);
+  return SumLanes(lanes);
+}
+#endif
+
+float SwigluBwdRow(const float* h, const float* da, float w, float* aw, float* dh, int64_t f,
+                   bool avx2) {
+#ifdef SIGMOID_MOE_GEMM_AVX2
+  if (avx2) return SwigluBwdRowAvx2(h, da, w, aw, dh, f);
+#endif
+  float lanes[8] = {};
+  SwigluBwdScalar(h, da, w, aw, dh, f, 0, lanes);
+  return SumLanes(lanes);
+}
+
+// ------------------------------------------------------------------ layout
+
+struct Shapes {
+  int64_t tokens, d, f, experts, num_blocks, block_size;
+};
+
+struct Segment {
+  int64_t expert, row0, rows;  // rows [row0, row0 + rows) of the layout
+  int64_t packed;              // its first row in h (segments packed in layout order)
+};
+
+// Checks the operands and finds each expert's segment (its run of blocks, up to its last
+// filled row). Segments with no filled row are left out.
+ffi::Error Plan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& src,
+                ffi::Buffer<ffi::F32>& weight, ffi::Buffer<ffi::S32>& block_expert,
+                ffi::Buffer<ffi::F32>& w_in, ffi::Buffer<ffi::F32>& w_out, int64_t h_rows,
+                Shapes* shapes, std::vector<Segment>* segments) {
+  const auto xd = x.dimensions(), wi = w_in.dimensions(), wo = w_out.dimensions();
+  if (xd.size() != 2 || wi.size() != 3 || wo.size() != 3 || src.dimensions().size() != 1 ||
+      weight.dimensions().size() != 1 || block_expert.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "expert_ffn: need x [T, d], src [R], weight [R], block_expert [NB], "
+        "w_in [E, d, 2F], w_out [E, F, d]");
+  }
+  Shapes s;
+  s.tokens = xd[0];
+  s.d = xd[1];
+  s.experts = wi[0];
+  s.f = wo[1];
+  s.num_blocks = block_expert.element_count();
+  const int64_t rows = src.element_count();
+  if (wi[1] != s.d || wi[2] != 2 * s.f || wo[0] != s.experts || wo[2] != s.d ||
+      static_cast<int64_t>(weight.element_count()) != rows || s.num_blocks < 1 || rows % s.num_blocks != 0) {
+    return ffi::Error::InvalidArgument("expert_ffn: operand shapes do not match");
+  }
+  s.block_size = rows / s.num_blocks;
+  const int32_t* be = block_expert.typed_data();
+  const int32_t* sr = src.typed_data();
+  std::vector<char> seen(static_cast<size_t>(s.experts), 0);
+  segments->clear();
+  int64_t packed = 0;
+  for (int64_t b = 0; b < s.num_blocks;) {
+    const int64_t e = be[b];
+    int64_t end = b + 1;
+    while (end < s.num_blocks && be[end] == e) ++end;
+    if (e >= 0) {
+      if (e >= s.experts || seen[e]) {
+        return ffi::Error::InvalidArgument(
+            "expert_ffn: block experts must be in [-1, E) with each expert's blocks adjacent");
+      }
+      seen[e] = 1;
+      int64_t filled = 0;
+      for (int64_t r = b * s.block_size; r < end * s.block_size; ++r) {
+        if (sr[r] >= 0 && sr[r] < s.tokens) filled = r - b * s.block_size + 1;
+      }
+      if (filled > 0) {
+        segments->push_back({e, b * s.block_size, filled, packed});
+        packed += filled;
+      }
+    }
+    b = end;
+  }
+  if (packed > h_rows) {
+    return ffi::Error::InvalidArgument(
+        "expert_ffn: more filled rows than h has rows (each expert's filled rows must be a "
+        "prefix of its blocks, at most one per assignment)");
+  }
+  *shapes = s;
+  return ffi::Error::Success();
+}
+
+// Consecutive segments whose rows span at most kWaveRowBytes of d-wide float rows (at
+// least one segment each): the per-row outputs of one wave are summed into the tokens
+// before the next wave runs, which bounds that buffer.
+constexpr int64_t kWaveRowBytes = int64_t{32} << 20;
+
+std::vector<std::pair<size_t, size_t>> Waves(const std::vector<Segment>& segments, int64_t d) {
+  const int64_t cap = std::max<int64_t>(1, kWaveRowBytes / (4 * d));
+  std::vector<std::pair<size_t, size_t>> waves;
+  for (size_t i = 0; i < segments.size();) {
+    size_t j = i + 1;
+    while (j < segments.size() &&
+           segments[j].row0 + segments[j].rows - segments[i].row0 <= cap) {
+      ++j;
+    }
+    waves.push_back({i, j});
+    i = j;
+  }
+  return waves;
+}
+
+// The tasks of a wave, largest first: the pool then ends with small tasks.
+std::vector<Segment> LargestFirst(const std::vector<Segment>& segments,
+                                  std::pair<size_t, size_t> wave) {
+  std::vector<Segment> tasks(segments.begin() + wave.first, segments.begin() + wave.second);
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Segment& l, const Segment& r) { return l.rows > r.rows; });
+  return tasks;
+}
+
+// Sums per-row outputs into the tokens, each token's rows in increasing row order from
+// 0.0, one wave of rows at a time (rows only of the segments: others are never computed).
+class TokenSum {
+ public:
+  TokenSum(const int32_t* src, const std::vector<Segment>& segments, int64_t tokens, int64_t d,
+           float* out_td)
+      : d_(d), out_td_(out_td) {
+    start_.assign(static_cast<size_t>(tokens + 1), 0);
+    ForEachFilledRow(src, segments, tokens, [&](int64_t, int32_t t) { ++start_[t + 1]; });
+    for (int64_t t = 0; t < tokens; ++t) start_[t + 1] += start_[t];
+    rows_.resize(static_cast<size_t>(start_[tokens]));
+    cursor_.assign(start_.begin(), start_.end() - 1);
+    ForEachFilledRow(src, segments, tokens, [&](int64_t r, int32_t t) { rows_[cursor_[t]++] = r; });
+    cursor_.assign(start_.begin(), start_.end() - 1);
+    std::fill(out_td, out_td + tokens * d, 0.0f);
+  }
+
+  // Adds the rows [row_lo, row_hi), row r held at rows_buf[(r - row_lo) * d].
+  void Add(ffi::ThreadPool& pool, int64_t row_lo, int64_t row_hi, const float* rows_buf) {
+    const int64_t tokens = static_cast<int64_t>(cursor_.size());
+    ForEachRowRange(pool, tokens, d_, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        float* out = out_td_ + t * d_;
+        int64_t& i = cursor_[t];
+        for (; i < start_[t + 1] && rows_[i] < row_hi; ++i) {
+          const float* row = rows_buf + (rows_[i] - row_lo) * d_;
+          for (int64_t j = 0; j < d_; ++j) out[j] += row[j];
+        }
+      }
+    });
+  }
+
+ private:
+  template <typename Fn>
+  static void ForEachFilledRow(const int32_t* src, const std::vector<Segment>& segments,
+                               int64_t tokens, Fn fn) {
+    for (const Segment& seg : segments) {
+      for (int64_t r = seg.row0; r < seg.row0 + seg.rows; ++r) {
+        if (src[r] >= 0 && src[r] < tokens) fn(r, src[r]);
+      }
+    }
+  }
+
+  int64_t d_;
+  float* out_td_;
+  std::vector<int64_t> start_, rows_, cursor_;
+};
+
+// rows [n, d] = table[src[row0 + i]] (zero rows for empty rows).
+void GatherRows(const float* table, const int32_t* src, int64_t row0, int64_t n,
+                int64_t tokens, int64_t d, float* rows) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t t = src[row0 + i];
+    float* dst = rows + i * d;
+    if (t >= 0 && t < tokens) {
+      std::memcpy(dst, table + t * d, sizeof(float) * d);
+    } else {
+      std::fill(dst, dst + d, 0.0f);
+    }
+  }
+}
+
+float* Scratch(std::vector<float>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+  return buffer.data();
+}
+
+// Runs task(segment, rows_buf + (segment.row0 - wave_lo) * d) for every segment, wave by
+// wave, then adds the wave's rows into the tokens.
+template <typename TaskFn>
+void RunWaves(ffi::ThreadPool& pool, const std::vector<Segment>& segments, const Shapes& s,
+              TokenSum& sum, const TaskFn& task) {
+  const auto waves = Waves(segments, s.d);
+  int64_t span = 1;
+  for (const auto& w : waves) {
+    const Segment& last = segments[w.second - 1];
+    span = std::max(span, last.row0 + last.rows - segments[w.first].row0);
+  }
+  std::unique_ptr<float[]> rows_buf(new float[static_cast<size_t>(span * s.d)]);
+  for (const auto& w : waves) {
+    const std::vector<Segment> tasks = LargestFirst(segments, w);
+    const int64_t lo = segments[w.first].row0;
+    int64_t work = 0;
+    for (const Segment& seg : tasks) work += seg.rows * s.d * 3 * s.f;
+    ForEachTask(pool, static_cast<int64_t>(tasks.size()), work >= kMinWorkToSplit,
+                [&](int64_t t) { task(tasks[t], rows_buf.get() + (tasks[t].row0 - lo) * s.d); });
+    const Segment& last = segments[w.second - 1];
+    sum.Add(pool, lo, last.row0 + last.rows, rows_buf.get());
+  }
+}
+
+// ------------------------------------------------------------------ forward
+
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> src,
+                   ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::S32> block_expert,
+                   ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> w_out,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h,
+                   int64_t allow_avx2) {
+  const auto hd = h->dimensions();
+  if (hd.size() != 2 || hd[1] != w_in.dimensions().back()) {
+    return ffi::Error::InvalidArgument("expert_ffn: h must be [rows, 2F]");
+  }
+  Shapes s;
+  std::vector<Segment> segments;
+  if (ffi::Error err = Plan(x, src, weight, block_expert, w_in, w_out, hd[0], &s, &segments);
+      err.failure()) {
+    return err;
+  }
+  const bool avx2 = UseAvx2(allow_avx2);
+  const int64_t d = s.d, f = s.f, f2 = 2 * s.f;
+  const float* xs = x.typed_data();
+  const int32_t* sr = src.typed_data();
+  const float* wr = weight.typed_data();
+  float* h_pf2 = h->typed_data();
+  TokenSum sum(sr, segments, s.tokens, d, y->typed_data());
+  RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* o_nd) {
+    const int64_t n = seg.rows;
+    thread_local std::vector<float> x_buf, a_buf;
+    float* x_nd = Scratch(x_buf, n * d);
+    float* a_nf = Scratch(a_buf, n * f);
+    GatherRows(xs, sr, seg.row0, n, s.tokens, d, x_nd);
+    const float* wi = w_in.typed_data() + seg.expert * d * f2;
+    const float* wo = w_out.typed_data() + seg.expert * f * d;
+    float* h_nf2 = h_pf2 + seg.packed * f2;
+    Gemm({x_nd, d, 1}, {wi, f2, 1}, n, f2, d, h_nf2, f2, avx2);
+    for (int64_t i = 0; i < n; ++i) SwigluRow(h_nf2 + i * f2, a_nf + i * f, f, avx2);
+    Gemm({a_nf, f, 1}, {wo, d, 1}, n, d, f, o_nd, d, avx2);
+    for (int64_t i = 0; i < n; ++i) {
+      const float w = wr[seg.row0 + i];
+      for (int64_t j = 0; j < d; ++j) o_nd[i * d + j] *= w;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ backward
+
+ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                   ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::F32> weight,
+                   ffi::Buffer<ffi::S32> block_expert, ffi::Buffer<ffi::F32> w_in,
+                   ffi::Buffer<ffi::F32> w_out, ffi::Buffer<ffi::F32> h,
+                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dweight,
+                   ffi::ResultBuffer<ffi::F32> dw_in, ffi::ResultBuffer<ffi::F32> dw_out,
+                   int64_t allow_avx2) {
+  const auto hd = h.dimensions();
+  if (hd.size() != 2 || hd[1] != w_in.dimensions().back()) {
+    return ffi::Error::InvalidArgument("expert_ffn_bwd: h must be [rows, 2F]");
+  }
+  Shapes s;
+  std::vector<Segment> segments;
+  if (ffi::Error err = Plan(x, src, weight, block_expert, w_in, w_out, hd[0], &s, &segments);
+      err.failure()) {
+    return err;
+  }
+  const int64_t d = s.d, f = s.f, f2 = 2 * s.f;
+  const int64_t num_rows = s.num_blocks * s.block_size;
+  if (static_cast<int64_t>(dy.element_count()) != s.tokens * d) {
+    return ffi::Error::InvalidArgument("expert_ffn_bwd: dy must be [T, d]");
+  }
+  const bool avx2 = UseAvx2(allow_avx2);
+  const float* xs = x.typed_data();
+  const float* dys = dy.typed_data();
+  const int32_t* sr = src.typed_data();
+  const float* wr = weight.typed_data();
+  float* dweight_r = dweight->typed_data();
+  float* dw_in_edf2 = dw_in->typed_data();
+  float* dw_out_efd = dw_out->typed_data();
+  std::fill(dweight_r, dweight_r + num_rows, 0.0f);
+  // Experts with no filled row get zero gradients; the others are written by their task.
+  std::vector<char> has_rows(static_cast<size_t>(s.experts), 0);
+  for (const Segment& seg : segments) has_rows[seg.expert] = 1;
+  for (int64_t e = 0; e < s.experts; ++e) {
+    if (has_rows[e]) continue;
+    std::fill(dw_in_edf2 + e * d * f2, dw_in_edf2 + (e + 1) * d * f2, 0.0f);
+    std::fill(dw_out_efd + e * f * d, dw_out_efd + (e + 1) * f * d, 0.0f);
+  }
+  TokenSum sum(sr, segments, s.tokens, d, dx->typed_data());
+  RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* dx_nd) {
+    const int64_t n = seg.rows, e = seg.expert;
+    thread_local std::vector<float> x_buf, dy_buf, aw_buf, da_buf, dh_buf;
+    float* x_nd = Scratch(x_buf, n * d);
+    float* dy_nd = Scratch(dy_buf, n * d);
+    float* aw_nf = Scratch(aw_buf, n * f);
+    float* da_nf = Scratch(da_buf, n * f);
+    float* dh_nf2 = Scratch(dh_buf, n * f2);
+    GatherRows(xs, sr, seg.row0, n, s.tokens, d, x_nd);
+    GatherRows(dys, sr, seg.row0, n, s.tokens, d, dy_nd);
+    const float* wi = w_in.typed_data() + e * d * f2;
+    const float* wo = w_out.typed_data() + e * f * d;
+    const float* h_nf2 = h.typed_data() + seg.packed * f2;
+    // da = dy @ w_out[e]^T: B(k, j) = wo[j, k].
+    Gemm({dy_nd, d, 1}, {wo, 1, d}, n, f, d, da_nf, f, avx2);
+    for (int64_t i = 0; i < n; ++i) {
+      dweight_r[seg.row0 + i] = SwigluBwdRow(h_nf2 + i * f2, da_nf + i * f, wr[seg.row0 + i],
+                                             aw_nf + i * f, dh_nf2 + i * f2, f, avx2);
+    }
+    // dw_out[e] = (w a)^T @ dy: A(i, k) = aw[k, i].
+    Gemm({aw_nf, 1, f}, {dy_nd, d, 1}, f, d, n, dw_out_efd + e * f * d, d, avx2);
+    // dw_in[e] = x^T @ dh.
+    Gemm({x_nd, 1, d}, {dh_nf2, f2, 1}, d, f2, n, dw_in_edf2 + e * d * f2, f2, avx2);
+    // dx rows = dh @ w_in[e]^T: B(k, j) = wi[j, k].
+    Gemm({dh_nf2, f2, 1}, {wi, 1, f2}, n, d, f2, dx_nd, d, avx2);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace sigmoid_moe
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SigmoidMoeExpertFfnFwd, sigmoid_moe::FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weight
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_expert
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_in
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h
+                                  .Attr<int64_t>("allow_avx2"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SigmoidMoeExpertFfnBwd, sigmoid_moe::BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weight
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_expert
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_in
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dweight
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_in
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_out
+                                  .Attr<int64_t>("allow_avx2"));

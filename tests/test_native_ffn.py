@@ -1,0 +1,178 @@
+"""The blocked FFN's native CPU kernel against the pure-JAX block scan and a float64 oracle.
+
+The rest of the suite runs float32 dispatch through the kernel (it is the CPU default);
+these tests pin what is specific to it: its gradients against the scan's, bit-identical
+AVX2 and generic paths, determinism, empty experts, and the pure-JAX reference that other
+backends and second-order derivatives use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sigmoid_moe import _native, _native_ffn
+from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
+from sigmoid_moe.dispatch import dropless_moe
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native kernels not built")
+
+
+def _layout_problem(seed, num_tokens, d_model, d_ff, num_experts, k, block_size, *, idle=0):
+    """A top-k assignment with ``idle`` experts that get no token, and its block layout."""
+    rng = np.random.default_rng(seed)
+    live = num_experts - idle
+    # Skewed: expert 0 gets most tokens, so it spans several blocks.
+    probs = np.linspace(3.0, 1.0, live) / np.linspace(3.0, 1.0, live).sum()
+    ids = np.stack([rng.choice(live, k, replace=False, p=probs) for _ in range(num_tokens)])
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    x = f32(rng.normal(size=(num_tokens, d_model)))
+    weight_a = f32(rng.random(num_tokens * k))
+    w_in = f32(rng.normal(size=(num_experts, d_model, 2 * d_ff)) / np.sqrt(d_model))
+    w_out = f32(rng.normal(size=(num_experts, d_ff, d_model)) / np.sqrt(d_ff))
+    expert_a = jnp.asarray(ids.reshape(-1), jnp.int32)
+    token_a = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    count_e = jnp.bincount(expert_a, length=num_experts).astype(jnp.int32)
+    order = jnp.argsort(expert_a, stable=True)
+    start_e = jnp.cumsum(count_e) - count_e
+    rank_a = (
+        jnp.zeros_like(expert_a)
+        .at[order]
+        .set(jnp.arange(expert_a.shape[0], dtype=jnp.int32) - start_e[expert_a[order]])
+    )
+
+    def layout_of(weight_a):
+        return block_layout(
+            expert_a,
+            rank_a,
+            jnp.ones(expert_a.shape, bool),
+            token_a,
+            weight_a,
+            count_e,
+            num_tokens=num_tokens,
+            block_size=block_size,
+        )
+
+    return x, weight_a, w_in, w_out, layout_of
+
+
+def _value_and_grads(layout_of, x, weight_a, w_in, w_out, cotangent):
+    def f(x, weight_a, w_in, w_out):
+        return blocked_expert_ffn(x, layout_of(weight_a), w_in, w_out)
+
+    y, pullback = jax.vjp(jax.jit(f), x, weight_a, w_in, w_out)
+    return (y, *pullback(cotangent))
+
+
+def _scan(monkeypatch, fn):
+    """``fn()`` traced with the native kernels off: the pure-JAX block scan."""
+    with monkeypatch.context() as m:
+        m.setenv("SIGMOID_MOE_NATIVE", "0")
+        return fn()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # tokens, d_model, d_ff, experts, k, block, idle
+        (37, 8, 6, 5, 2, 4, 1),
+        (64, 16, 12, 4, 3, 8, 0),
+        (9, 24, 20, 6, 1, 16, 2),  # d and F past one AVX2 panel; most experts empty
+        (50, 5, 3, 3, 2, 7, 0),  # widths below one vector
+    ],
+)
+def test_kernel_equals_the_scan(shape, monkeypatch):
+    *dims, block, idle = shape
+    x, weight_a, w_in, w_out, layout_of = _layout_problem(0, *dims, block, idle=idle)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+    run = functools.partial(_value_and_grads, layout_of, x, weight_a, w_in, w_out, cotangent)
+    got = run()
+    want = _scan(monkeypatch, run)
+    for name, a, b in zip(("y", "dx", "dweight", "dw_in", "dw_out"), got, want, strict=True):
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5, err_msg=name)
+    if idle:
+        # Experts that got no token: exactly zero weight gradients (the kernel writes them).
+        assert not np.any(np.asarray(got[3])[-idle:]) and not np.any(np.asarray(got[4])[-idle:])
+
+
+def _kernel_args(seed=3, block=8):
+    x, weight_a, w_in, w_out, layout_of = _layout_problem(seed, 41, 24, 20, 5, 3, block, idle=1)
+    layout = layout_of(weight_a)
+    rows = (layout.weight_bm.reshape(-1), w_in, w_out, layout.src_bm.reshape(-1))
+    return x, (*rows, layout.block_expert_b), layout.row_a.shape[0]
+
+
+@pytest.mark.skipif(
+    jax.devices()[0].platform != "cpu", reason="the kernel's two paths run on the CPU only"
+)
+def test_avx2_and_generic_paths_give_the_same_bits():
+    x, (weight_r, w_in, w_out, src_r, block_expert_b), h_rows = _kernel_args()
+    dy = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
+    # Arguments spanning the exp clamp and NaN-free extremes of the SwiGLU.
+    x = x.at[0].multiply(40.0)
+    outs = {}
+    for allow in (True, False):
+        y, h = _native.expert_ffn_forward(
+            x, weight_r, w_in, w_out, src_r, block_expert_b, h_rows=h_rows, allow_avx2=allow
+        )
+        grads = _native.expert_ffn_backward(
+            x, dy, weight_r, w_in, w_out, h, src_r, block_expert_b, allow_avx2=allow
+        )
+        outs[allow] = [np.asarray(a) for a in (y, *grads)]
+        filled = int(jnp.sum((src_r < x.shape[0]) & (jnp.repeat(block_expert_b, 8) >= 0)))
+        outs[allow].append(np.asarray(h)[:filled])
+    for a, b in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_is_deterministic():
+    x, args, h_rows = _kernel_args(seed=5)
+    run = jax.jit(functools.partial(_native.expert_ffn_forward, h_rows=h_rows))
+    first, second = run(x, *args), run(x, *args)
+    np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(second[0]))
+
+
+def test_pure_jax_reference_equals_the_kernel():
+    """The reference serves other backends (``platform_dependent``) and second order."""
+    x, args, h_rows = _kernel_args(seed=7)
+    dy = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
+    y, h = _native.expert_ffn_forward(x, *args, h_rows=h_rows)
+    ref_y, ref_h = _native_ffn._reference_forward(x, *args, h_rows=h_rows)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
+    filled = int(jnp.sum(args[3] < x.shape[0]))
+    np.testing.assert_allclose(
+        np.asarray(h)[:filled], np.asarray(ref_h)[:filled], rtol=1e-5, atol=1e-5
+    )
+    weight_r, w_in, w_out, src_r, block_expert_b = args
+    got = _native.expert_ffn_backward(x, dy, weight_r, w_in, w_out, h, src_r, block_expert_b)
+    want = _native_ffn._reference_backward(x, dy, weight_r, w_in, w_out, h, src_r, block_expert_b)
+    for name, a, b in zip(("dx", "dweight", "dw_in", "dw_out"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_dropless_layer_path_uses_the_kernel_and_matches_the_scan(monkeypatch):
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(96, 16)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(8, 2, replace=False) for _ in range(96)]), jnp.int32)
+    weights = jnp.asarray(rng.random((96, 2)), jnp.float32)
+    w_in = jnp.asarray(rng.normal(size=(8, 16, 24)) / 4, jnp.float32)
+    w_out = jnp.asarray(rng.normal(size=(8, 12, 16)) / 4, jnp.float32)
+
+    def loss(x, weights, w_in, w_out):
+        return jnp.sum(jnp.tanh(dropless_moe(x, ids, weights, w_in, w_out).y_td))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    hlo = grad.lower(x, weights, w_in, w_out).as_text()
+    assert "sigmoid_moe_expert_ffn_fwd" in hlo and "sigmoid_moe_expert_ffn_bwd" in hlo
+    got = grad(x, weights, w_in, w_out)
+    want = _scan(
+        monkeypatch,
+        lambda: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, weights, w_in, w_out),
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
