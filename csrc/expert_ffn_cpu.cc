@@ -19,9 +19,10 @@
 // SigmoidMoeExpertFfnBwd(x, dy [T, d], src, weight, block_expert, w_in, w_out, h)
 //   -> dx [T, d], dweight [R], dw_in [E, d, 2F], dw_out [E, F, d].
 //
-// The per-row outputs live in one buffer for a *wave* of segments (at most 32 MiB, or one
-// segment), summed into the tokens before the next wave; each task also keeps its
-// gathered rows and activations in per-thread buffers.
+// Memory outside XLA's buffers: the per-row outputs of one *wave* of segments (at most
+// 32 MiB, or one segment), summed into the tokens before the next wave, and per thread the
+// gathered rows and activations of one chunk of at most kChunkRows rows
+// (kChunkRows * (2 d + 4 F) floats).
 // R = NB * B. A row whose src is outside [0, T) is empty: it reads a zero row and adds
 // nothing (the layout's empty rows have src T). An expert id of -1 marks an unused block.
 
@@ -55,11 +56,16 @@ bool UseAvx2(int64_t allow_avx2) {
 #endif
 }
 
-// C [m, n] = A B over `depth` (C row-major, leading dimension ldc), on this thread.
+// A task works through its segment in chunks of at most this many rows, which bounds its
+// per-thread buffers: kChunkRows * (2 d + 4 F) floats.
+constexpr int64_t kChunkRows = 512;
+
+// C [m, n] (+)= A B over `depth` (C row-major, leading dimension ldc), on this thread.
 void Gemm(const gemm::View& a, const gemm::View& b, int64_t m, int64_t n, int64_t depth,
-          float* c, int64_t ldc, bool avx2) {
+          float* c, int64_t ldc, bool avx2, bool accumulate = false) {
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
-    gemm::GemmTile(a, b, depth, c, ldc, m0, std::min(m, m0 + kTileRows), 0, n, false, avx2);
+    gemm::GemmTile(a, b, depth, c, ldc, m0, std::min(m, m0 + kTileRows), 0, n, accumulate,
+                   avx2);
   }
 }
 
@@ -424,21 +430,24 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* wr = weight.typed_data();
   float* h_pf2 = h->typed_data();
   TokenSum sum(sr, segments, s.tokens, d, y->typed_data());
-  RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* o_nd) {
-    const int64_t n = seg.rows;
+  RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* o_rd) {
     thread_local std::vector<float> x_buf, a_buf;
-    float* x_nd = Scratch(x_buf, n * d);
-    float* a_nf = Scratch(a_buf, n * f);
-    GatherRows(xs, sr, seg.row0, n, s.tokens, d, x_nd);
     const float* wi = w_in.typed_data() + seg.expert * d * f2;
     const float* wo = w_out.typed_data() + seg.expert * f * d;
-    float* h_nf2 = h_pf2 + seg.packed * f2;
-    Gemm({x_nd, d, 1}, {wi, f2, 1}, n, f2, d, h_nf2, f2, avx2);
-    for (int64_t i = 0; i < n; ++i) SwigluRow(h_nf2 + i * f2, a_nf + i * f, f, avx2);
-    Gemm({a_nf, f, 1}, {wo, d, 1}, n, d, f, o_nd, d, avx2);
-    for (int64_t i = 0; i < n; ++i) {
-      const float w = wr[seg.row0 + i];
-      for (int64_t j = 0; j < d; ++j) o_nd[i * d + j] *= w;
+    for (int64_t c0 = 0; c0 < seg.rows; c0 += kChunkRows) {
+      const int64_t n = std::min(kChunkRows, seg.rows - c0), row0 = seg.row0 + c0;
+      float* x_nd = Scratch(x_buf, n * d);
+      float* a_nf = Scratch(a_buf, n * f);
+      GatherRows(xs, sr, row0, n, s.tokens, d, x_nd);
+      float* h_nf2 = h_pf2 + (seg.packed + c0) * f2;
+      Gemm({x_nd, d, 1}, {wi, f2, 1}, n, f2, d, h_nf2, f2, avx2);
+      for (int64_t i = 0; i < n; ++i) SwigluRow(h_nf2 + i * f2, a_nf + i * f, f, avx2);
+      float* o_nd = o_rd + c0 * d;
+      Gemm({a_nf, f, 1}, {wo, d, 1}, n, d, f, o_nd, d, avx2);
+      for (int64_t i = 0; i < n; ++i) {
+        const float w = wr[row0 + i];
+        for (int64_t j = 0; j < d; ++j) o_nd[i * d + j] *= w;
+      }
     }
   });
   return ffi::Error::Success();
@@ -486,31 +495,36 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     std::fill(dw_out_efd + e * f * d, dw_out_efd + (e + 1) * f * d, 0.0f);
   }
   TokenSum sum(sr, segments, s.tokens, d, dx->typed_data());
-  RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* dx_nd) {
-    const int64_t n = seg.rows, e = seg.expert;
+  RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* dx_rd) {
+    const int64_t e = seg.expert;
     thread_local std::vector<float> x_buf, dy_buf, aw_buf, da_buf, dh_buf;
-    float* x_nd = Scratch(x_buf, n * d);
-    float* dy_nd = Scratch(dy_buf, n * d);
-    float* aw_nf = Scratch(aw_buf, n * f);
-    float* da_nf = Scratch(da_buf, n * f);
-    float* dh_nf2 = Scratch(dh_buf, n * f2);
-    GatherRows(xs, sr, seg.row0, n, s.tokens, d, x_nd);
-    GatherRows(dys, sr, seg.row0, n, s.tokens, d, dy_nd);
     const float* wi = w_in.typed_data() + e * d * f2;
     const float* wo = w_out.typed_data() + e * f * d;
-    const float* h_nf2 = h.typed_data() + seg.packed * f2;
-    // da = dy @ w_out[e]^T: B(k, j) = wo[j, k].
-    Gemm({dy_nd, d, 1}, {wo, 1, d}, n, f, d, da_nf, f, avx2);
-    for (int64_t i = 0; i < n; ++i) {
-      dweight_r[seg.row0 + i] = SwigluBwdRow(h_nf2 + i * f2, da_nf + i * f, wr[seg.row0 + i],
-                                             aw_nf + i * f, dh_nf2 + i * f2, f, avx2);
+    for (int64_t c0 = 0; c0 < seg.rows; c0 += kChunkRows) {
+      const int64_t n = std::min(kChunkRows, seg.rows - c0), row0 = seg.row0 + c0;
+      const bool accumulate = c0 > 0;  // the weight gradients sum over the chunks
+      float* x_nd = Scratch(x_buf, n * d);
+      float* dy_nd = Scratch(dy_buf, n * d);
+      float* aw_nf = Scratch(aw_buf, n * f);
+      float* da_nf = Scratch(da_buf, n * f);
+      float* dh_nf2 = Scratch(dh_buf, n * f2);
+      GatherRows(xs, sr, row0, n, s.tokens, d, x_nd);
+      GatherRows(dys, sr, row0, n, s.tokens, d, dy_nd);
+      const float* h_nf2 = h.typed_data() + (seg.packed + c0) * f2;
+      // da = dy @ w_out[e]^T: B(k, j) = wo[j, k].
+      Gemm({dy_nd, d, 1}, {wo, 1, d}, n, f, d, da_nf, f, avx2);
+      for (int64_t i = 0; i < n; ++i) {
+        dweight_r[row0 + i] = SwigluBwdRow(h_nf2 + i * f2, da_nf + i * f, wr[row0 + i],
+                                           aw_nf + i * f, dh_nf2 + i * f2, f, avx2);
+      }
+      // dw_out[e] (+)= (w a)^T @ dy: A(i, k) = aw[k, i].
+      Gemm({aw_nf, 1, f}, {dy_nd, d, 1}, f, d, n, dw_out_efd + e * f * d, d, avx2, accumulate);
+      // dw_in[e] (+)= x^T @ dh.
+      Gemm({x_nd, 1, d}, {dh_nf2, f2, 1}, d, f2, n, dw_in_edf2 + e * d * f2, f2, avx2,
+           accumulate);
+      // dx rows = dh @ w_in[e]^T: B(k, j) = wi[j, k].
+      Gemm({dh_nf2, f2, 1}, {wi, 1, f2}, n, d, f2, dx_rd + c0 * d, d, avx2);
     }
-    // dw_out[e] = (w a)^T @ dy: A(i, k) = aw[k, i].
-    Gemm({aw_nf, 1, f}, {dy_nd, d, 1}, f, d, n, dw_out_efd + e * f * d, d, avx2);
-    // dw_in[e] = x^T @ dh.
-    Gemm({x_nd, 1, d}, {dh_nf2, f2, 1}, d, f2, n, dw_in_edf2 + e * d * f2, f2, avx2);
-    // dx rows = dh @ w_in[e]^T: B(k, j) = wi[j, k].
-    Gemm({dh_nf2, f2, 1}, {wi, 1, f2}, n, d, f2, dx_nd, d, avx2);
   });
   return ffi::Error::Success();
 }

@@ -1,20 +1,23 @@
 """The native CPU kernels (csrc/), registered with ``jax.ffi`` on first use.
 
-Internal. Three FFI targets, each called by one function here:
+Internal. Five FFI targets, each called by one function here:
 
 - :func:`top_k_indices` (csrc/top_k_cpu.cc): exact top-k indices of each row, for
   :func:`sigmoid_moe.topk.top_k`;
 - :func:`route_candidates` and :func:`rank_candidates` (csrc/route_cpu.cc): the few
   experts per token that can be among its top k under the sigmoid router's selection
   ``sigmoid(logits) + bias``, and their ranking once XLA has their exact keys, for
-  :mod:`sigmoid_moe._sigmoid_selection`.
+  :mod:`sigmoid_moe._sigmoid_selection`;
+- :func:`expert_ffn_forward` and :func:`expert_ffn_backward` (csrc/expert_ffn_cpu.cc): the
+  blocked FFN's routed experts, for :mod:`sigmoid_moe._native_ffn` (which differentiates
+  them; they are not row-wise, so they get none of the wrapping below).
 
 Callers keep a portable pure-JAX path for every other backend and case. The extension is
 built by ``pip install`` (setup.py); where it could not be (no C++ compiler), or with
 ``SIGMOID_MOE_NATIVE=0`` in the environment, :func:`available` is False and nothing uses
 it.
 
-All three work row by row, so all get the same wrapping: under a mesh every device
+The first three work row by row, so they get the same wrapping: under a mesh every device
 handles its own rows (``custom_partitioning``: the leading dimensions keep their
 sharding, only the last one is gathered if it was sharded, and parameters such as the
 bias are replicated); under ``vmap`` the batch dimension is one more leading dimension.
@@ -45,6 +48,8 @@ __all__ = [
     "ROUTED",
     "TOO_MANY",
     "available",
+    "expert_ffn_backward",
+    "expert_ffn_forward",
     "may_serve",
     "rank_candidates",
     "route_candidates",

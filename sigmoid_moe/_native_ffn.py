@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sigmoid_moe import _native
-from sigmoid_moe._dispatch_common import gather_rows
+from sigmoid_moe._dispatch_common import gather_rows, vary, varying
 from sigmoid_moe.experts import swiglu
 
 __all__ = ["expert_ffn", "serves"]
@@ -87,6 +87,18 @@ _expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 # ----------------------------------------------------------------- the kernel calls
 
 
+def _varying_like_inputs(fn):
+    """``fn`` with every output marked as varying over the mesh axes of any input (inside
+    ``shard_map``; a kernel's outputs carry none, and both ``platform_dependent`` branches
+    must agree)."""
+
+    def run(*args, **kwargs):
+        axes = frozenset().union(*(varying(a) for a in args))
+        return tuple(vary(out, axes) for out in fn(*args, **kwargs))
+
+    return run
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _forward(h_rows, x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b):
     """``(y_td, h_pf2)``: the kernel's forward (``h`` packed; undefined past the filled rows)."""
@@ -97,8 +109,8 @@ def _forward(h_rows, x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b)
         w_out_efd,
         src_r,
         block_expert_b,
-        cpu=functools.partial(_native.expert_ffn_forward, h_rows=h_rows),
-        default=functools.partial(_reference_forward, h_rows=h_rows),
+        cpu=_varying_like_inputs(functools.partial(_native.expert_ffn_forward, h_rows=h_rows)),
+        default=_varying_like_inputs(functools.partial(_reference_forward, h_rows=h_rows)),
     )
 
 
@@ -126,8 +138,8 @@ def _backward(x_td, dy_td, weight_r, w_in_edf, w_out_efd, h_pf2, src_r, block_ex
         h_pf2,
         src_r,
         block_expert_b,
-        cpu=_native.expert_ffn_backward,
-        default=_reference_backward,
+        cpu=_varying_like_inputs(_native.expert_ffn_backward),
+        default=_varying_like_inputs(_reference_backward),
     )
 
 
