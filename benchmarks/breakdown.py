@@ -15,6 +15,9 @@ the wall time; the dense SwiGLU of equal active FLOPs is profiled the same way):
 
 - routing: the router matmul forward+backward, and ``route`` (scores, top-k, weights);
 - layout: ranking copies within their expert (one sort), blocks and size classes;
+- native expert kernel: on the CPU in float32 the expert FFN below (gather to dW) runs as
+  one custom call per direction (csrc/expert_ffn_cpu.cc), so its stages are not split;
+  ``SIGMOID_MOE_NATIVE=0`` profiles the pure-JAX block scan instead:
 - gather: token rows into each block (``x``; ``dy`` in the backward; saved ``h`` rows);
 - expert GEMMs: the six per-block matmuls; ``weight slices`` is XLA copying each
   block's expert weights out of the ``[E, ...]`` arrays before its GEMMs;
@@ -53,6 +56,8 @@ STAGES = (
     "routing: router matmul",
     "routing: route",
     "layout",
+    "native expert kernel: forward",
+    "native expert kernel: backward",
     "gather",
     "expert GEMMs",
     "weight slices",
@@ -90,6 +95,9 @@ def _stage(op_name: str, line: str, dense: bool) -> str:
         return "routing: route"
     if "layout" in scopes:
         return "layout"
+    if "blocked_ffn_native" in scopes:
+        # The whole expert FFN in one custom call per direction (csrc/expert_ffn_cpu.cc).
+        return f"native expert kernel: {'backward' if 'transpose' in scopes else 'forward'}"
     for scope, stage in _KERNEL_SCOPES.items():
         if scope in scopes:
             if stage == "expert GEMMs" and not is_dot and "dynamic" in line:

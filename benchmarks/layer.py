@@ -26,15 +26,14 @@ Peak bytes come from ``jax.jit(f).lower(...).compile().memory_analysis()`` (temp
 arguments + outputs). The budget is ``1.1 x dense peak + expert weights + their
 gradients``: what a layer with ``E / k`` times the dense FFN's parameters has to hold.
 Where the native CPU expert kernel runs (csrc/expert_ffn_cpu.cc), its memory outside
-XLA's buffers is added at its upper bound (a 32 MiB wave buffer and, per thread, one chunk
-of 512 rows: ``512 * (2 d + 4 d_ff)`` floats).
+XLA's buffers is added at its upper bound (``sigmoid_moe._native_ffn.host_scratch_bytes``:
+one wave of per-row outputs, at most 32 MiB, and per thread one chunk of 256 rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 
 import jax
@@ -43,7 +42,8 @@ import numpy as np
 from _presets import PRESETS
 from _timing import paired_rounds, ratio_summary
 
-from sigmoid_moe import RouterConfig, _native, route
+from sigmoid_moe import RouterConfig, _native, _native_ffn, route
+from sigmoid_moe.blocked_ffn import capped_block_size, num_blocks_bound
 from sigmoid_moe.dispatch import capacity_moe, dropless_moe
 from sigmoid_moe.experts import swiglu_ffn
 
@@ -121,7 +121,7 @@ def _run(shape, args) -> None:
     calls = {name: functools.partial(fn, *fn_args) for name, (fn, fn_args) in moe_fns.items()}
     results = paired_rounds(functools.partial(dense_fn, *dense_args), calls, args.rounds)
     for name, (base, cand) in results.items():
-        peak = _peak_bytes(moe_fns[name][0]) + _kernel_scratch_bytes(d, f)
+        peak = _peak_bytes(moe_fns[name][0]) + _kernel_scratch_bytes(t, d, f, e, k)
         print(
             f"  {name:30s} {statistics.median(cand.wall) * 1e3:8.1f} ms "
             f"(dense {statistics.median(base.wall) * 1e3:7.1f})  "
@@ -130,11 +130,14 @@ def _run(shape, args) -> None:
         )
 
 
-def _kernel_scratch_bytes(d: int, f: int) -> int:
-    """Upper bound of the native expert kernel's host memory outside XLA (0 if it is off)."""
+def _kernel_scratch_bytes(t: int, d: int, f: int, e: int, k: int) -> int:
+    """Upper bound of the native expert kernel's host memory outside XLA (0 if it is off),
+    for the dropless layout's rows (a capacity layout has no more)."""
     if jax.default_backend() != "cpu" or not _native.available():
         return 0
-    return (32 << 20) + (os.cpu_count() or 1) * 512 * (2 * d + 4 * f) * 4
+    block = capped_block_size(None, -(-t * k // e))
+    num_rows = num_blocks_bound(t * k, e, block) * block
+    return _native_ffn.host_scratch_bytes(t, num_rows, d, f)
 
 
 def main() -> None:

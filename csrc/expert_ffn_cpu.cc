@@ -21,8 +21,9 @@
 //
 // Memory outside XLA's buffers: the per-row outputs of one *wave* of segments (at most
 // 32 MiB, or one segment), summed into the tokens before the next wave, and per thread the
-// gathered rows and activations of one chunk of at most kChunkRows rows
-// (kChunkRows * (2 d + 4 F) floats).
+// gathered rows and activations of one chunk of at most kChunkRows rows (kept for reuse;
+// sigmoid_moe/_native_ffn.py's host_scratch_bytes states the bound).
+//
 // R = NB * B. A row whose src is outside [0, T) is empty: it reads a zero row and adds
 // nothing (the layout's empty rows have src T). An expert id of -1 marks an unused block.
 
@@ -57,8 +58,9 @@ bool UseAvx2(int64_t allow_avx2) {
 }
 
 // A task works through its segment in chunks of at most this many rows, which bounds its
-// per-thread buffers: kChunkRows * (2 d + 4 F) floats.
-constexpr int64_t kChunkRows = 512;
+// per-thread buffers: kChunkRows * (d + F) floats for the forward and
+// kChunkRows * (2 d + 4 F) for the backward. The weight gradients add up the chunks in order.
+constexpr int64_t kChunkRows = 256;
 
 // C [m, n] (+)= A B over `depth` (C row-major, leading dimension ldc), on this thread.
 void Gemm(const gemm::View& a, const gemm::View& b, int64_t m, int64_t n, int64_t depth,

@@ -22,6 +22,7 @@ reference run.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,11 @@ from sigmoid_moe import _native
 from sigmoid_moe._dispatch_common import gather_rows, vary, varying
 from sigmoid_moe.experts import swiglu
 
-__all__ = ["expert_ffn", "serves"]
+__all__ = ["expert_ffn", "host_scratch_bytes", "serves"]
+
+# csrc/expert_ffn_cpu.cc's kWaveRowBytes and kChunkRows.
+_WAVE_BYTES = 32 << 20
+_CHUNK_ROWS = 256
 
 
 def serves(x_td: jax.Array, w_in_edf: jax.Array, w_out_efd: jax.Array) -> bool:
@@ -44,6 +49,20 @@ def serves(x_td: jax.Array, w_in_edf: jax.Array, w_out_efd: jax.Array) -> bool:
         and all(a.dtype == jnp.float32 for a in (x_td, w_in_edf, w_out_efd))
         and _native.may_serve(x_td)
     )
+
+
+def host_scratch_bytes(num_tokens: int, num_rows: int, d_model: int, d_ff: int) -> int:
+    """Upper bound of the kernel's host memory outside XLA's buffers, in bytes.
+
+    For a layout of ``num_rows`` rows over ``num_tokens`` tokens: the per-row outputs of
+    one wave (rows spanning at most 32 MiB, or one expert's, at most ``T``), and per
+    thread (XLA's pool and the calling one) the buffers of one chunk of at most 256 rows,
+    ``d + F`` floats a row in the forward and ``2 d + 4 F`` in the backward (kept for reuse).
+    """
+    wave_rows = min(num_rows, max(_WAVE_BYTES // (4 * d_model), num_tokens))
+    chunk_rows = min(num_rows, _CHUNK_ROWS)
+    threads = (os.cpu_count() or 1) + 1
+    return 4 * (wave_rows * d_model + threads * chunk_rows * (3 * d_model + 5 * d_ff))
 
 
 def expert_ffn(x_td, src_bm, weight_bm, block_expert_b, row_a, w_in_edf, w_out_efd):

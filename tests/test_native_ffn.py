@@ -83,7 +83,7 @@ def _scan(monkeypatch, fn):
         (64, 16, 12, 4, 3, 8, 0),
         (9, 24, 20, 6, 1, 16, 2),  # d and F past one AVX2 panel; most experts empty
         (50, 5, 3, 3, 2, 7, 0),  # widths below one vector
-        (1100, 8, 6, 2, 1, 64, 0),  # an expert past one task chunk (512 rows)
+        (1100, 8, 6, 2, 1, 64, 0),  # an expert past one task chunk (256 rows)
     ],
 )
 def test_kernel_equals_the_scan(shape, monkeypatch):
