@@ -1,7 +1,8 @@
 """The blocked FFN's native CPU kernel (csrc/expert_ffn_cpu.cc), differentiable. Internal.
 
 :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` hands its float32 work here on the CPU
-(:func:`serves`); other backends and dtypes keep the pure-JAX block scan. Same math,
+(:func:`serves`, then ``jax.lax.platform_dependent``: a program lowered for another
+backend gets the pure-JAX block scan, as do other dtypes). Same math,
 same layout (``BlockLayout``), and the same summation order of a token's rows; only the
 GEMMs' rounding differs.
 
@@ -42,7 +43,7 @@ def serves(x_td: jax.Array, w_in_edf: jax.Array, w_out_efd: jax.Array) -> bool:
     """Whether the kernel takes this call: built and allowed (``SIGMOID_MOE_NATIVE``),
     float32 activations and weights, and an ``x`` the kernels may take (unsharded, or on
     a mesh of CPU devices without ``Explicit`` axes; see ``_native.may_serve``). The
-    platform is chosen when lowering: on other backends the pure-JAX scan runs.
+    caller still picks the platform when lowering (``platform_dependent``).
     """
     return (
         _native.available()
@@ -108,8 +109,8 @@ _expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 
 def _varying_like_inputs(fn):
     """``fn`` with every output marked as varying over the mesh axes of any input (inside
-    ``shard_map``; a kernel's outputs carry none, and both ``platform_dependent`` branches
-    must agree)."""
+    ``shard_map``; a kernel's outputs carry none, and the ``custom_vjp`` and the
+    ``platform_dependent`` around it must see the inputs' types)."""
 
     def run(*args, **kwargs):
         axes = frozenset().union(*(varying(a) for a in args))
@@ -121,15 +122,8 @@ def _varying_like_inputs(fn):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _forward(h_rows, x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b):
     """``(y_td, h_pf2)``: the kernel's forward (``h`` packed; undefined past the filled rows)."""
-    return jax.lax.platform_dependent(
-        x_td,
-        weight_r,
-        w_in_edf,
-        w_out_efd,
-        src_r,
-        block_expert_b,
-        cpu=_varying_like_inputs(functools.partial(_native.expert_ffn_forward, h_rows=h_rows)),
-        default=_varying_like_inputs(functools.partial(_reference_forward, h_rows=h_rows)),
+    return _varying_like_inputs(_native.expert_ffn_forward)(
+        x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b, h_rows=h_rows
     )
 
 
@@ -148,7 +142,7 @@ def _forward_jvp(h_rows, primals, tangents):
 @jax.custom_jvp
 def _backward(x_td, dy_td, weight_r, w_in_edf, w_out_efd, h_pf2, src_r, block_expert_b):
     """``(dx_td, dweight_r, dw_in_edf, dw_out_efd)`` from the kernel's backward."""
-    return jax.lax.platform_dependent(
+    return _varying_like_inputs(_native.expert_ffn_backward)(
         x_td,
         dy_td.astype(jnp.float32),
         weight_r,
@@ -157,8 +151,6 @@ def _backward(x_td, dy_td, weight_r, w_in_edf, w_out_efd, h_pf2, src_r, block_ex
         h_pf2,
         src_r,
         block_expert_b,
-        cpu=_varying_like_inputs(_native.expert_ffn_backward),
-        default=_varying_like_inputs(_reference_backward),
     )
 
 

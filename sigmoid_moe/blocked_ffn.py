@@ -428,18 +428,31 @@ def blocked_expert_ffn(
       ``[T, d_model]`` in ``x_td``'s dtype, accumulated in float32; tokens with no
       placed row get exactly 0.
     """
-    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
     if _native_ffn.serves(x_td, w_in_edf, w_out_efd):
-        # Inside shard_map, every input varies over the same axes (as below).
-        axes = frozenset().union(*(_varying(arg) for arg in (*args, layout.row_a)))
-        x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b = (
-            _vary(arg, axes) for arg in args
+        # The kernel where the program runs on the CPU, the scan on any other backend
+        # (only the chosen branch is lowered).
+        return jax.lax.platform_dependent(
+            x_td, layout, w_in_edf, w_out_efd, cpu=_native_expert_ffn, default=_scanned_expert_ffn
         )
-        with jax.named_scope("blocked_ffn_native"):
-            y_td = _native_ffn.expert_ffn(
-                x_td, src_bm, weight_bm, block_expert_b, layout.row_a, w_in_edf, w_out_efd
-            )
-        return y_td.astype(x_td.dtype)
+    return _scanned_expert_ffn(x_td, layout, w_in_edf, w_out_efd)
+
+
+def _native_expert_ffn(x_td, layout, w_in_edf, w_out_efd):
+    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
+    # Inside shard_map, every input varies over the same axes (as in the scan).
+    axes = frozenset().union(*(_varying(arg) for arg in (*args, layout.row_a)))
+    x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b = (
+        _vary(arg, axes) for arg in args
+    )
+    with jax.named_scope("blocked_ffn_native"):
+        y_td = _native_ffn.expert_ffn(
+            x_td, src_bm, weight_bm, block_expert_b, layout.row_a, w_in_edf, w_out_efd
+        )
+    return y_td.astype(x_td.dtype)
+
+
+def _scanned_expert_ffn(x_td, layout, w_in_edf, w_out_efd):
+    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
     with jax.named_scope("layout"):
         plan, num_rows = _block_plan(layout, x_td.shape[0], w_in_edf.shape[0])
     # Inside shard_map, give every input the same varying axes (differentiably: the

@@ -177,3 +177,18 @@ def test_dropless_layer_path_uses_the_kernel_and_matches_the_scan(monkeypatch):
     )
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+def test_programs_for_other_backends_get_the_scan():
+    """``platform_dependent``: a program lowered for a GPU holds the scan, not the kernel."""
+    x, weight_a, w_in, w_out, layout_of = _layout_problem(9, 24, 8, 6, 4, 2, 8)
+
+    def grad(x):
+        return jax.grad(lambda x: jnp.sum(blocked_expert_ffn(x, layout_of(weight_a), w_in, w_out)))(
+            x
+        )
+
+    cpu = jax.jit(grad).lower(x).as_text()
+    cuda = jax.export.export(jax.jit(grad), platforms=("cuda",))(x).mlir_module()
+    assert "sigmoid_moe_expert_ffn_fwd" in cpu and "sigmoid_moe_expert_ffn_bwd" in cpu
+    assert "sigmoid_moe_expert_ffn" not in cuda and "stablehlo.while" in cuda
