@@ -169,7 +169,7 @@ def _backward_jvp(primals, tangents):
 # ----------------------------------------------------------------- pure-JAX reference
 #
 # The kernel's math over whole blocks, with each block's weights gathered
-# ([num_blocks, ...]: fine for the rare second-order use and other backends, too big
+# ([num_blocks, ...]: fine for the rare second-order use, too big
 # for everyday training, which is why the scan exists). ``h`` is packed as the kernel
 # packs it: a filled row's place is the number of filled rows before it (each expert's
 # filled rows are a prefix of its blocks).

@@ -1,9 +1,9 @@
-"""The blocked FFN's native CPU kernel against the pure-JAX block scan and a float64 oracle.
+"""The blocked FFN's native CPU kernel against the pure-JAX block scan.
 
-The rest of the suite runs float32 dispatch through the kernel (it is the CPU default);
-these tests pin what is specific to it: its gradients against the scan's, bit-identical
-AVX2 and generic paths, determinism, empty experts, and the pure-JAX reference that other
-backends and second-order derivatives use.
+The rest of the suite runs float32 dispatch through the kernel (it is the CPU default),
+float64 oracles included; these tests pin what is specific to it: its gradients against
+the scan's, bit-identical AVX2 and generic paths, determinism, empty experts, the pure-JAX
+reference its second-order rules use, and the scan in programs for other backends.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_kernel_is_deterministic():
 
 
 def test_pure_jax_reference_equals_the_kernel():
-    """The reference serves other backends (``platform_dependent``) and second order."""
+    """The reference gives the kernel calls their derivatives (second order)."""
     x, args, h_rows = _kernel_args(seed=7)
     dy = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
     y, h = _native.expert_ffn_forward(x, *args, h_rows=h_rows)
