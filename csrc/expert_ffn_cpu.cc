@@ -15,7 +15,7 @@
 //   -> y [T, d] (sum over a token's rows of weight * SwiGLU_e(x) @ w_out[e]),
 //      h [P, 2F] (the pre-activations x @ w_in[e] of the segments' rows, packed: segment
 //      after segment in layout order; kept for the backward). P must be at least the
-//      filled rows (the assignments); rows past them are left unwritten.
+//      filled rows (the assignments); rows past them are zeros.
 // SigmoidMoeExpertFfnBwd(x, dy [T, d], src, weight, block_expert, w_in, w_out, h)
 //   -> dx [T, d], dweight [R], dw_in [E, d, 2F], dw_out [E, F, d].
 //
@@ -84,7 +84,7 @@ constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.33345190
 constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
 
 inline float ExpScalar(float x) {
-  x = std::min(kExpHi, std::max(kExpLo, x));  // NaN stays NaN
+  x = x > kExpHi ? kExpHi : (x < kExpLo ? kExpLo : x);  // NaN stays NaN, as in Exp8
   const float n = std::nearbyint(x * kLog2e);
   float r = std::fma(n, -kLn2Hi, x);
   r = std::fma(n, -kLn2Lo, r);
@@ -294,7 +294,7 @@ ffi::Error Plan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& src,
 constexpr int64_t kWaveRowBytes = int64_t{32} << 20;
 
 std::vector<std::pair<size_t, size_t>> Waves(const std::vector<Segment>& segments, int64_t d) {
-  const int64_t cap = std::max<int64_t>(1, kWaveRowBytes / (4 * d));
+  const int64_t cap = std::max<int64_t>(1, kWaveRowBytes / (4 * std::max<int64_t>(1, d)));
   std::vector<std::pair<size_t, size_t>> waves;
   for (size_t i = 0; i < segments.size();) {
     size_t j = i + 1;
@@ -431,6 +431,10 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int32_t* sr = src.typed_data();
   const float* wr = weight.typed_data();
   float* h_pf2 = h->typed_data();
+  // Rows of h past the segments' are never read; zeros keep the output deterministic.
+  int64_t packed_rows = 0;
+  for (const Segment& seg : segments) packed_rows += seg.rows;
+  std::fill(h_pf2 + packed_rows * f2, h_pf2 + hd[0] * f2, 0.0f);
   TokenSum sum(sr, segments, s.tokens, d, y->typed_data());
   RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* o_rd) {
     thread_local std::vector<float> x_buf, a_buf;

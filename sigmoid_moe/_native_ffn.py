@@ -48,6 +48,7 @@ def serves(x_td: jax.Array, w_in_edf: jax.Array, w_out_efd: jax.Array) -> bool:
     return (
         _native.available()
         and all(a.dtype == jnp.float32 for a in (x_td, w_in_edf, w_out_efd))
+        and min(x_td.shape[1], w_out_efd.shape[1], w_in_edf.shape[0]) > 0
         and _native.may_serve(x_td)
     )
 
@@ -55,15 +56,23 @@ def serves(x_td: jax.Array, w_in_edf: jax.Array, w_out_efd: jax.Array) -> bool:
 def host_scratch_bytes(num_tokens: int, num_rows: int, d_model: int, d_ff: int) -> int:
     """Upper bound of the kernel's host memory outside XLA's buffers, in bytes.
 
-    For a layout of ``num_rows`` rows over ``num_tokens`` tokens: the per-row outputs of
-    one wave (rows spanning at most 32 MiB, or one expert's, at most ``T``), and per
-    thread (XLA's pool and the calling one) the buffers of one chunk of at most 256 rows,
-    ``d + F`` floats a row in the forward and ``2 d + 4 F`` in the backward (kept for reuse).
+    For a layout of ``num_rows`` rows over ``num_tokens`` tokens:
+
+    - the per-row outputs of one wave (rows spanning at most 32 MiB, or one expert's: at
+      most ``T`` rows, or all rows if a token lists an expert twice);
+    - each token's rows (int64 indices, ``A <= num_rows`` of them, and ``2 T + 1``);
+    - per thread (XLA's pool and the calling one), kept for reuse: one chunk of at most
+      256 rows, ``d + F`` floats a row in the forward and ``2 d + 4 F`` in the backward,
+      and the GEMM's packed panels (192 rows and ``max(2 F, d)`` columns, 256 deep).
     """
+    d_model = max(1, d_model)
     wave_rows = min(num_rows, max(_WAVE_BYTES // (4 * d_model), num_tokens))
     chunk_rows = min(num_rows, _CHUNK_ROWS)
+    panel_cols = -(-max(2 * d_ff, d_model) // 16) * 16
+    per_thread = chunk_rows * (3 * d_model + 5 * d_ff) + (192 + panel_cols) * 256
     threads = (os.cpu_count() or 1) + 1
-    return 4 * (wave_rows * d_model + threads * chunk_rows * (3 * d_model + 5 * d_ff))
+    row_index = 8 * (num_rows + 2 * num_tokens + 1)
+    return 4 * (wave_rows * d_model + threads * per_thread) + row_index
 
 
 def expert_ffn(x_td, src_bm, weight_bm, block_expert_b, row_a, w_in_edf, w_out_efd):
@@ -177,13 +186,25 @@ def _backward_jvp(primals, tangents):
 
 def _blocks(src_r, block_expert_b, num_tokens, num_experts):
     """``(src_bm, valid_bm, expert_b, packed_bm)``: rows by block (empty ones reading token
-    ``T``), filled rows, a valid expert id per block, each row's place in ``h``."""
-    num_blocks = block_expert_b.shape[0]
-    src_bm = src_r.reshape(num_blocks, -1)
+    ``T``), filled rows, a valid expert id per block, each row's place in ``h``.
+
+    As the kernel packs ``h``: an expert's rows up to its last filled one (empty rows
+    among them included: they hold zeros) take consecutive places, expert after expert.
+    """
+    num_blocks, block_size = block_expert_b.shape[0], src_r.shape[0] // block_expert_b.shape[0]
+    src_bm = src_r.reshape(num_blocks, block_size)
     valid_bm = (src_bm >= 0) & (src_bm < num_tokens) & (block_expert_b[:, None] >= 0)
     src_bm = jnp.where(valid_bm, src_bm, num_tokens)
-    packed_r = jnp.cumsum(valid_bm.reshape(-1).astype(jnp.int32)) - 1
-    packed_bm = jnp.where(valid_bm, packed_r.reshape(valid_bm.shape), jnp.iinfo(jnp.int32).max)
+    row_r = jnp.arange(src_r.shape[0], dtype=jnp.int32)
+    expert_r = jnp.repeat(block_expert_b, block_size)
+    segment_r = jnp.where(expert_r >= 0, expert_r, num_experts)
+    last_e = jax.ops.segment_max(
+        jnp.where(valid_bm.reshape(-1), row_r, -1), segment_r, num_segments=num_experts + 1
+    )
+    used_r = (expert_r >= 0) & (row_r <= last_e[segment_r])
+    packed_r = jnp.cumsum(used_r.astype(jnp.int32)) - 1
+    big = jnp.iinfo(jnp.int32).max
+    packed_bm = jnp.where(used_r, packed_r, big).reshape(num_blocks, block_size)
     return src_bm, valid_bm, jnp.clip(block_expert_b, 0, num_experts - 1), packed_bm
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sigmoid_moe import _native, _native_ffn
-from sigmoid_moe.blocked_ffn import block_layout, blocked_expert_ffn
+from sigmoid_moe.blocked_ffn import BlockLayout, block_layout, blocked_expert_ffn
 from sigmoid_moe.dispatch import dropless_moe
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="native kernels not built")
@@ -192,3 +192,33 @@ def test_programs_for_other_backends_get_the_scan():
     cuda = jax.export.export(jax.jit(grad), platforms=("cuda",))(x).mlir_module()
     assert "sigmoid_moe_expert_ffn_fwd" in cpu and "sigmoid_moe_expert_ffn_bwd" in cpu
     assert "sigmoid_moe_expert_ffn" not in cuda and "stablehlo.while" in cuda
+
+
+def test_second_order_with_empty_rows_among_an_experts_rows(monkeypatch):
+    """A layout whose filled rows are not a prefix (ranks with gaps): the kernel packs the
+    gaps into ``h`` and its second-order rules must agree (Hessian-vector products)."""
+    rng = np.random.default_rng(0)
+    t, d, f, e = 4, 3, 4, 2
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    w_in = jnp.asarray(rng.normal(size=(e, d, 2 * f)), jnp.float32)
+    w_out = jnp.asarray(rng.normal(size=(e, f, d)), jnp.float32)
+    weight_bm = jnp.asarray([[0.5, 0, 0.7, 0], [0.3, 0.9, 0, 0]], jnp.float32)
+    layout_of = functools.partial(
+        BlockLayout,
+        jnp.asarray([[0, t, 1, t], [2, 3, t, t]], jnp.int32),  # a gap in expert 0's rows
+        block_expert_b=jnp.asarray([0, 1], jnp.int32),
+        row_a=jnp.asarray([0, 2, 4, 5, 8, 8], jnp.int32),
+    )
+
+    def loss(x, weight_bm, w_in, w_out):
+        return jnp.sum(jnp.sin(blocked_expert_ffn(x, layout_of(weight_bm), w_in, w_out)))
+
+    def hvp():
+        primals = (x, weight_bm, w_in, w_out)
+        tangents = tuple(jnp.ones_like(p) for p in primals)
+        return jax.jit(lambda *p: jax.jvp(jax.grad(loss, (0, 1, 2, 3)), p, tangents)[1])(*primals)
+
+    got = hvp()
+    want = _scan(monkeypatch, hvp)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
