@@ -221,6 +221,7 @@ float SwigluBwdRow(const float* h, const float* da, float w, float* aw, float* d
 
 struct Shapes {
   int64_t tokens, d, f, experts, num_blocks, block_size;
+  int64_t packed_rows;  // rows of h the segments take (the rest are zeros)
 };
 
 struct Segment {
@@ -228,18 +229,20 @@ struct Segment {
   int64_t packed;              // its first row in h (segments packed in layout order)
 };
 
-// Checks the operands and finds each expert's segment (its run of blocks, up to its last
-// filled row). Segments with no filled row are left out.
+// Checks the operands (h: `h_dims`) and finds each expert's segment (its run of blocks,
+// up to its last filled row). Segments with no filled row are left out.
 ffi::Error Plan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& src,
                 ffi::Buffer<ffi::F32>& weight, ffi::Buffer<ffi::S32>& block_expert,
-                ffi::Buffer<ffi::F32>& w_in, ffi::Buffer<ffi::F32>& w_out, int64_t h_rows,
-                Shapes* shapes, std::vector<Segment>* segments) {
+                ffi::Buffer<ffi::F32>& w_in, ffi::Buffer<ffi::F32>& w_out,
+                ffi::Span<const int64_t> h_dims, Shapes* shapes,
+                std::vector<Segment>* segments) {
   const auto xd = x.dimensions(), wi = w_in.dimensions(), wo = w_out.dimensions();
   if (xd.size() != 2 || wi.size() != 3 || wo.size() != 3 || src.dimensions().size() != 1 ||
-      weight.dimensions().size() != 1 || block_expert.dimensions().size() != 1) {
+      weight.dimensions().size() != 1 || block_expert.dimensions().size() != 1 ||
+      h_dims.size() != 2 || h_dims[1] != wi[2]) {
     return ffi::Error::InvalidArgument(
         "expert_ffn: need x [T, d], src [R], weight [R], block_expert [NB], "
-        "w_in [E, d, 2F], w_out [E, F, d]");
+        "w_in [E, d, 2F], w_out [E, F, d], h [rows, 2F]");
   }
   Shapes s;
   s.tokens = xd[0];
@@ -249,7 +252,8 @@ ffi::Error Plan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& src,
   s.num_blocks = block_expert.element_count();
   const int64_t rows = src.element_count();
   if (wi[1] != s.d || wi[2] != 2 * s.f || wo[0] != s.experts || wo[2] != s.d ||
-      static_cast<int64_t>(weight.element_count()) != rows || s.num_blocks < 1 || rows % s.num_blocks != 0) {
+      static_cast<int64_t>(weight.element_count()) != rows || s.num_blocks < 1 ||
+      rows % s.num_blocks != 0) {
     return ffi::Error::InvalidArgument("expert_ffn: operand shapes do not match");
   }
   s.block_size = rows / s.num_blocks;
@@ -279,11 +283,13 @@ ffi::Error Plan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& src,
     }
     b = end;
   }
-  if (packed > h_rows) {
+  if (packed > h_dims[0]) {
     return ffi::Error::InvalidArgument(
-        "expert_ffn: more filled rows than h has rows (each expert's filled rows must be a "
-        "prefix of its blocks, at most one per assignment)");
+        "expert_ffn: the experts' rows need more rows of h than it has (one per assignment "
+        "is enough when each expert's filled rows are a prefix of its blocks, as "
+        "block_layout makes them)");
   }
+  s.packed_rows = packed;
   *shapes = s;
   return ffi::Error::Success();
 }
@@ -415,13 +421,10 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> w_out,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h,
                    int64_t allow_avx2) {
-  const auto hd = h->dimensions();
-  if (hd.size() != 2 || hd[1] != w_in.dimensions().back()) {
-    return ffi::Error::InvalidArgument("expert_ffn: h must be [rows, 2F]");
-  }
   Shapes s;
   std::vector<Segment> segments;
-  if (ffi::Error err = Plan(x, src, weight, block_expert, w_in, w_out, hd[0], &s, &segments);
+  if (ffi::Error err = Plan(x, src, weight, block_expert, w_in, w_out, h->dimensions(), &s,
+                            &segments);
       err.failure()) {
     return err;
   }
@@ -432,9 +435,7 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* wr = weight.typed_data();
   float* h_pf2 = h->typed_data();
   // Rows of h past the segments' are never read; zeros keep the output deterministic.
-  int64_t packed_rows = 0;
-  for (const Segment& seg : segments) packed_rows += seg.rows;
-  std::fill(h_pf2 + packed_rows * f2, h_pf2 + hd[0] * f2, 0.0f);
+  std::fill(h_pf2 + s.packed_rows * f2, h_pf2 + h->element_count(), 0.0f);
   TokenSum sum(sr, segments, s.tokens, d, y->typed_data());
   RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* o_rd) {
     thread_local std::vector<float> x_buf, a_buf;
@@ -468,13 +469,10 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dweight,
                    ffi::ResultBuffer<ffi::F32> dw_in, ffi::ResultBuffer<ffi::F32> dw_out,
                    int64_t allow_avx2) {
-  const auto hd = h.dimensions();
-  if (hd.size() != 2 || hd[1] != w_in.dimensions().back()) {
-    return ffi::Error::InvalidArgument("expert_ffn_bwd: h must be [rows, 2F]");
-  }
   Shapes s;
   std::vector<Segment> segments;
-  if (ffi::Error err = Plan(x, src, weight, block_expert, w_in, w_out, hd[0], &s, &segments);
+  if (ffi::Error err = Plan(x, src, weight, block_expert, w_in, w_out, h.dimensions(), &s,
+                            &segments);
       err.failure()) {
     return err;
   }

@@ -177,9 +177,9 @@ def expert_ffn_forward(
     """The blocked FFN's forward on the CPU (csrc/expert_ffn_cpu.cc), float32 only.
 
     ``src_r [R]``, ``weight_r [R]`` are a ``BlockLayout``'s rows flattened, and
-    ``block_expert_b [NB]`` its block experts. Returns ``y_td [T, d]`` and the filled
-    rows' pre-activations packed in layout order, ``h_pf2 [h_rows, 2F]`` (rows past the
-    filled ones undefined); ``h_rows`` must be at least the filled rows.
+    ``block_expert_b [NB]`` its block experts. Returns ``y_td [T, d]`` and the
+    pre-activations of each expert's rows up to its last filled one, packed in layout
+    order, ``h_pf2 [h_rows, 2F]`` (zeros past them); ``h_rows`` must cover those rows.
     """
     _require()
     _register()

@@ -130,7 +130,7 @@ def _varying_like_inputs(fn):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _forward(h_rows, x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b):
-    """``(y_td, h_pf2)``: the kernel's forward (``h`` packed; undefined past the filled rows)."""
+    """``(y_td, h_pf2)``: the kernel's forward (``h`` packed; zeros past the segments' rows)."""
     return _varying_like_inputs(_native.expert_ffn_forward)(
         x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b, h_rows=h_rows
     )
@@ -138,14 +138,10 @@ def _forward(h_rows, x_td, weight_r, w_in_edf, w_out_efd, src_r, block_expert_b)
 
 @_forward.defjvp
 def _forward_jvp(h_rows, primals, tangents):
-    *floats, src_r, block_expert_b = primals
-    out = _forward(h_rows, *primals)
-    _, out_dot = jax.jvp(
-        lambda *f: _reference_forward(*f, src_r, block_expert_b, h_rows=h_rows),
-        tuple(floats),
-        tuple(tangents[: len(floats)]),
+    tangent = _reference_tangents(
+        functools.partial(_reference_forward, h_rows=h_rows), primals, tangents
     )
-    return out, out_dot
+    return _forward(h_rows, *primals), tangent
 
 
 @jax.custom_jvp
@@ -165,14 +161,19 @@ def _backward(x_td, dy_td, weight_r, w_in_edf, w_out_efd, h_pf2, src_r, block_ex
 
 @_backward.defjvp
 def _backward_jvp(primals, tangents):
+    return _backward(*primals), _reference_tangents(_reference_backward, primals, tangents)
+
+
+def _reference_tangents(reference, primals, tangents):
+    """The output tangents of ``reference(*floats, src_r, block_expert_b)``: the kernel
+    calls' float operands come first, the layout's two integer arrays last."""
     *floats, src_r, block_expert_b = primals
-    out = _backward(*primals)
     _, out_dot = jax.jvp(
-        lambda *f: _reference_backward(*f, src_r, block_expert_b),
+        lambda *f: reference(*f, src_r, block_expert_b),
         tuple(floats),
         tuple(tangents[: len(floats)]),
     )
-    return out, out_dot
+    return out_dot
 
 
 # ----------------------------------------------------------------- pure-JAX reference

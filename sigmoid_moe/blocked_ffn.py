@@ -428,6 +428,11 @@ def blocked_expert_ffn(
       ``[T, d_model]`` in ``x_td``'s dtype, accumulated in float32; tokens with no
       placed row get exactly 0.
     """
+    # Inside shard_map, give every input the same varying axes (differentiably: the
+    # transpose of that cast sums the gradients of replicated inputs over those axes).
+    axes = frozenset().union(*(_varying(a) for a in (x_td, w_in_edf, w_out_efd, *layout)))
+    x_td, w_in_edf, w_out_efd = (_vary(a, axes) for a in (x_td, w_in_edf, w_out_efd))
+    layout = BlockLayout(*(_vary(a, axes) for a in layout))
     if _native_ffn.serves(x_td, w_in_edf, w_out_efd):
         # The kernel where the program runs on the CPU, the scan on any other backend
         # (only the chosen branch is lowered).
@@ -438,26 +443,22 @@ def blocked_expert_ffn(
 
 
 def _native_expert_ffn(x_td, layout, w_in_edf, w_out_efd):
-    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
-    # Inside shard_map, every input varies over the same axes (as in the scan).
-    axes = frozenset().union(*(_varying(arg) for arg in (*args, layout.row_a)))
-    x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b = (
-        _vary(arg, axes) for arg in args
-    )
     with jax.named_scope("blocked_ffn_native"):
         y_td = _native_ffn.expert_ffn(
-            x_td, src_bm, weight_bm, block_expert_b, layout.row_a, w_in_edf, w_out_efd
+            x_td,
+            layout.src_bm,
+            layout.weight_bm,
+            layout.block_expert_b,
+            layout.row_a,
+            w_in_edf,
+            w_out_efd,
         )
     return y_td.astype(x_td.dtype)
 
 
 def _scanned_expert_ffn(x_td, layout, w_in_edf, w_out_efd):
-    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
     with jax.named_scope("layout"):
+        # Derived from the varied layout, the plan varies over the same axes.
         plan, num_rows = _block_plan(layout, x_td.shape[0], w_in_edf.shape[0])
-    # Inside shard_map, give every input the same varying axes (differentiably: the
-    # transpose of that cast sums the gradients of replicated inputs over those axes).
-    axes = frozenset().union(*(_varying(arg) for arg in (*args, *plan)))
-    args = tuple(_vary(arg, axes) for arg in args)
-    plan = _BlockPlan(*(_vary(arg, axes) for arg in plan))
+    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
     return _blocked_expert_ffn(num_rows, *args, plan)

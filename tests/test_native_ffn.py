@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sigmoid_moe import _native, _native_ffn
+from sigmoid_moe._dispatch_common import rank_within_expert
 from sigmoid_moe.blocked_ffn import BlockLayout, block_layout, blocked_expert_ffn
 from sigmoid_moe.dispatch import dropless_moe
 
@@ -36,14 +37,7 @@ def _layout_problem(seed, num_tokens, d_model, d_ff, num_experts, k, block_size,
     w_out = f32(rng.normal(size=(num_experts, d_ff, d_model)) / np.sqrt(d_ff))
     expert_a = jnp.asarray(ids.reshape(-1), jnp.int32)
     token_a = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
-    count_e = jnp.bincount(expert_a, length=num_experts).astype(jnp.int32)
-    order = jnp.argsort(expert_a, stable=True)
-    start_e = jnp.cumsum(count_e) - count_e
-    rank_a = (
-        jnp.zeros_like(expert_a)
-        .at[order]
-        .set(jnp.arange(expert_a.shape[0], dtype=jnp.int32) - start_e[expert_a[order]])
-    )
+    rank_a, count_e = rank_within_expert(expert_a, jnp.ones(expert_a.shape, bool), num_experts)
 
     def layout_of(weight_a):
         return block_layout(
