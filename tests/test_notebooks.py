@@ -19,12 +19,11 @@ import os
 import pathlib
 import textwrap
 
+import jupytext
+import nbclient
+import nbformat
 import numpy as np
 import pytest
-
-jupytext = pytest.importorskip("jupytext")
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 
