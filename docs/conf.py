@@ -1,6 +1,6 @@
 """Sphinx configuration: ``sphinx-build -W docs docs/_build/html`` (README, "Docs").
 
-These pages are generated here at each build, from the code, so they cannot drift:
+These pages are generated when a build starts, from the code, so they cannot drift:
 
 - ``api.md``: an autosummary of every name in the ``__all__`` of ``sigmoid_moe`` (grouped
   by the module that defines it) and of the interop, lab and harness packages;
@@ -170,7 +170,13 @@ def _notebook(source: pathlib.Path) -> str:
     return nbformat.writes(jupytext.read(source))
 
 
-shutil.rmtree(DOCS / "_autosummary", ignore_errors=True)  # no stubs of names gone since
-_write_if_changed(DOCS / "api.md", _api_page())
-for _source in sorted((ROOT / "notebooks").glob("*.py")):
-    _write_if_changed(DOCS / "notebooks" / f"{_source.stem}.ipynb", _notebook(_source))
+def _generate(app) -> None:
+    shutil.rmtree(DOCS / "_autosummary", ignore_errors=True)  # no stubs of names gone since
+    _write_if_changed(DOCS / "api.md", _api_page())
+    for source in sorted((ROOT / "notebooks").glob("*.py")):
+        _write_if_changed(DOCS / "notebooks" / f"{source.stem}.ipynb", _notebook(source))
+
+
+def setup(app) -> None:
+    # Before autosummary looks for its directives (priority 500) at the same event.
+    app.connect("builder-inited", _generate, priority=100)

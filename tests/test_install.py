@@ -8,6 +8,8 @@ would have them missing.
 
 from __future__ import annotations
 
+import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -142,3 +144,15 @@ def test_simulate_without_plots_runs_without_the_extra(tmp_path):
     )
     assert child.returncode == 0, child.stderr
     assert (tmp_path / "summary.md").exists()
+
+
+def test_the_extra_lists_what_the_check_names():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    research = project["optional-dependencies"]["research"]
+    assert sorted(re.split(r"[<>=!~ ]", r)[0] for r in research) == sorted(
+        RESEARCH_MODULES.values()
+    )
+    core = {re.split(r"[<>=!~ \[]", r)[0] for r in project["dependencies"]}
+    assert not core & set(RESEARCH_MODULES.values())
