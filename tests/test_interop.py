@@ -277,14 +277,16 @@ def test_loads_a_save_pretrained_folder_recorded(tmp_path):
         np.testing.assert_allclose(np.asarray(y), arrays[f"y/{i}"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", BLOCK_CASES)
-def test_recorded_fixture_is_what_transformers_computes_now(case):
+def test_recorded_fixtures_are_what_transformers_computes_now():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from make_hf_fixtures import hf_block, run_block
 
-    meta, arrays = _fixture(case)
-    got = run_block(hf_block(case, meta["config"], _state(arrays)), arrays["x"])
-    np.testing.assert_allclose(got["y"], arrays["y"], rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(got["topk_indices"], arrays["topk_indices"])
-    np.testing.assert_allclose(got["topk_weights"], arrays["topk_weights"], rtol=1e-6)
+    for case in BLOCK_CASES:
+        meta, arrays = _fixture(case)
+        got = run_block(hf_block(case, meta["config"], _state(arrays)), arrays["x"])
+        np.testing.assert_allclose(got["y"], arrays["y"], rtol=1e-6, atol=1e-6, err_msg=case)
+        np.testing.assert_array_equal(got["topk_indices"], arrays["topk_indices"], case)
+        np.testing.assert_allclose(
+            got["topk_weights"], arrays["topk_weights"], rtol=1e-6, err_msg=case
+        )
