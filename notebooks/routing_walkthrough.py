@@ -60,7 +60,9 @@ plt.show()
 # ## 2. What the bias changes, and what it does not
 # In DeepSeek-V3's `bias_mode="selection"` the bias is added to the scores **for the
 # top-k choice only**: it moves tokens between experts, but the combine weights of a
-# chosen expert still come from the unbiased score.
+# chosen expert still come from the unbiased score. A fixed bias only moves the crowd:
+# expert 15's tokens go to the next favourites, and MaxVio need not fall. Balancing takes
+# the feedback loop of the load-balancing notebook, a small step after every batch.
 
 # %%
 config = RouterConfig(E, K)
@@ -84,7 +86,6 @@ print(
 
 # %%
 grouped = route(logits_te, None, RouterConfig(E, K, num_groups=4, topk_groups=1))
-groups_used = np.unique(np.asarray(grouped.expert_ids) // (E // 4), axis=None)
 per_token = np.asarray(grouped.expert_ids) // (E // 4)
 print("every token stays inside one group:", bool(np.all(per_token[:, 0] == per_token[:, 1])))
 plt.bar(range(E), np.asarray(expert_load(grouped.expert_ids, E)))

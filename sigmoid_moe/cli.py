@@ -109,9 +109,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
 
-    from sigmoid_moe.harness.cli import add_compare_parser
+    from sigmoid_moe._extras import add_unavailable_parser, require_research
+    from sigmoid_moe.errors import MissingExtraError
 
-    add_compare_parser(sub)
+    try:
+        require_research("sigmoid-moe compare")
+    except MissingExtraError as missing:  # the core install: every other command works
+        add_unavailable_parser(sub, "compare", "the main job (research harness)", missing)
+    else:
+        from sigmoid_moe.harness.cli import add_compare_parser
+
+        add_compare_parser(sub)
     return parser
 
 

@@ -5,6 +5,8 @@
 - :class:`RunFileError`: a file of a run folder is corrupt, missing or does not match the
   run being resumed (``config.json``, ``data.json``, ``metrics.jsonl``, ``eval.jsonl``).
   :class:`CheckpointError` and :class:`DataChangedError` are its two special cases.
+- :class:`MissingExtraError` (a ``UsageError`` and an ``ImportError``): a feature of an
+  optional extra (``[research]``) was asked for without the extra installed.
 - :class:`NonFiniteError` (a ``FloatingPointError``): a training run produced a NaN or an
   infinity; it stopped at that step without saving it. The command line exits 1.
 - :class:`RecoveryWarning`: something was repaired on resume (one line each).
@@ -17,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DataChangedError",
+    "MissingExtraError",
     "NonFiniteError",
     "RecoveryWarning",
     "RunFileError",
@@ -39,6 +42,11 @@ class CheckpointError(RunFileError):
 
 class DataChangedError(RunFileError):
     """Resuming a run whose training data differ from the data it was trained on."""
+
+
+class MissingExtraError(UsageError, ImportError):
+    """A feature needs an optional extra that is not installed; the message names the
+    missing packages and the ``pip install`` line that brings them."""
 
 
 class NonFiniteError(FloatingPointError):

@@ -1,9 +1,8 @@
 """Test set-up: 8 simulated CPU devices and quick codegen, set before jax is imported.
 
 Most of the suite's time is XLA compiling small programs. LLVM at -O0
-(``--xla_backend_optimization_level=0``) compiles them in about two thirds of the time
-(measured: tests/test_layer.py, test_dispatch.py and test_bias_contract.py, 228 s -> 148 s
-on 2 cores) and computes the same values: no fast-math, the same XLA lowering. Spawned
+(``--xla_backend_optimization_level=0``) compiles them faster (README, "Tests") and
+computes the same values: no fast-math, the same XLA lowering. Spawned
 processes inherit it. Tests whose claim is about the code users run, such as the native
 route's bit-identity with the portable one, compile at the default level explicitly
 (``compiler_options``, see tests/test_route_native.py). Compilations are shared through a

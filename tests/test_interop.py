@@ -1,7 +1,15 @@
-"""State-dict interop: both layouts, HF's forward, export back, every tensor used or refused."""
+"""State-dict interop: both layouts, HF's forward, export back, every tensor used or refused.
+
+Hugging Face parity runs twice: against ``tests/fixtures/hf/`` (what transformers
+computed, recorded by ``tests/make_hf_fixtures.py``) on every run, without torch; and
+live against transformers when torch is installed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pathlib
 import re
 
 import jax
@@ -11,7 +19,8 @@ import pytest
 from flax import nnx
 from hf_checkpoints import hf_forward_numpy, moe_state, per_expert
 
-from sigmoid_moe.interop import from_hf_deepseek_v3_moe, to_hf_deepseek_v3_moe
+from sigmoid_moe import RouterConfig, route
+from sigmoid_moe.interop import from_hf_deepseek_v3_moe, load_moe_layers, to_hf_deepseek_v3_moe
 
 HF_CONFIG = {
     "hidden_size": 8,
@@ -184,3 +193,100 @@ def test_bias_for_a_family_without_one_is_refused():
     cfg = dict(HF_CONFIG, model_type="deepseek_v2", scoring_func="softmax", norm_topk_prob=False)
     with pytest.raises(ValueError, match="e_score_correction_bias, which DeepSeek-V2"):
         from_hf_deepseek_v3_moe(cfg, _fused_state(12))
+
+
+# --- Hugging Face's own code, recorded: tests/fixtures/hf (no torch needed) ------------
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
+BLOCK_CASES = [
+    "deepseek_v3",
+    "kimi_k2",
+    "glm4_moe",
+    "deepseek_v2_greedy",
+    "deepseek_v2_group_limited",
+]
+
+
+def _fixture(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of ``fixtures/hf/<name>.npz`` (see tests/make_hf_fixtures.py)."""
+    with np.load(FIXTURES / f"{name}.npz") as npz:  # no pickles
+        arrays = {key: npz[key] for key in npz.files}
+    return json.loads(str(arrays.pop("meta"))), arrays
+
+
+def _state(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k.removeprefix("state/"): v for k, v in arrays.items() if k.startswith("state/")}
+
+
+@nnx.jit
+def _forward(layer, x):
+    return layer(x)
+
+
+def test_fixtures_are_the_files_the_script_wrote():
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(path.name for path in FIXTURES.glob("*.npz"))
+    assert set(manifest["files"]) == {f"{case}.npz" for case in BLOCK_CASES} | {"folder.npz"}
+    for name, entry in manifest["files"].items():
+        data = (FIXTURES / name).read_bytes()
+        assert len(data) == entry["bytes"] < 100_000, name
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name} changed"
+        meta, _ = _fixture(name.removesuffix(".npz"))
+        assert meta["versions"] == manifest["versions"], name
+    assert set(manifest["versions"]) == {"torch", "transformers", "numpy", "python"}
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_matches_transformers_recorded(case):
+    meta, arrays = _fixture(case)
+    state, x = _state(arrays), arrays["x"]
+    layer = from_hf_deepseek_v3_moe(meta["config"], state)
+    y, aux = _forward(layer, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), arrays["y"], rtol=1e-5, atol=1e-5)
+    # The router's choice too, so that no two errors can cancel in the output.
+    # transformers' top-k is unsorted: compare per token in expert order.
+    order = np.argsort(arrays["topk_indices"], axis=-1)
+    want_ids = np.take_along_axis(arrays["topk_indices"], order, axis=-1)
+    want_weights = np.take_along_axis(arrays["topk_weights"], order, axis=-1)
+    got_ids = np.asarray(aux.expert_ids).reshape(want_ids.shape)
+    np.testing.assert_array_equal(np.sort(got_ids, axis=-1), want_ids)
+    routing = route(
+        jnp.asarray(x.reshape(-1, x.shape[-1]) @ state["gate.weight"].T),
+        state.get("gate.e_score_correction_bias"),
+        RouterConfig.from_hf(meta["config"]),
+    )
+    got_order = np.argsort(np.asarray(routing.expert_ids), axis=-1)
+    np.testing.assert_array_equal(np.sort(np.asarray(routing.expert_ids), axis=-1), want_ids)
+    np.testing.assert_allclose(
+        np.take_along_axis(np.asarray(routing.weights), got_order, axis=-1),
+        want_weights,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_loads_a_save_pretrained_folder_recorded(tmp_path):
+    meta, arrays = _fixture("folder")
+    for key, data in arrays.items():
+        if key.startswith("file/"):  # the folder as transformers' save_pretrained wrote it
+            (tmp_path / key.removeprefix("file/")).write_bytes(data.tobytes())
+    layers = load_moe_layers(tmp_path, param_dtype=jnp.float32)
+    assert sorted(layers) == meta["moe_layers"] == [1, 2]
+    for i, layer in layers.items():
+        y = _call(layer, jnp.asarray(arrays["x"]))
+        np.testing.assert_allclose(np.asarray(y), arrays[f"y/{i}"], rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_fixtures_are_what_transformers_computes_now():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from make_hf_fixtures import hf_block, run_block
+
+    for case in BLOCK_CASES:
+        meta, arrays = _fixture(case)
+        got = run_block(hf_block(case, meta["config"], _state(arrays)), arrays["x"])
+        np.testing.assert_allclose(got["y"], arrays["y"], rtol=1e-6, atol=1e-6, err_msg=case)
+        np.testing.assert_array_equal(got["topk_indices"], arrays["topk_indices"], case)
+        np.testing.assert_allclose(
+            got["topk_weights"], arrays["topk_weights"], rtol=1e-6, err_msg=case
+        )

@@ -7,9 +7,8 @@
   loss-free bias each at global, micro-batch and sequence scope.
 - ``paper``: the LFB paper's MoE (64 routed experts, top-6, 2 shared, fine-grained
   experts) scaled down in width and depth, with the ``u`` sweep of its Figure 3 (1e-4,
-  1e-3, 1e-2): 18 runs of 3000 steps, 81 minutes on two CPU cores (measured 2026-12-01;
-  ``u = 1e-3`` was then at 2.2x the uniform floor and still falling slowly, ``u = 1e-2``
-  flat since step 1500). It resumes after Ctrl-C.
+  1e-3, 1e-2): 18 runs of 3000 steps, over an hour on two CPU cores (its time and what
+  it found: README). It resumes after Ctrl-C.
 - ``tiny``: for tests and smoke runs (seconds).
 """
 

@@ -9,9 +9,8 @@ XLA thread and a fixed number of host devices, ``jobs`` workers at a time, and r
 results in task order: ``jobs`` changes the wall time, never a number.
 
 It is also faster for small models: XLA's intra-op threads cost more than they save on
-tiny matmuls (200 steps of the default preset: 25.8 s on one thread, 34.2 s with the
-default pool, on 2 cores), so two single-threaded workers do more than twice the work of
-one two-threaded process.
+tiny matmuls, so two single-threaded workers do more than twice the work of one
+two-threaded process (figures: README, "The main job").
 """
 
 from __future__ import annotations

@@ -117,6 +117,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Runs the sweep described by ``args`` and writes the outputs; returns 0."""
     import jax
 
+    from sigmoid_moe._extras import require_research
     from sigmoid_moe.config import RouterConfig
     from sigmoid_moe.lab.report import markdown_table, save_run, summarize
     from sigmoid_moe.lab.simulate import grid, sweep
@@ -144,6 +145,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             seq_std=args.seq_std,
         )
         schedule = parse_schedule(args.schedule, args.steps)
+    if not args.no_plots:
+        require_research("sigmoid-moe simulate without --no-plots", "matplotlib")
     rules, rates, seeds = grid(args.rules, args.rates, args.seeds)
     out = str(output_dir(args.out or os.path.join("runs", time.strftime("simulate-%Y%m%d-%H%M%S"))))
     start = time.perf_counter()

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sigmoid_moe._extras import require_research
 from sigmoid_moe.metrics import uniform_maxvio_floor
 
 __all__ = ["Summary", "summarize", "markdown_table", "save_plots", "save_run"]
@@ -94,7 +95,9 @@ def _label(rule: str, rate: float, seed: int) -> str:
 
 
 def save_plots(trajectory, summary: Summary, rules, rates, seeds, out_dir: str) -> list[str]:
-    """Writes ``maxvio.png`` (all configurations) and ``bias.png`` (centred bias per config)."""
+    """Writes ``maxvio.png`` (all configurations) and ``bias.png`` (centred bias per config).
+    Needs matplotlib (the ``[research]`` extra)."""
+    require_research("sigmoid_moe.lab.save_plots", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on a laptop run or CI
