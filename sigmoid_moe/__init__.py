@@ -32,6 +32,7 @@ from sigmoid_moe.routing_bias import (
 )
 from sigmoid_moe.sharding import (
     DEFAULT_RULES,
+    MeshConfig,
     logical_sharding,
     make_mesh,
     rules_for_mesh,
@@ -48,6 +49,7 @@ __all__ = [
     "ExpertLoad",
     "ExpertParallelOut",
     "LoadStats",
+    "MeshConfig",
     "MoEAux",
     "MoEConfig",
     "MoELayer",

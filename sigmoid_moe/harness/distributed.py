@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe.sharding import DATA_AXIS, EXPERT_AXIS, make_mesh, rules_for_mesh
+from sigmoid_moe.sharding import DATA_AXIS, EXPERT_AXIS, MeshConfig, rules_for_mesh
 
 __all__ = [
     "fetch",
@@ -42,13 +42,10 @@ __all__ = [
 ]
 
 
-def run_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh | None:
-    """The ``(data, expert)`` mesh of ``shape`` over every device of the job, or None for
-    ``(1, 1)`` (one device, no mesh)."""
-    data, expert = shape
-    if data * expert == 1:
-        return None
-    return make_mesh(data=data, expert=expert)
+def run_mesh(mesh: MeshConfig) -> jax.sharding.Mesh | None:
+    """The ``jax.sharding.Mesh`` of ``mesh`` over every device of the job, or None for one
+    device (no mesh)."""
+    return None if mesh.size == 1 else mesh.make()
 
 
 @contextlib.contextmanager
