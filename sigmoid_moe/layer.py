@@ -169,9 +169,17 @@ class MoELayer(nnx.Module):
         lead = jnp.shape(x)[:-1]
         x_td = jnp.reshape(x, (-1, cfg.d_model)).astype(cfg.dtype)
         mask_t = None if token_mask is None else jnp.reshape(token_mask, (-1,))
+        # A token whose input holds a NaN or an infinity gets a zero input row before every
+        # matmul that sees it (router, experts, shared experts), and NaN logits for route(),
+        # which routes it nowhere: so it cannot reach another token's output or any
+        # gradient (in a backward pass NaN * 0 is NaN, so masking only outputs would not do).
+        finite_t = jnp.all(jnp.isfinite(x_td), axis=-1)
+        x_td = jnp.where(finite_t[:, None], x_td, jnp.zeros((), x_td.dtype))
 
         logits_te = jnp.dot(x_td.astype(jnp.float32), self.router_w_de[...].astype(jnp.float32))
-        routing = route(logits_te, self.bias_e[...], cfg.router)
+        routing = route(
+            jnp.where(finite_t[:, None], logits_te, jnp.nan), self.bias_e[...], cfg.router
+        )
         # Tokens route() could not route (non-finite logits) are masked from here on: no
         # expert, no load, no loss; MoEAux.nonfinite_tokens counts the real ones.
         real_t = jnp.ones(x_td.shape[:1], bool) if mask_t is None else mask_t

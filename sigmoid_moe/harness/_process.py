@@ -9,8 +9,9 @@ starts:
 
 - ``PJRT_NPROC=1``: the CPU client's intra-op thread pool, which runs the thunk runtime's
   parallel loops and independent thunks (and Eigen's matmuls when those are threaded), is
-  created with that many threads (XLA reads ``PJRT_NPROC``, then ``NPROC``, else uses the
-  core count);
+  sized from it (XLA reads ``PJRT_NPROC``, then ``NPROC``, else uses the core count). XLA
+  still keeps a thread per simulated device, to run every device's program at once, so a
+  process's threads then follow its mesh, never the machine's cores;
 - ``--xla_cpu_multi_thread_eigen=false``: matmuls and convolutions use Eigen's
   single-threaded kernels.
 
