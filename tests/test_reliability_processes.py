@@ -24,6 +24,15 @@ TWO_PROCESSES = ["--mesh", "data=2", "--num-processes", "2"]
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 
+# ``python -m sigmoid_moe.cli`` with Python's Ctrl-C handler, whatever this process
+# inherited: an ignored SIGINT is inherited by a child, and Python then leaves it ignored.
+CLI = [
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('sigmoid_moe.cli', run_name='__main__', alter_sys=True)",
+]
+
 
 def _process_table() -> dict[int, tuple[int, str]]:
     """``{pid: (parent pid, command line)}`` of every process."""
@@ -81,14 +90,13 @@ def run_command():
 
     def start(*argv, env=None) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sigmoid_moe.cli", *argv],
+            [*CLI, *argv],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own process group, as a terminal's job
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         started.append(proc)
         return proc

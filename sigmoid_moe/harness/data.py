@@ -207,16 +207,16 @@ def _require_regular(path: pathlib.Path) -> None:
 def _read(path: pathlib.Path) -> bytes:
     """The bytes of a data file, which must be text: a text suffix and UTF-8 (the one rule
     for a file given by name and for the files of a folder)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise type(err)(f"data file {str(path)!r} cannot be read ({err.strerror}).") from None
     if path.suffix not in TEXT_SUFFIXES:
         suffix = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
         raise ValueError(
             f"data file {str(path)!r} is not named as a text file ({suffix}); text files "
             f"end in {', '.join(TEXT_SUFFIXES)}."
         )
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise type(err)(f"data file {str(path)!r} cannot be read ({err.strerror}).") from None
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:

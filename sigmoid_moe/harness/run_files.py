@@ -151,13 +151,14 @@ def truncate_jsonl(path: pathlib.Path, last_step: int, *, every_step: bool) -> N
     _write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) -> None:
+def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) -> bool:
     """Compares the corpus ``summary`` (``Corpus.summary()``) with the one saved in
-    ``path`` (``data.json``) by each file's domain, size and sha256, in order.
+    ``path`` (``data.json``) by each file's domain, size and sha256, in order; whether
+    they differ.
 
     Raises :class:`DataChangedError` when they differ unless ``allow_change``, which
-    warns instead. Paths only name the files: the same bytes moved elsewhere are the
-    same data.
+    warns instead (and returns True). Paths only name the files: the same bytes moved
+    elsewhere are the same data.
     """
     hint = "pass --allow-data-change (allow_data_change=True) to resume anyway, or " + START_OVER
     saved = read_json(path, hint=hint)
@@ -167,7 +168,7 @@ def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) ->
         raise RunFileError(f"{path} is corrupt (no valid 'files' list); {hint}.") from None
     files = [_file_entry(f) for f in summary["files"]]
     if [f[:3] for f in saved_files] == [f[:3] for f in files]:
-        return
+        return False
     changes = _describe_changes(saved_files, files)
     message = f"the training data changed since {path} was written ({changes})"
     if not allow_change:
@@ -175,6 +176,7 @@ def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) ->
             f"{message}; resuming would continue on another corpus: restore the data, {hint}."
         )
     warnings.warn(f"{message}; resuming anyway, as allowed.", RecoveryWarning, stacklevel=2)
+    return True
 
 
 def require_finite(step: int, record: dict) -> None:

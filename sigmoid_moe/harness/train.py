@@ -495,7 +495,9 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                 "on resume); pick a new out_dir or pass resume=False (--no-resume) to start "
                 "over."
             )
-        check_same_data(out / "data.json", corpus.summary(), allow_change=allow_data_change)
+        data_changed = check_same_data(
+            out / "data.json", corpus.summary(), allow_change=allow_data_change
+        )
     if is_writer():
         write_json(config_path, config.to_dict())
         write_json(out / "data.json", corpus.summary())
@@ -525,7 +527,10 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
         }
 
         def sound(step: int, state: dict) -> str | None:
-            """None when the restored state gives the loss saved with it on its next batch."""
+            """None when the restored state gives the loss saved with it on its next batch
+            (not checked when the data changed, as allowed: that batch is another one)."""
+            if data_changed:
+                return None
             counters = state["counters"]
             model = nnx.merge(graphdef, state["params"], state["bias"])
             saved = float(counters["check_loss"])

@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 
 from sigmoid_moe import _hf_config as hf
-from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.config import MoEConfig, RouterConfig
 from sigmoid_moe.interop.fp8 import FP8_DTYPE, dequantize_blocks, scale_shape
-from sigmoid_moe.layer import MoEConfig, MoELayer
+from sigmoid_moe.layer import MoELayer
 
 __all__ = [
     "ArraySource",
