@@ -39,6 +39,7 @@ __all__ = [
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 EIGEN_THREADS_FLAG = "--xla_cpu_multi_thread_eigen"
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
 CPU_THREADS_ENV = "PJRT_NPROC"
 
 
@@ -59,15 +60,24 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-def set_up_cpu(devices: int, *, single_thread: bool = True) -> None:
+def set_up_cpu(
+    devices: int, *, single_thread: bool = True, collective_timeout_s: int | None = None
+) -> None:
     """Makes this process's JAX run on ``devices`` simulated CPU devices, with one XLA
-    thread when ``single_thread`` (see the module docstring). Call it before anything
-    starts JAX's backend (XLA reads its flags and thread count then)."""
+    thread when ``single_thread`` (see the module docstring), and CPU collectives (gloo
+    across processes) that fail after ``collective_timeout_s`` seconds of waiting instead
+    of waiting forever (``--xla_cpu_collective_timeout_seconds``; an XLA that does not know
+    the flag refuses to start, so it is set only from jaxlib 0.10, where it was checked).
+    Call it before anything starts JAX's backend (XLA reads its flags and threads then)."""
     import jax
 
-    add = (f"{EIGEN_THREADS_FLAG}=false",) if single_thread else ()
+    add = [f"{EIGEN_THREADS_FLAG}=false"] if single_thread else []
+    if collective_timeout_s is not None and jax.__version_info__ >= (0, 10):
+        add.append(f"{COLLECTIVE_TIMEOUT_FLAG}={collective_timeout_s}")
     flags = edit_xla_flags(
-        os.environ.get("XLA_FLAGS", ""), drop=(DEVICE_COUNT_FLAG, EIGEN_THREADS_FLAG), add=add
+        os.environ.get("XLA_FLAGS", ""),
+        drop=(DEVICE_COUNT_FLAG, EIGEN_THREADS_FLAG, COLLECTIVE_TIMEOUT_FLAG),
+        add=add,
     )
     os.environ["XLA_FLAGS"] = flags
     if single_thread:

@@ -12,9 +12,11 @@ One training loop serves one device and a multi-host mesh. What changes on a mes
   written by process 0 only (:func:`is_writer`), while every process takes part in every
   computation and checkpoint.
 
-Multi-process runs start ``jax.distributed.initialize`` first
-(:mod:`sigmoid_moe.harness.multiprocess`); single-process runs on CPU simulate the devices with
-``--xla_force_host_platform_device_count``.
+The mesh is one value, :class:`~sigmoid_moe.MeshConfig`, checked once where it is given
+(``TrainConfig``) and built here (:func:`run_mesh`). Multi-process runs start
+``jax.distributed.initialize`` first (:mod:`sigmoid_moe.harness.multiprocess`); on CPU each
+worker or process simulates its share of the devices
+(:func:`sigmoid_moe.harness._process.set_up_cpu`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ How a job ends, whatever happens to one of its processes:
   coordination service it hosts goes with it, and JAX itself ends the other processes
   at once (with its own fatal log). JAX's start, heartbeat and shutdown timeouts
   (:data:`START_TIMEOUT_S`: every process must join by then; :data:`HEARTBEAT_TIMEOUT_S`,
-  the backstop; :data:`SHUTDOWN_TIMEOUT_S`) bound the rest.
+  the backstop; :data:`SHUTDOWN_TIMEOUT_S`) and, on CPU, a collective timeout
+  (:data:`COLLECTIVE_TIMEOUT_S`: a peer that lives but never joins a collective) bound the
+  rest.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ __all__ = ["finished", "initialize", "settle_failure", "spawn"]
 START_TIMEOUT_S = 120
 HEARTBEAT_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = 600
 PEER_TIMEOUT_S = 10.0
 BEAT_S = 1.0
 STOP_GRACE_S = 15.0
@@ -82,7 +85,7 @@ def initialize(process_id: int, num_processes: int, coordinator: str, mesh: Mesh
 
     local_devices = mesh.local_devices(num_processes)
     if str(jax.config.jax_platforms or "").split(",")[0] == "cpu":
-        set_up_cpu(local_devices, single_thread=True)
+        set_up_cpu(local_devices, single_thread=True, collective_timeout_s=COLLECTIVE_TIMEOUT_S)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     me = f"process {process_id} of {num_processes}"
     launcher = os.environ.get(_LAUNCHER_ENV)
