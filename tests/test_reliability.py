@@ -757,6 +757,51 @@ def test_the_console_command_exits_2_with_one_line():
     assert err.splitlines()[-1] == last and "Traceback" not in err
 
 
+def test_sigterm_during_a_save_finishes_the_checkpoint_then_stops(tmp_path, monkeypatch):
+    from sigmoid_moe._cli_args import signals_as_exceptions
+    from sigmoid_moe.errors import Terminated
+
+    write = checkpoint_module._write_manifest
+
+    def terminated(folder, step):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the middle of the save
+        write(folder, step)
+
+    monkeypatch.setattr(checkpoint_module, "_write_manifest", terminated)
+    ckpt = Checkpointer(tmp_path)
+    with signals_as_exceptions(), pytest.raises(Terminated):  # the command line's handler
+        ckpt.save(5, {"params": [np.arange(4, dtype=np.float32)]})
+    ckpt.verify(5)  # the checkpoint is whole
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+    ckpt.close()
+
+
+def test_ctrl_c_inside_a_gc_callback_is_not_lost(ctrl_c_raises):
+    # JAX runs a garbage-collector callback; an exception raised inside one is printed as
+    # "Exception ignored in ..." and dropped, so Ctrl-C arriving there used to be lost. The
+    # command line's handler delivers it again just after the callback.
+    import gc
+
+    from sigmoid_moe._cli_args import signals_as_exceptions
+
+    raised = []
+
+    def callback(phase, info):
+        if phase == "start" and not raised:
+            raised.append(True)
+            signal.raise_signal(signal.SIGINT)  # its handler runs in this frame
+
+    gc.callbacks.append(callback)
+    try:
+        with signals_as_exceptions(), pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            assert raised
+            time.sleep(5)  # the signal delivered again arrives here
+    finally:
+        gc.callbacks.remove(callback)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_ctrl_c_in_the_console_command_is_exit_130_with_one_line():
     proc = _command("demo", "--tokens", "256", "--experts", "8", "--steps", "100000000")
     try:
