@@ -48,11 +48,19 @@ def _job_flags(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    """Trains and reports in this process; with ``--num-processes N`` alone, starts N local
+    processes of this command instead; with ``--process-id`` and ``--coordinator``, runs as
+    that process of a multi-process job."""
     _job_flags(args)
-    if args.num_processes > 1 and args.coordinator is None:
+    if args.coordinator is not None:
+        return _in_job(args)
+    if args.num_processes > 1:
         return _spawn_processes(args)
-    if args.coordinator is None:
-        return _run_compare(args)
+    return _run_compare(args)
+
+
+def _in_job(args: argparse.Namespace) -> int:
+    """This process's part of a multi-process job (:mod:`sigmoid_moe.harness.multiprocess`)."""
     from sigmoid_moe.harness import multiprocess
 
     multiprocess.initialize(args.process_id, args.num_processes, args.coordinator, args.mesh)

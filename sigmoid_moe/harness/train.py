@@ -587,6 +587,8 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                     efile.flush()
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     mfile.flush()
+                    model = nnx.merge(graphdef, params, bias)
+                    check_loss = _next_batch_loss(model, corpus, position, config, mesh)
                     state = {
                         "params": params,
                         "bias": bias,
@@ -594,16 +596,7 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                         "counters": {
                             "step": np.asarray(done, np.int64),
                             "position": np.asarray(position, np.int64),
-                            "check_loss": np.asarray(
-                                _next_batch_loss(
-                                    nnx.merge(graphdef, params, bias),
-                                    corpus,
-                                    position,
-                                    config,
-                                    mesh,
-                                ),
-                                np.float64,
-                            ),
+                            "check_loss": np.asarray(check_loss, np.float64),
                         },
                     }
                     ckpt.save(done, state)
@@ -634,10 +627,9 @@ def _log(path: pathlib.Path):
 def _same_run(saved: object, config: TrainConfig) -> bool:
     """Whether ``saved`` (a ``config.json``) is ``config`` on any mesh."""
     try:
-        saved_config = TrainConfig.from_dict(saved)
-    except (TypeError, ValueError, KeyError, AttributeError):  # another version's config
+        return dataclasses.replace(TrainConfig.from_dict(saved), mesh=config.mesh) == config
+    except (TypeError, ValueError, KeyError, AttributeError):  # another version's or run's
         return False
-    return dataclasses.replace(saved_config, mesh=config.mesh) == config
 
 
 # A restored checkpoint must reproduce the loss saved with it to this relative tolerance:
