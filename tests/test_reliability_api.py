@@ -54,7 +54,7 @@ def test_a_capacity_factor_that_would_overflow_the_slots_is_refused_in_the_confi
     layer = MoELayer(
         MoEConfig(8, 4, router, dispatch="capacity", capacity_factor=4.0), rngs=nnx.Rngs(0)
     )
-    y, aux = layer(jnp.ones((16, 8)))  # num_experts / top_k: nothing dropped
+    y, aux = nnx.jit(lambda m, x: m(x))(layer, jnp.ones((16, 8)))  # E / k: nothing dropped
     assert int(aux.dropped) == 0 and y.shape == (16, 8)
 
 
@@ -109,7 +109,7 @@ def _model():
 
 def test_concrete_negative_loads_are_refused_before_the_per_layer_vmap():
     model = _model()
-    _, loads = nnx.capture(model, ExpertLoad)(jnp.ones((8, 4)))
+    _, loads = nnx.jit(lambda m, x: nnx.capture(m, ExpertLoad)(x))(model, jnp.ones((8, 4)))
     bad = nnx.map_state(
         lambda path, v: v.replace(v[...].at[1].set(-3)) if path[1] == 1 else v, loads
     )
