@@ -1,11 +1,11 @@
 """sigmoid-moe: sigmoid-gated MoE routing with auxiliary-loss-free bias correction."""
 
 from sigmoid_moe.balancing import BIAS_RULES, expert_load, update_bias
-from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.config import MoEConfig, RouterConfig
 from sigmoid_moe.dispatch import Dispatched, capacity_moe, dropless_moe
 from sigmoid_moe.expert_parallel import ExpertParallelOut, expert_parallel_moe
 from sigmoid_moe.interop import from_hf_deepseek_v3_moe, to_hf_deepseek_v3_moe
-from sigmoid_moe.layer import PARAM_AXES, MoEAux, MoEConfig, MoELayer
+from sigmoid_moe.layer import PARAM_AXES, MoEAux, MoELayer
 from sigmoid_moe.losses import (
     global_batch_balance_loss,
     load_balancing_loss,
@@ -32,6 +32,7 @@ from sigmoid_moe.routing_bias import (
 )
 from sigmoid_moe.sharding import (
     DEFAULT_RULES,
+    MeshConfig,
     logical_sharding,
     make_mesh,
     rules_for_mesh,
@@ -48,6 +49,7 @@ __all__ = [
     "ExpertLoad",
     "ExpertParallelOut",
     "LoadStats",
+    "MeshConfig",
     "MoEAux",
     "MoEConfig",
     "MoELayer",

@@ -37,6 +37,17 @@ def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
 
 
+def require_array(name: str, value: Any, shape_hint: str) -> None:
+    """``value`` is an array with a dtype (a ``jax.Array``, a NumPy array or a tracer), not
+    a list or a Python number, whose dtype JAX would have to guess; ``shape_hint`` (e.g.
+    ``"[..., num_experts]"``) ends the error."""
+    if not (hasattr(value, "dtype") and hasattr(value, "shape")):
+        raise TypeError(
+            f"{name} must be an array of shape {shape_hint}, got {type(value).__name__}; "
+            f"convert it first with jnp.asarray({name}) (its dtype stated, e.g. jnp.float32)."
+        )
+
+
 def check_token_mask(token_mask, token_shape: tuple[int, ...], name: str) -> jax.Array:
     """``token_mask`` as a bool array of ``token_shape``; raises for another shape or dtype."""
     token_mask = jnp.asarray(token_mask)

@@ -5,22 +5,27 @@ Bad input is refused where it enters: a flag's value by its ``argparse`` type (e
 "argument --flag: ..."), a config built from the flags inside :func:`usage_errors`, the
 ``--out`` folder by :func:`output_dir`. All of these raise or become
 :class:`~sigmoid_moe.errors.UsageError`, which :func:`run` prints as one line and exits 2.
-A ``ValueError`` raised anywhere else is a bug and keeps its traceback.
+A ``ValueError`` raised anywhere else is a bug and keeps its traceback. Signals end a
+command with one line and the shell's status, 128 + signal (:func:`run`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
+import os
 import pathlib
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from sigmoid_moe.errors import NonFiniteError, UsageError
+from sigmoid_moe.errors import NonFiniteError, ProcessFailedError, Terminated, UsageError
 
 T = TypeVar("T")
 
@@ -109,11 +114,12 @@ def usage_errors() -> Iterator[None]:
 
 def output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.Path:
     """Creates folder ``path`` if needed and checks a file can be written in it, so a bad
-    ``--out`` fails before any work, with a :class:`UsageError` naming the flag and path."""
+    ``--out`` fails before any work, with a :class:`UsageError` naming the flag and path
+    (an existing file, a parent that is a file, no permission, a name too long, ...)."""
     path = pathlib.Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {str(path)!r} is an existing file; pass a folder.")
     try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {str(path)!r} is an existing file; pass a folder.")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
@@ -121,14 +127,23 @@ def output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.Path:
         raise UsageError(f"{flag} {str(path)!r} exists but is not a folder.") from None
     except OSError as err:
         reason = "a parent of it is a file" if isinstance(err, NotADirectoryError) else err.strerror
-        raise UsageError(f"{flag} {str(path)!r} cannot be written ({reason}).") from None
+        raise UsageError(f"{flag} {_shown(path)!r} cannot be written ({reason}).") from None
     return path
+
+
+def _shown(path: pathlib.Path, limit: int = 200) -> str:
+    """``path`` for a one-line message: the middle of a very long one elided."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
 
 
 def run(command: str, func: Callable[[], int]) -> int:
     """Runs a subcommand's ``func``: prints a :class:`UsageError` as one line and exits 2,
-    a :class:`NonFiniteError` likewise with exit 1, Ctrl-C as one line with exit 130, and
-    every warning as one line; anything else propagates with its traceback."""
+    a :class:`NonFiniteError` likewise with exit 1, a :class:`ProcessFailedError` with its
+    process's status, Ctrl-C as one line with exit 130 and SIGTERM/SIGHUP as one line with
+    exit 128 + signal, and every warning as one line; anything else propagates with its
+    traceback. While ``func`` runs, the signals are exceptions in the main thread
+    (:func:`signals_as_exceptions`), so the processes the command started are ended."""
     prefix = f"sigmoid-moe {command}"
 
     def one_line(message, category, filename, lineno, file=None, line=None):
@@ -137,13 +152,67 @@ def run(command: str, func: Callable[[], int]) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = one_line
         try:
-            return func()
+            with signals_as_exceptions():
+                return func()
         except UsageError as err:
             print(f"{prefix}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         except NonFiniteError as err:
             print(f"{prefix}: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        except ProcessFailedError as err:
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_status) from None
         except KeyboardInterrupt:
             print(f"\n{prefix}: interrupted.", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(128 + signal.SIGINT) from None
+        except Terminated as stop:
+            name = signal.Signals(stop.signum).name
+            print(f"{prefix}: terminated by {name}.", file=sys.stderr)
+            raise SystemExit(128 + stop.signum) from None
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Inside (main thread): SIGINT raises ``KeyboardInterrupt`` and SIGTERM/SIGHUP raise
+    :class:`~sigmoid_moe.errors.Terminated`, never inside a garbage-collector callback
+    (JAX runs one; an exception raised there is printed as "Exception ignored" and lost),
+    where the signal is delivered again a moment later. A signal the process ignores
+    (``nohup``, a background job) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum, default, raised in (
+        (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+        (signal.SIGTERM, signal.SIG_DFL, Terminated),
+        (signal.SIGHUP, signal.SIG_DFL, Terminated),
+    ):
+        handler = signal.getsignal(signum)
+        if handler in (default, None):
+            previous[signum] = handler
+            signal.signal(signum, _raiser(raised))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _raiser(exception: type[BaseException]) -> Callable:
+    def handler(signum: int, frame) -> None:
+        if _in_gc_callback(frame):
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        raise KeyboardInterrupt if exception is KeyboardInterrupt else exception(signum)
+
+    return handler
+
+
+def _in_gc_callback(frame) -> bool:
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+    while frame is not None:
+        if frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False

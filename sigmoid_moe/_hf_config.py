@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 _UNSET = object()
@@ -171,6 +172,30 @@ def family(cfg: Mapping[str, Any]) -> Family:
             "set that model_type in a copy of its config)."
         )
     return FAMILIES[model_type]
+
+
+#: :class:`~sigmoid_moe.RouterConfig` field -> the Hugging Face key it is read from.
+ROUTER_KEYS: Mapping[str, str] = {
+    "num_experts": "n_routed_experts",
+    "top_k": "num_experts_per_tok",
+    "score_fn": "scoring_func",
+    "normalize": "norm_topk_prob",
+    "route_scale": "routed_scaling_factor",
+    "num_groups": "n_group",
+    "topk_groups": "topk_group",
+}
+_FIELD_WORD = re.compile(r"\b(" + "|".join(ROUTER_KEYS) + r")\b")
+
+
+def in_hf_terms(message: str, keep: Collection[str] = ()) -> str:
+    """``message`` (a :class:`~sigmoid_moe.RouterConfig` error) with every router field
+    named by its Hugging Face key, except the fields in ``keep`` (the caller's overrides,
+    which the user named in our terms): ``num_groups=3 does not divide num_experts=4``
+    becomes ``Hugging Face config: n_group=3 does not divide n_routed_experts=4``."""
+    text = _FIELD_WORD.sub(
+        lambda m: m.group(1) if m.group(1) in keep else ROUTER_KEYS[m.group(1)], message
+    )
+    return f"Hugging Face config: {text}"
 
 
 def router_fields(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

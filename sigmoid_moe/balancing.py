@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigmoid_moe._checks import check_token_mask, concrete_value, require_choice
+from sigmoid_moe._checks import check_token_mask, concrete_value, require_array, require_choice
 
 __all__ = ["BIAS_RULES", "BiasRule", "expert_load", "update_bias"]
 
@@ -53,6 +53,7 @@ def expert_load(
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}.")
+    require_array("expert_ids", expert_ids, "[..., k]")
     if not jnp.issubdtype(jnp.result_type(expert_ids), jnp.integer):
         raise TypeError(f"expert_ids must be integer, got dtype {jnp.result_type(expert_ids)}.")
     ids = jnp.asarray(expert_ids, jnp.int32)
@@ -204,6 +205,8 @@ def update_bias(
       The new ``[E]`` float32 bias; finite whenever ``bias`` is.
     """
     require_choice("rule", rule, BIAS_RULES)
+    require_array("bias", bias, "[E]")
+    require_array("load", load, "[E] or [G, E]")
     bias_dtype = jnp.result_type(bias)
     if bias_dtype != jnp.float32:
         raise TypeError(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from sigmoid_moe._cli_args import integer, real, run, usage_errors
@@ -128,23 +130,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     :mod:`sigmoid_moe._cli_args`); an internal error keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
-    args.argv = argv  # as given: a multi-process launch passes it on
+    # This command again, as a new process: a multi-process launch starts one per process.
+    args.relaunch = [sys.executable, "-m", "sigmoid_moe.cli", *argv]
     return run(args.command, lambda: args.func(args))
 
 
 def entry() -> None:
-    """The ``sigmoid-moe`` console script: :func:`main`, except that after Ctrl-C (exit
-    130) the process ends at once: XLA compile threads interrupted mid-compile can crash
-    the interpreter's teardown, which would print a segfault after the one line."""
+    """The ``sigmoid-moe`` console script: :func:`main`, except that a command that fails
+    (any exit status but 0: a signal, bad input, a bug, whose traceback is printed) ends
+    the process at once, skipping the interpreter's teardown: XLA compile threads
+    interrupted mid-compile can crash it (a segfault printed after the one line), and in a
+    multi-process job it would wait for peers that are gone."""
     try:
         code = main()
     except SystemExit as exit_:
         code = exit_.code
-    if code == 130:
+    except BaseException:  # a bug: its traceback, then exit 1
+        traceback.print_exc()
+        code = 1
+    if code:
+        if not isinstance(code, int):  # SystemExit("message"), as sys.exit prints it
+            print(code, file=sys.stderr)
+            code = 1
+        # Objects the command held are freed first, so their finalizers run: the worker
+        # pools' semaphores are released (else multiprocessing's resource tracker warns).
+        gc.collect()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
-    sys.exit(code)
+        os._exit(code)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

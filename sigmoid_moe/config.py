@@ -1,6 +1,7 @@
-"""Router configuration: one frozen, validated dataclass.
+"""The layer's configuration: frozen, validated dataclasses.
 
-Field names follow the routing vocabulary used by DeepSeek-V3 and its descendants;
+:class:`RouterConfig` (how tokens pick experts) and :class:`MoEConfig` (one MoE FFN layer,
+holding a router). Field names follow the vocabulary of DeepSeek-V3 and its descendants;
 :meth:`RouterConfig.from_hf` maps a Hugging Face config onto them 1:1.
 """
 
@@ -10,16 +11,29 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
-from sigmoid_moe._checks import require_choice, require_int
+import jax.numpy as jnp
+
+from sigmoid_moe._checks import require_choice, require_float, require_int
+from sigmoid_moe.dispatch import (
+    DISPATCH_KINDS,
+    CapacityKernel,
+    DispatchKind,
+    DroplessKernel,
+    Kernel,
+)
+
+__all__ = ["BIAS_MODES", "GROUP_SCORES", "LOAD_GROUPS", "SCORE_FNS", "MoEConfig", "RouterConfig"]
 
 # Each option is declared once, as a Literal; its tuple of choices is derived from it.
 ScoreFn = Literal["sigmoid", "softmax"]
 BiasMode = Literal["selection", "logit"]
 GroupScore = Literal["top2_sum", "max", "topk_sum"]
+LoadGroups = Literal["call", "sequence"]
 
 SCORE_FNS: tuple[str, ...] = get_args(ScoreFn)
 BIAS_MODES: tuple[str, ...] = get_args(BiasMode)
 GROUP_SCORES: tuple[str, ...] = get_args(GroupScore)
+LOAD_GROUPS: tuple[str, ...] = get_args(LoadGroups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +140,154 @@ class RouterConfig:
         Reads ``n_routed_experts``, ``num_experts_per_tok``, ``scoring_func``,
         ``topk_method``, ``n_group``, ``topk_group``, ``norm_topk_prob`` and
         ``routed_scaling_factor`` strictly: a wrong type is a TypeError and a bad value a
-        ValueError, each naming the HF key; absent keys take the defaults documented in
-        :func:`sigmoid_moe._hf_config.router_fields`; a variant the family's reference
-        code does not run is refused. The bias is selection-only (``bias_mode=
+        ValueError, each naming the HF key (also when the values disagree with each other,
+        e.g. ``n_group`` that does not divide ``n_routed_experts``); absent keys take the
+        defaults documented in :func:`sigmoid_moe._hf_config.router_fields`; a variant the
+        family's reference code does not run is refused. The bias is selection-only (``bias_mode=
         "selection"``). Keyword ``overrides`` replace any field (and settle the two
         cases where DeepSeek's code and transformers disagree).
         """
-        from sigmoid_moe._hf_config import as_mapping, router_fields
+        from sigmoid_moe._hf_config import as_mapping, in_hf_terms, router_fields
 
         fields = router_fields(as_mapping(mapping, "mapping"), overrides)
         fields.update(overrides)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as err:  # name the HF keys the values came from
+            raise type(err)(in_hf_terms(str(err), keep=overrides)) from None
+
+
+def _float_dtype(name: str, value: Any) -> None:
+    try:
+        floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """One MoE FFN layer.
+
+    Attributes:
+      d_model: model width (HF ``hidden_size``).
+      d_ff: hidden width of one routed expert (HF ``moe_intermediate_size``).
+      router: how tokens pick experts (:class:`RouterConfig`).
+      num_shared_experts: always-active experts (HF ``n_shared_experts``); they run as
+        one SwiGLU of width ``shared_d_ff``.
+      shared_d_ff: that width; default ``num_shared_experts * d_ff`` (as HF does).
+      dispatch: ``"dropless"`` (no token dropped) or ``"capacity"`` (GShard/Switch).
+      capacity_factor: slots per expert ``= ceil(factor * T * k / E)`` (capacity only);
+        at most ``num_experts`` (``num_experts / top_k`` already drops nothing).
+      kernel: expert kernel. ``"auto"`` picks by backend: on CPU ``"blocked"`` (the fused
+        block scan of :mod:`sigmoid_moe.blocked_ffn`, every dispatch mode), on GPU/TPU
+        ``"ragged_dot"`` (dropless) or ``"batched"`` (the ``[E, C, d]`` slot buffer of
+        capacity dispatch and of expert parallelism).
+      block_size: rows per block of the blocked kernel; ``None`` (default) lets the kernel
+        choose from the rows per expert (:func:`sigmoid_moe.blocked_ffn.auto_block_size`).
+      dtype: activation / expert-matmul dtype. Router math is always float32.
+      param_dtype: storage dtype of the weights. The bias is always float32.
+      balance_loss_coef: Switch load-balancing loss coefficient (1e-2 in Switch).
+      seq_balance_loss_coef: DeepSeek-V3 sequence-wise loss (1e-4); needs ``x [B, S, d]``.
+      z_loss_coef: ST-MoE router z-loss (1e-3).
+      expert_axis: mesh axis for expert parallelism (:mod:`sigmoid_moe.expert_parallel`):
+        ``None`` runs every expert on each device (single-device dispatch); a name such as
+        ``"expert"`` splits the experts over that axis of the mesh set by ``jax.set_mesh``
+        and moves tokens with all-to-alls. There ``"capacity"`` uses ``capacity_factor``
+        slots per (sending device, expert), and ``"dropless"`` a ragged exchange that moves
+        each token copy once (``jax.lax.ragged_all_to_all`` on GPU/TPU, an emulation on
+        CPU; :mod:`sigmoid_moe.ragged_exchange`).
+      load_groups: how the layer's :class:`~sigmoid_moe.routing_bias.ExpertLoad` is
+        recorded. ``"call"``: one ``[E]`` load per call (summing calls gives the global
+        balancing scope, stacking them the micro-batch scope). ``"sequence"``: one load per
+        sequence, ``[B, E]`` for ``x [B, S, d]``, so the bias update averages the
+        sequences' steps (the sequence scope; DeepSeek-V3 section 4.5.3 compares it).
+    """
+
+    d_model: int
+    d_ff: int
+    router: RouterConfig
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    dispatch: DispatchKind = "dropless"
+    capacity_factor: float = 1.25
+    kernel: Kernel = "auto"
+    block_size: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    balance_loss_coef: float = 0.0
+    seq_balance_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    expert_axis: str | None = None
+    load_groups: LoadGroups = "call"
+
+    def __post_init__(self) -> None:
+        require_int("d_model", self.d_model)
+        require_int("d_ff", self.d_ff)
+        if not isinstance(self.router, RouterConfig):
+            raise TypeError(
+                f"router must be a RouterConfig, got {type(self.router).__name__}; "
+                "e.g. RouterConfig(num_experts=64, top_k=6)."
+            )
+        require_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_d_ff is not None:
+            require_int("shared_d_ff", self.shared_d_ff)
+            if self.num_shared_experts == 0:
+                raise ValueError(
+                    f"shared_d_ff={self.shared_d_ff} is set but num_shared_experts=0; "
+                    "set num_shared_experts >= 1 or leave shared_d_ff=None."
+                )
+        require_choice("dispatch", self.dispatch, DISPATCH_KINDS)
+        require_float(
+            "capacity_factor",
+            self.capacity_factor,
+            positive=True,
+            hint=" (1.25 is usual, num_experts / top_k drops nothing)",
+        )
+        if self.dispatch == "capacity" and self.capacity_factor > self.num_experts:
+            # Past num_experts / top_k every token has a slot at every expert; a larger
+            # factor only adds empty slots (and overflows the buffer's shape long before 1e30).
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor} exceeds num_experts="
+                f"{self.num_experts}; at num_experts / top_k = "
+                f"{self.num_experts / self.router.top_k:g} capacity already drops nothing, so "
+                f"choose a factor in (0, {self.num_experts / self.router.top_k:g}]."
+            )
+        # The kernels follow the dispatch kind, with or without expert parallelism.
+        if self.dispatch == "capacity":
+            kernels, where = get_args(CapacityKernel), "dispatch='capacity'"
+        else:
+            kernels, where = get_args(DroplessKernel), "dispatch='dropless'"
+        if self.kernel not in kernels:
+            raise ValueError(
+                f"kernel={self.kernel!r} is not supported with {where}; choose one of {kernels}."
+            )
+        if self.block_size is not None:
+            require_int("block_size", self.block_size)
+        _float_dtype("dtype", self.dtype)
+        _float_dtype("param_dtype", self.param_dtype)
+        for name in ("balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef"):
+            require_float(name, getattr(self, name), hint=" (0 turns the loss off)")
+        require_choice("load_groups", self.load_groups, LOAD_GROUPS)
+        if self.expert_axis is not None and (
+            not isinstance(self.expert_axis, str) or not self.expert_axis
+        ):
+            raise TypeError(
+                f"expert_axis must be a mesh axis name (str) or None, got {self.expert_axis!r}."
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared SwiGLU (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return (
+            self.shared_d_ff
+            if self.shared_d_ff is not None
+            else self.num_shared_experts * self.d_ff
+        )

@@ -9,6 +9,13 @@
   optional extra (``[research]``) was asked for without the extra installed.
 - :class:`NonFiniteError` (a ``FloatingPointError``): a training run produced a NaN or an
   infinity; it stopped at that step without saving it. The command line exits 1.
+- :class:`RunFolderBusyError` (a :class:`UsageError`): a run folder is being written by
+  another process; the message names the folder and that process's pid.
+- :class:`ProcessFailedError`: a process of a multi-process job failed; the message names
+  it and how it ended, and the command exits with its status (128 + signal when a signal
+  ended it).
+- :class:`Terminated` (a ``BaseException``, like ``KeyboardInterrupt``): the command line
+  was asked to stop by SIGTERM or SIGHUP; it ends what it started and exits 128 + signal.
 - :class:`RecoveryWarning`: something was repaired on resume (one line each).
 
 Anything else escaping the command line is a bug and keeps its traceback.
@@ -21,8 +28,11 @@ __all__ = [
     "DataChangedError",
     "MissingExtraError",
     "NonFiniteError",
+    "ProcessFailedError",
     "RecoveryWarning",
     "RunFileError",
+    "RunFolderBusyError",
+    "Terminated",
     "UsageError",
 ]
 
@@ -49,6 +59,10 @@ class MissingExtraError(UsageError, ImportError):
     missing packages and the ``pip install`` line that brings them."""
 
 
+class RunFolderBusyError(UsageError):
+    """Another process holds the run folder's lock; the message names the folder and pid."""
+
+
 class NonFiniteError(FloatingPointError):
     """A training step produced a non-finite loss, bias or other metric."""
 
@@ -56,3 +70,21 @@ class NonFiniteError(FloatingPointError):
 class RecoveryWarning(UserWarning):
     """A run was repaired on resume: a bad checkpoint skipped, a partial log line dropped,
     or changed training data accepted because it was allowed."""
+
+
+class ProcessFailedError(RuntimeError):
+    """A process of a multi-process job failed; ``exit_status`` is the shell's status for
+    it (its exit code, or 128 + the signal that ended it)."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class Terminated(BaseException):  # noqa: N818 (a signal, like KeyboardInterrupt)
+    """Raised in the main thread by the command line's SIGTERM/SIGHUP handler, so that the
+    command ends the processes it started; ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -85,6 +85,7 @@ from sigmoid_moe.dispatch import (
 )
 from sigmoid_moe.experts import swiglu
 from sigmoid_moe.ragged_exchange import dropless_receive_rows, expert_exchange, ragged_all_to_all
+from sigmoid_moe.sharding import check_expert_axis
 
 __all__ = [
     "ExpertParallelOut",
@@ -378,20 +379,10 @@ def expert_parallel_moe(
         )
     kernel = resolve_kernel(kernel, kernels, gpu_choice=gpu_choice)
     mesh = _resolve_mesh(mesh)
-    if expert_axis not in mesh.axis_names:
-        raise ValueError(
-            f"expert_axis={expert_axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}; "
-            "build the mesh with sigmoid_moe.make_mesh(data=..., expert=...)."
-        )
     num_tokens = x_td.shape[0]
     num_experts = w_in_edf.shape[0]
-    num_shards = mesh.shape[expert_axis]
+    num_shards = check_expert_axis(dict(mesh.shape), expert_axis, num_experts)
     num_devices = mesh.size
-    if num_experts % num_shards:
-        raise ValueError(
-            f"mesh axis {expert_axis!r} has {num_shards} devices, which does not divide "
-            f"num_experts={num_experts}; choose an expert-axis size that divides it."
-        )
     if num_tokens % num_devices:
         raise ValueError(
             f"x_td has {num_tokens} tokens, not divisible by the mesh's {num_devices} devices "

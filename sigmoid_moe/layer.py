@@ -12,25 +12,18 @@ Everything but the parameters and the dispatch choice lives in pure functions
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sigmoid_moe._checks import check_token_mask, require_choice, require_float, require_int
+from sigmoid_moe._checks import check_token_mask
 from sigmoid_moe.balancing import expert_load
-from sigmoid_moe.config import RouterConfig
-from sigmoid_moe.dispatch import (
-    DISPATCH_KINDS,
-    CapacityKernel,
-    DispatchKind,
-    DroplessKernel,
-    Kernel,
-    capacity_moe,
-    dropless_moe,
-)
+
+# MoEConfig lives in sigmoid_moe.config; it stays importable from here.
+from sigmoid_moe.config import LOAD_GROUPS, MoEConfig
+from sigmoid_moe.dispatch import capacity_moe, dropless_moe
 from sigmoid_moe.expert_parallel import expert_parallel_moe
 from sigmoid_moe.experts import swiglu_ffn
 from sigmoid_moe.losses import (
@@ -43,9 +36,6 @@ from sigmoid_moe.routing import route
 from sigmoid_moe.routing_bias import RoutingBias, record_load
 
 __all__ = ["LOAD_GROUPS", "PARAM_AXES", "MoEAux", "MoEConfig", "MoELayer"]
-
-LoadGroups = Literal["call", "sequence"]
-LOAD_GROUPS: tuple[str, ...] = get_args(LoadGroups)
 
 # Logical axis names per parameter, attached as flax ``out_sharding=`` metadata and mapped
 # onto mesh axes by sigmoid_moe.sharding.DEFAULT_RULES. The router's expert axis has its own
@@ -60,132 +50,6 @@ PARAM_AXES = {
     "shared_w_out_fd": ("mlp", "embed"),
     "bias_e": ("router_exp",),
 }
-
-
-def _float_dtype(name: str, value: Any) -> None:
-    try:
-        floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
-        raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16, got {value!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """One MoE FFN layer.
-
-    Attributes:
-      d_model: model width (HF ``hidden_size``).
-      d_ff: hidden width of one routed expert (HF ``moe_intermediate_size``).
-      router: how tokens pick experts (:class:`RouterConfig`).
-      num_shared_experts: always-active experts (HF ``n_shared_experts``); they run as
-        one SwiGLU of width ``shared_d_ff``.
-      shared_d_ff: that width; default ``num_shared_experts * d_ff`` (as HF does).
-      dispatch: ``"dropless"`` (no token dropped) or ``"capacity"`` (GShard/Switch).
-      capacity_factor: slots per expert ``= ceil(factor * T * k / E)`` (capacity only).
-      kernel: expert kernel. ``"auto"`` picks by backend: on CPU ``"blocked"`` (the fused
-        block scan of :mod:`sigmoid_moe.blocked_ffn`, every dispatch mode), on GPU/TPU
-        ``"ragged_dot"`` (dropless) or ``"batched"`` (the ``[E, C, d]`` slot buffer of
-        capacity dispatch and of expert parallelism).
-      block_size: rows per block of the blocked kernel; ``None`` (default) lets the kernel
-        choose from the rows per expert (:func:`sigmoid_moe.blocked_ffn.auto_block_size`).
-      dtype: activation / expert-matmul dtype. Router math is always float32.
-      param_dtype: storage dtype of the weights. The bias is always float32.
-      balance_loss_coef: Switch load-balancing loss coefficient (1e-2 in Switch).
-      seq_balance_loss_coef: DeepSeek-V3 sequence-wise loss (1e-4); needs ``x [B, S, d]``.
-      z_loss_coef: ST-MoE router z-loss (1e-3).
-      expert_axis: mesh axis for expert parallelism (:mod:`sigmoid_moe.expert_parallel`):
-        ``None`` runs every expert on each device (single-device dispatch); a name such as
-        ``"expert"`` splits the experts over that axis of the mesh set by ``jax.set_mesh``
-        and moves tokens with all-to-alls. There ``"capacity"`` uses ``capacity_factor``
-        slots per (sending device, expert), and ``"dropless"`` a ragged exchange that moves
-        each token copy once (``jax.lax.ragged_all_to_all`` on GPU/TPU, an emulation on
-        CPU; :mod:`sigmoid_moe.ragged_exchange`).
-      load_groups: how the layer's :class:`~sigmoid_moe.routing_bias.ExpertLoad` is
-        recorded. ``"call"``: one ``[E]`` load per call (summing calls gives the global
-        balancing scope, stacking them the micro-batch scope). ``"sequence"``: one load per
-        sequence, ``[B, E]`` for ``x [B, S, d]``, so the bias update averages the
-        sequences' steps (the sequence scope; DeepSeek-V3 section 4.5.3 compares it).
-    """
-
-    d_model: int
-    d_ff: int
-    router: RouterConfig
-    num_shared_experts: int = 0
-    shared_d_ff: int | None = None
-    dispatch: DispatchKind = "dropless"
-    capacity_factor: float = 1.25
-    kernel: Kernel = "auto"
-    block_size: int | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    balance_loss_coef: float = 0.0
-    seq_balance_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    expert_axis: str | None = None
-    load_groups: LoadGroups = "call"
-
-    def __post_init__(self) -> None:
-        require_int("d_model", self.d_model)
-        require_int("d_ff", self.d_ff)
-        if not isinstance(self.router, RouterConfig):
-            raise TypeError(
-                f"router must be a RouterConfig, got {type(self.router).__name__}; "
-                "e.g. RouterConfig(num_experts=64, top_k=6)."
-            )
-        require_int("num_shared_experts", self.num_shared_experts, 0)
-        if self.shared_d_ff is not None:
-            require_int("shared_d_ff", self.shared_d_ff)
-            if self.num_shared_experts == 0:
-                raise ValueError(
-                    f"shared_d_ff={self.shared_d_ff} is set but num_shared_experts=0; "
-                    "set num_shared_experts >= 1 or leave shared_d_ff=None."
-                )
-        require_choice("dispatch", self.dispatch, DISPATCH_KINDS)
-        require_float(
-            "capacity_factor",
-            self.capacity_factor,
-            positive=True,
-            hint=" (1.25 is usual, num_experts / top_k drops nothing)",
-        )
-        # The kernels follow the dispatch kind, with or without expert parallelism.
-        if self.dispatch == "capacity":
-            kernels, where = get_args(CapacityKernel), "dispatch='capacity'"
-        else:
-            kernels, where = get_args(DroplessKernel), "dispatch='dropless'"
-        if self.kernel not in kernels:
-            raise ValueError(
-                f"kernel={self.kernel!r} is not supported with {where}; choose one of {kernels}."
-            )
-        if self.block_size is not None:
-            require_int("block_size", self.block_size)
-        _float_dtype("dtype", self.dtype)
-        _float_dtype("param_dtype", self.param_dtype)
-        for name in ("balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef"):
-            require_float(name, getattr(self, name), hint=" (0 turns the loss off)")
-        require_choice("load_groups", self.load_groups, LOAD_GROUPS)
-        if self.expert_axis is not None and (
-            not isinstance(self.expert_axis, str) or not self.expert_axis
-        ):
-            raise TypeError(
-                f"expert_axis must be a mesh axis name (str) or None, got {self.expert_axis!r}."
-            )
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    @property
-    def shared_width(self) -> int:
-        """Hidden width of the shared SwiGLU (0 when there is none)."""
-        if self.num_shared_experts == 0:
-            return 0
-        return (
-            self.shared_d_ff
-            if self.shared_d_ff is not None
-            else self.num_shared_experts * self.d_ff
-        )
 
 
 class MoEAux(NamedTuple):
@@ -305,9 +169,17 @@ class MoELayer(nnx.Module):
         lead = jnp.shape(x)[:-1]
         x_td = jnp.reshape(x, (-1, cfg.d_model)).astype(cfg.dtype)
         mask_t = None if token_mask is None else jnp.reshape(token_mask, (-1,))
+        # A token whose input holds a NaN or an infinity gets a zero input row before every
+        # matmul that sees it (router, experts, shared experts), and NaN logits for route(),
+        # which routes it nowhere: so it cannot reach another token's output or any
+        # gradient (in a backward pass NaN * 0 is NaN, so masking only outputs would not do).
+        finite_t = jnp.all(jnp.isfinite(x_td), axis=-1)
+        x_td = jnp.where(finite_t[:, None], x_td, jnp.zeros((), x_td.dtype))
 
         logits_te = jnp.dot(x_td.astype(jnp.float32), self.router_w_de[...].astype(jnp.float32))
-        routing = route(logits_te, self.bias_e[...], cfg.router)
+        routing = route(
+            jnp.where(finite_t[:, None], logits_te, jnp.nan), self.bias_e[...], cfg.router
+        )
         # Tokens route() could not route (non-finite logits) are masked from here on: no
         # expert, no load, no loss; MoEAux.nonfinite_tokens counts the real ones.
         real_t = jnp.ones(x_td.shape[:1], bool) if mask_t is None else mask_t

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigmoid_moe import _sigmoid_selection
+from sigmoid_moe._checks import require_array
 from sigmoid_moe.config import RouterConfig
 from sigmoid_moe.topk import top_k
 
@@ -37,6 +38,9 @@ class Routing(NamedTuple):
 def _check_inputs(logits: jax.Array, bias: jax.Array | None, config: RouterConfig) -> None:
     if not isinstance(config, RouterConfig):
         raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}.")
+    require_array("logits", logits, "[..., num_experts]")
+    if bias is not None:
+        require_array("bias", bias, "[num_experts]")
     shape = jnp.shape(logits)
     dtype = jnp.result_type(logits)
     if not jnp.issubdtype(dtype, jnp.floating):

@@ -39,9 +39,11 @@ import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from sigmoid_moe.balancing import BiasRule, Rate, update_bias
+from sigmoid_moe._checks import concrete_value
+from sigmoid_moe.balancing import INT32_MAX, BiasRule, Rate, update_bias
 
 __all__ = [
     "ExpertLoad",
@@ -111,6 +113,32 @@ def _check_state(value, kind: type[nnx.Variable], what: str, how: str) -> None:
         )
 
 
+def _check_concrete_load(load, where: str) -> None:
+    """A load known before tracing is checked here, before the per-layer ``vmap`` hides its
+    values from :func:`sigmoid_moe.update_bias` (which would clamp them silently): integer
+    counts, none negative, each layer's (or group's) total below ``2**31``."""
+    dtype = jnp.result_type(load)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"the load of {where} must be integer token counts, got dtype {dtype}; record it "
+            "with nnx.capture(model, ExpertLoad)."
+        )
+    concrete = concrete_value(load)
+    if concrete is None:
+        return
+    if (concrete < 0).any():
+        raise ValueError(
+            f"the load of {where} holds negative counts {concrete[concrete < 0].tolist()[:8]}; "
+            "a load counts the tokens routed to each expert."
+        )
+    total = int(np.max(concrete.astype(np.uint64).sum(axis=-1), initial=0))
+    if total > INT32_MAX:
+        raise ValueError(
+            f"the load of {where} sums to {total} assignments, beyond the int32 counts the "
+            "update is exact for (< 2**31 per step)."
+        )
+
+
 def routing_bias_update(
     bias_state: nnx.State,
     loads: nnx.State,
@@ -139,7 +167,10 @@ def routing_bias_update(
 
     Raises:
       ValueError: the two states do not pair up (a bias without a load, a load without a
-        bias, or different shapes); the message lists both structures.
+        bias, or different shapes); the message lists both structures. Also a load known
+        before tracing that holds a negative count or sums past ``2**31`` (named by its
+        module path); inside jit such counts are clamped as in :func:`update_bias`.
+      TypeError: a load that is not integer.
     """
     _check_state(bias_state, RoutingBias, "bias_state", "nnx.state(model, RoutingBias)")
     _check_state(loads, ExpertLoad, "loads", "nnx.capture(model, ExpertLoad)(...)")
@@ -171,6 +202,9 @@ def routing_bias_update(
             "Capture the loads from the same model: nnx.capture(model, ExpertLoad)(...), "
             "with every MoE layer called."
         )
+
+    for module, load in counts.items():
+        _check_concrete_load(load, _path_str(module))
 
     def update(bias, load):
         num_experts = bias.shape[-1]

@@ -1,36 +1,46 @@
-"""Sharding: the one logical-axis rules table, a mesh builder, and mesh/config checks.
+"""Sharding: the one logical-axis rules table, the mesh value, and the mesh/config check.
 
 Parameters carry *logical* axis names (:data:`sigmoid_moe.PARAM_AXES`) as flax 0.12
 ``out_sharding=`` metadata; :data:`DEFAULT_RULES` maps them onto the mesh axes
-``("data", "expert")``. Typical use::
+``("data", "expert")``. A mesh is one value, :class:`MeshConfig` (its sizes), from the
+command line to the layer: it checks itself against a :class:`~sigmoid_moe.MoEConfig` and a
+batch, builds the ``jax.sharding.Mesh``, and names the layer's ``expert_axis``. Typical use::
 
-    mesh = make_mesh(data=2, expert=4)
-    validate_mesh(mesh, config, num_tokens=batch * seq)
+    mesh_config = MeshConfig(data=2, expert=4)
+    config = dataclasses.replace(config, expert_axis=mesh_config.expert_axis)
+    mesh_config.validate(config, batch_size=batch, num_tokens=batch * seq)
+    mesh = mesh_config.make()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
         model = nnx.jit(lambda: MyModel(config, rngs=nnx.Rngs(0)))()  # placed parameters
         ...                                      # train step under the same contexts
 
-Pass your own ``rules`` (same format: ``(logical_name, mesh_axis | tuple | None)`` pairs)
-to :func:`rules_for_mesh` to shard differently; names not in the rules are an error in
-flax, so every logical name used by the layer must appear.
+A mesh with other axes (a 1-D ``("expert",)`` mesh, custom names) is checked by
+:func:`validate_mesh`, the same check. Pass your own ``rules`` (same format:
+``(logical_name, mesh_axis | tuple | None)`` pairs) to :func:`rules_for_mesh` to shard
+differently; names not in the rules are an error in flax, so every logical name used by
+the layer must appear.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-if TYPE_CHECKING:
-    from sigmoid_moe.layer import MoEConfig
+from sigmoid_moe._checks import require_int
+from sigmoid_moe.config import MoEConfig
 
 __all__ = [
     "DATA_AXIS",
     "DEFAULT_RULES",
     "EXPERT_AXIS",
+    "MeshConfig",
+    "check_expert_axis",
     "logical_sharding",
     "make_mesh",
     "rules_for_mesh",
@@ -120,6 +130,64 @@ def logical_sharding(
     return NamedSharding(mesh, P(*(None if a is None else table[a] for a in logical_axes)))
 
 
+def check_expert_axis(shape: Mapping[str, int], axis: str, num_experts: int) -> int:
+    """The size of mesh axis ``axis`` (``shape``: axis name -> size), which must exist and
+    divide ``num_experts`` (each device along it holds ``num_experts / size`` experts);
+    raises ``ValueError`` naming the axis and the sizes that would do."""
+    if axis not in shape:
+        raise ValueError(
+            f"expert_axis={axis!r} is not an axis of the mesh {tuple(shape)}; build the mesh "
+            "with sigmoid_moe.make_mesh(data=..., expert=...) or set expert_axis to one of them."
+        )
+    shards = shape[axis]
+    if num_experts % shards:
+        divisors = [n for n in range(1, num_experts + 1) if num_experts % n == 0]
+        raise ValueError(
+            f"mesh axis {axis!r} has {shards} devices, which does not divide num_experts="
+            f"{num_experts}; use an expert axis of size in {divisors}."
+        )
+    return shards
+
+
+def _check_mesh(
+    shape: Mapping[str, int],
+    config: MoEConfig,
+    batch_size: int | None,
+    num_tokens: int | None,
+    rules: Rules = DEFAULT_RULES,
+) -> None:
+    """The one mesh/config check (:func:`validate_mesh`, :meth:`MeshConfig.validate`)."""
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}.")
+    for name, value in (("batch_size", batch_size), ("num_tokens", num_tokens)):
+        if value is not None:
+            require_int(name, value, 0)
+    # The expert weights are split over the axis "exp" maps to, and expert parallelism
+    # (config.expert_axis) splits the experts over its own axis: both must divide E.
+    table = dict(rules)
+    axes = {config.expert_axis} if config.expert_axis is not None else set()
+    if isinstance(table.get("exp"), str) and table["exp"] in shape:
+        axes.add(table["exp"])
+    for axis in sorted(axes):
+        check_expert_axis(shape, axis, config.num_experts)
+    batch_axes = table.get("activation_batch")
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    batch_devices = math.prod(shape[a] for a in batch_axes if a in shape)
+    if batch_size is not None and batch_size % batch_devices:
+        raise ValueError(
+            f"batch_size={batch_size} does not split over the {batch_devices} devices of the "
+            f"mesh axes {[a for a in batch_axes if a in shape]} that the rules split the batch "
+            f"over; use a batch that is a multiple of {batch_devices}."
+        )
+    devices = math.prod(shape.values())
+    if num_tokens is not None and num_tokens % devices:
+        raise ValueError(
+            f"num_tokens={num_tokens} is not divisible by the mesh's {devices} devices "
+            f"{dict(shape)}; every device routes num_tokens / {devices} tokens, so pad "
+            f"the batch (token_mask=False) to a multiple of {devices}."
+        )
+
+
 def validate_mesh(
     mesh: Mesh,
     config: MoEConfig,
@@ -129,37 +197,98 @@ def validate_mesh(
 ) -> None:
     """Raises ``ValueError`` if ``mesh`` cannot run ``config`` (or the given batch).
 
-    Checks: the mesh has ``config.expert_axis``; its size divides ``num_experts``; the batch
-    divides over the data axis; the tokens divide over all devices (each gets ``T / n``).
+    Checks: the mesh has ``config.expert_axis``; the size of that axis, and of the axis
+    :data:`DEFAULT_RULES` split the expert weights over, divides ``num_experts``; the batch
+    (``batch_size`` rows) splits over the axes the rules split it over (``"data"`` and
+    ``"expert"``); the tokens divide over all devices (each routes ``T / n``). Sizes are
+    ints ``>= 0``. :meth:`MeshConfig.validate` is the same check for a mesh value.
     """
-    from sigmoid_moe.layer import MoEConfig  # circular at import time
-
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    if not isinstance(config, MoEConfig):
-        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}.")
-    axis = config.expert_axis or EXPERT_AXIS
-    if axis not in mesh.axis_names:
-        raise ValueError(
-            f"config.expert_axis={axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}; "
-            f"use make_mesh(data=..., expert=...) or set expert_axis to one of them."
+    _check_mesh(dict(mesh.shape), config, batch_size, num_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """A ``("data", "expert")`` device mesh by its sizes: the one mesh value.
+
+    It travels from the command line (``--mesh data=2,expert=4``, :meth:`parse`) through the
+    trainer's config and the worker and process start-up (:attr:`size`, :meth:`local_devices`)
+    to the layer (:attr:`expert_axis`, :meth:`make`); :meth:`validate` checks it against a
+    layer config and a batch once, where it is given.
+
+    Attributes:
+      data: data-parallel replicas (each holds all experts, split over its expert group).
+      expert: devices the experts are split over (expert parallelism when > 1).
+    """
+
+    data: int = 1
+    expert: int = 1
+
+    def __post_init__(self) -> None:
+        require_int("mesh data size", self.data, 1)
+        require_int("mesh expert size", self.expert, 1)
+
+    @property
+    def size(self) -> int:
+        """Devices of the mesh, ``data * expert``."""
+        return self.data * self.expert
+
+    @property
+    def expert_axis(self) -> str | None:
+        """The layer's ``MoEConfig.expert_axis`` on this mesh: ``"expert"`` when the
+        experts are split (``expert > 1``), else None (every device holds every expert)."""
+        return EXPERT_AXIS if self.expert > 1 else None
+
+    def __str__(self) -> str:
+        return f"data={self.data},expert={self.expert}"
+
+    @classmethod
+    def parse(cls, text: str) -> MeshConfig:
+        """``"data=D,expert=E"`` (either part may be left out: size 1) as a mesh value.
+
+        Raises ``ValueError`` for an empty text, an unknown or repeated name, or a size that
+        is not an int ``>= 1``.
+        """
+        form = "data=D,expert=E with sizes >= 1 (e.g. data=2,expert=4)"
+        parts = [p.strip() for p in str(text).split(",")]
+        if not any(parts):
+            raise ValueError(f"expected {form}, got {text!r}")
+        sizes: dict[str, int] = {}
+        for part in parts:
+            name, sep, value = part.partition("=")
+            digits = value.isascii() and value.isdigit()
+            if not sep or name not in ("data", "expert") or not digits or int(value) < 1:
+                raise ValueError(f"expected {form}, got {text!r}")
+            if name in sizes:
+                raise ValueError(f"{name!r} is given twice in {text!r}; expected {form}")
+            sizes[name] = int(value)
+        return cls(**sizes)
+
+    def validate(
+        self, config: MoEConfig, *, batch_size: int | None = None, num_tokens: int | None = None
+    ) -> None:
+        """Raises ``ValueError`` if this mesh cannot run ``config`` on the given batch:
+        the expert axis must divide ``num_experts``, ``batch_size`` rows must split over
+        every device (the rules split the batch over ``"data"`` and ``"expert"``) and
+        ``num_tokens`` too (see :func:`validate_mesh`, the same check)."""
+        _check_mesh(
+            {DATA_AXIS: self.data, EXPERT_AXIS: self.expert}, config, batch_size, num_tokens
         )
-    shards = mesh.shape[axis]
-    if config.num_experts % shards:
-        divisors = [n for n in range(1, mesh.size + 1) if config.num_experts % n == 0]
-        raise ValueError(
-            f"mesh axis {axis!r} has size {shards}, which does not divide num_experts="
-            f"{config.num_experts}; use an expert axis of size in {divisors}."
-        )
-    data = mesh.shape.get(DATA_AXIS, 1)
-    if batch_size is not None and batch_size % data:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by the mesh's data axis ({data}); "
-            f"use a batch that is a multiple of {data} or a smaller data axis."
-        )
-    if num_tokens is not None and num_tokens % mesh.size:
-        raise ValueError(
-            f"num_tokens={num_tokens} is not divisible by the mesh's {mesh.size} devices "
-            f"{dict(mesh.shape)}; every device routes num_tokens / {mesh.size} tokens, so pad "
-            f"the batch (token_mask=False) to a multiple of {mesh.size}."
-        )
+
+    def local_devices(self, num_processes: int) -> int:
+        """Each process's share of the devices in a job of ``num_processes`` processes;
+        ``ValueError`` unless they divide :attr:`size`."""
+        require_int("num_processes", num_processes, 1)
+        if self.size % num_processes:
+            raise ValueError(
+                f"{num_processes} processes need a mesh whose devices divide over them (each "
+                f"gets its share), got {self.size} device(s) ({self}); e.g. "
+                f"data={2 * num_processes},expert=2."
+            )
+        return self.size // num_processes
+
+    def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        """The ``jax.sharding.Mesh`` (:func:`make_mesh`) over ``devices`` (default every
+        device of the job)."""
+        return make_mesh(self.data, self.expert, devices=devices)

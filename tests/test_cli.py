@@ -44,3 +44,23 @@ def test_bad_flags_are_rejected(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_harness_does_not_know_the_top_level_command_line():
+    # The import circle cli -> harness/cli -> harness/multiprocess -> cli is gone: a job's
+    # processes start as the command itself (cli.py builds that command line), and no
+    # harness module imports sigmoid_moe.cli.
+    import ast
+    import pathlib
+
+    import sigmoid_moe.harness
+
+    for path in pathlib.Path(sigmoid_moe.harness.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert "sigmoid_moe.cli" not in names, path.name

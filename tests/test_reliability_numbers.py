@@ -22,13 +22,18 @@ from sigmoid_moe import (
     MoEConfig,
     MoELayer,
     RouterConfig,
+    RoutingBias,
     capacity_moe,
     dropless_moe,
     expert_load,
     load_balancing_loss,
+    logical_sharding,
+    make_mesh,
     route,
     router_probs,
     router_z_loss,
+    routing_bias_update,
+    rules_for_mesh,
     sigmoid_moe_router,
     update_bias,
 )
@@ -98,6 +103,85 @@ def test_layer_counts_and_isolates_non_finite_tokens(dispatch):
     mask = jnp.array([True, True, False, True, False, True])
     _, aux_masked = layer(x, mask)
     assert int(aux_masked.nonfinite_tokens) == 0
+
+
+@nnx.jit
+def _grads_and_loads(layer, x, mask):
+    """Gradients of every parameter of a loss over the layer's outputs and aux loss, the
+    captured load and the bias it moves (one program per layer config and shape)."""
+
+    def loss(layer):
+        (y, aux), loads = nnx.capture(layer, ExpertLoad)(x, mask)
+        weights = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        return jnp.sum(y * weights) + aux.aux_loss, (y, aux, loads)
+
+    (_, (y, aux, loads)), grads = nnx.value_and_grad(loss, has_aux=True)(layer)
+    bias = routing_bias_update(nnx.state(layer, RoutingBias), loads, rate=1e-2)
+    (load,), (new_bias,) = jax.tree.leaves(loads), jax.tree.leaves(bias)
+    return y, aux, grads, load, new_bias
+
+
+def _bad_token_case(bad, mesh=None, **overrides):
+    """The layer's gradients and bias update with one token holding ``bad``, and with that
+    token masked out as padding (its row zeroed): they must be the same."""
+    cfg = MoEConfig(
+        d_model=8,
+        d_ff=6,
+        router=RouterConfig(num_experts=8, top_k=2),
+        num_shared_experts=1,
+        balance_loss_coef=1e-2,
+        z_loss_coef=1e-3,
+        **overrides,
+    )
+    x = jax.random.normal(jax.random.key(3), (8, 2, 8))  # [B, S, d]: B splits over 8 devices
+    x_bad = x.at[3, 1, 3].set(bad)
+    real = jnp.ones((8, 2), bool)
+    padded = (x.at[3, 1].set(0.0), real.at[3, 1].set(False))
+    if mesh is None:
+        layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+        return _grads_and_loads(layer, x_bad, real), _grads_and_loads(layer, *padded)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
+        layer = nnx.jit(lambda: MoELayer(cfg, rngs=nnx.Rngs(0)))()
+        act = logical_sharding(mesh, ("activation_batch", None, None))
+        place = lambda a: jax.device_put(a, logical_sharding(mesh, ("activation_batch", None)))  # noqa: E731
+        got = _grads_and_loads(layer, jax.device_put(x_bad, act), place(real))
+        want = _grads_and_loads(layer, jax.device_put(padded[0], act), place(padded[1]))
+        return got, want
+
+
+@pytest.mark.parametrize(
+    "where, overrides",
+    [
+        ("one device", dict(dispatch="dropless")),
+        ("one device", dict(dispatch="capacity", capacity_factor=2.0)),
+        ("mesh 2x4", dict(dispatch="dropless", expert_axis="expert")),
+        ("mesh 2x4", dict(dispatch="capacity", capacity_factor=2.0, expert_axis="expert")),
+    ],
+    ids=["dropless", "capacity", "mesh-dropless", "mesh-capacity"],
+)
+def test_one_non_finite_token_changes_no_gradient_and_no_bias(where, overrides):
+    # With one NaN in x the router's weight gradient used to get NaNs (NaN * 0 in the
+    # backward pass of x @ W). Now the token is as if it were padding: every gradient, the
+    # output of every other token, the loads and the bias update are those of the batch
+    # with that token masked out.
+    mesh = make_mesh(data=2, expert=4) if where.startswith("mesh") else None
+    for bad in (NAN, INF, -INF):
+        (y, aux, grads, load, bias), want = _bad_token_case(bad, mesh, **overrides)
+        y_want, aux_want, grads_want, load_want, bias_want = want
+        assert int(aux.nonfinite_tokens) == 1 and int(aux_want.nonfinite_tokens) == 0
+        flat, flat_want = nnx.to_flat_state(grads), dict(nnx.to_flat_state(grads_want))
+        assert {path[-1] for path, _ in flat} >= {"router_w_de", "w_in_edf", "w_out_efd"}
+        for path, grad in flat:
+            grad = np.asarray(grad[...])
+            assert np.isfinite(grad).all(), (bad, path)
+            want_grad = np.asarray(flat_want[path][...])
+            np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7, err_msg=str(path))
+        np.testing.assert_array_equal(np.asarray(y)[3, 1], 0.0)  # its output row is zero
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_want), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(load), np.asarray(load_want))
+        assert int(np.sum(load)) == (16 - 1) * 2
+        np.testing.assert_array_equal(np.asarray(bias), np.asarray(bias_want))
+        assert np.isfinite(np.asarray(bias)).all() and np.any(np.asarray(bias) != 0)
 
 
 def test_losses_ignore_whatever_masked_tokens_hold():

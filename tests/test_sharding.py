@@ -16,6 +16,7 @@ from sigmoid_moe import (
     DEFAULT_RULES,
     PARAM_AXES,
     ExpertLoad,
+    MeshConfig,
     MoEConfig,
     MoELayer,
     RouterConfig,
@@ -206,8 +207,17 @@ def test_bad_meshes_and_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="does not divide num_experts=6"):
         validate_mesh(make_mesh(data=2, expert=4), six)
     cfg = _config(expert_axis="expert")
-    with pytest.raises(ValueError, match="batch_size=3 .*data axis"):
-        validate_mesh(make_mesh(data=2, expert=4), cfg, batch_size=3)
+    with pytest.raises(ValueError, match=r"batch_size=4 does not split over the 8 devices"):
+        validate_mesh(make_mesh(data=2, expert=4), cfg, batch_size=4)  # rows go to every device
+    one_d = jax.make_mesh((8,), ("expert",), (AxisType.Auto,))
+    validate_mesh(one_d, cfg, batch_size=8, num_tokens=64)
+    with pytest.raises(ValueError, match=r"batch_size=4 .* axes \['expert'\]"):
+        validate_mesh(one_d, cfg, batch_size=4)
+    for bad, error in ((-8, ValueError), (16.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_tokens"):
+            validate_mesh(make_mesh(data=2, expert=4), cfg, num_tokens=bad)
+        with pytest.raises(error, match="batch_size"):
+            validate_mesh(make_mesh(data=2, expert=4), cfg, batch_size=bad)
     with pytest.raises(ValueError, match="num_tokens=12 .*8 devices"):
         validate_mesh(make_mesh(data=2, expert=4), cfg, num_tokens=12)
     other = jax.make_mesh((2, 4), ("batch", "model"), (AxisType.Auto,) * 2)
@@ -236,3 +246,40 @@ def test_bad_meshes_and_configs_raise_clear_errors():
         layer = MoELayer(layer_cfg, rngs=nnx.Rngs(0))
         with pytest.raises(ValueError, match="expert_axis='model' is not an axis"):
             layer(jnp.ones((8, 16)))
+
+
+def test_the_mesh_value_is_parsed_checked_and_built_in_one_place():
+    mesh = MeshConfig.parse("data=2,expert=4")
+    assert mesh == MeshConfig(2, 4) and mesh.size == 8 and str(mesh) == "data=2,expert=4"
+    assert MeshConfig.parse(" expert=8 ") == MeshConfig(1, 8)
+    assert MeshConfig().expert_axis is None and mesh.expert_axis == "expert"
+    assert MeshConfig(data=8).expert_axis is None  # data parallel only: every expert here
+    for text in ("", ",", "data=2,,expert=2", "data=0", "data=x", "model=2", "data=²"):
+        with pytest.raises(ValueError, match=r"expected data=D,expert=E .*got"):
+            MeshConfig.parse(text)
+    with pytest.raises(ValueError, match="'data' is given twice in 'data=2,data=4'"):
+        MeshConfig.parse("data=2,data=4")
+    with pytest.raises(TypeError, match="mesh data size must be an int"):
+        MeshConfig(data=2.0)
+    with pytest.raises(ValueError, match="mesh expert size must be >= 1"):
+        MeshConfig(expert=0)
+    # The same check as validate_mesh: expert axis, batch rows, tokens.
+    cfg = _config(expert_axis="expert")
+    mesh.validate(cfg, batch_size=8, num_tokens=64)
+    with pytest.raises(ValueError, match="does not divide num_experts=6"):
+        mesh.validate(_config(router=RouterConfig(num_experts=6, top_k=2)))
+    with pytest.raises(ValueError, match="batch_size=12 does not split over the 8 devices"):
+        mesh.validate(cfg, batch_size=12)
+    with pytest.raises(ValueError, match="num_tokens=12 is not divisible by the mesh's 8"):
+        mesh.validate(cfg, num_tokens=12)
+    with pytest.raises(ValueError, match="num_tokens must be >= 0, got -8"):
+        mesh.validate(cfg, num_tokens=-8)
+    with pytest.raises(TypeError, match="config must be a MoEConfig"):
+        mesh.validate(cfg.router)
+    assert mesh.local_devices(2) == 4
+    with pytest.raises(ValueError, match="3 processes need a mesh whose devices divide"):
+        mesh.local_devices(3)
+    built = mesh.make()
+    assert dict(built.shape) == {"data": 2, "expert": 4}
+    with pytest.raises(ValueError, match=r"make_mesh\(data=2, expert=4\) needs .* 4 are"):
+        mesh.make(jax.devices()[:4])

@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import pytest
 
-from sigmoid_moe.harness import PRESETS, build_corpus, train
+from sigmoid_moe import MeshConfig
+from sigmoid_moe.errors import RunFileError
+from sigmoid_moe.harness import PRESETS, TrainConfig, build_corpus, train
 from sigmoid_moe.harness.distributed import mesh_context
 from sigmoid_moe.harness.evaluate import evaluate
 
@@ -33,7 +36,7 @@ BASE = dataclasses.replace(
     checkpoint_every=10,
     eval_every=10,
 )
-ON_2X4 = dataclasses.replace(BASE, mesh=(2, 4))
+ON_2X4 = dataclasses.replace(BASE, mesh=MeshConfig(2, 4))
 
 
 def _metrics(run_dir):
@@ -59,7 +62,7 @@ def _assert_same_steps(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("mesh", [(1, 8), (4, 2)])
+@pytest.mark.parametrize("mesh", [MeshConfig(1, 8), MeshConfig(4, 2)], ids=str)
 def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device, mesh):
     want, want_eval = single_device
     config = dataclasses.replace(BASE, mesh=mesh)
@@ -68,7 +71,7 @@ def test_mesh_run_matches_the_single_device_run(tmp_path, corpus, single_device,
     # Expert weights are split over the expert axis, the bias replicated.
     w_in = result.model.blocks[0].moe.w_in_edf[...]
     assert len(w_in.sharding.device_set) == 8
-    assert w_in.addressable_shards[0].data.shape[0] == config.model.num_experts // mesh[1]
+    assert w_in.addressable_shards[0].data.shape[0] == config.model.num_experts // mesh.expert
     assert result.model.blocks[0].moe.bias_e[...].sharding.is_fully_replicated
     with mesh_context(result.mesh):
         got_eval = evaluate(result.model, corpus, mesh=result.mesh)
@@ -136,10 +139,69 @@ def test_resume_on_the_same_mesh_reproduces_the_uninterrupted_run(tmp_path, corp
 
 
 def test_a_batch_that_does_not_split_over_the_mesh_is_refused():
-    with pytest.raises(ValueError, match="does not split over the mesh's 8 devices"):
-        dataclasses.replace(BASE, batch_size=4, mesh=(2, 4))
-    with pytest.raises(ValueError, match="expert axis"):
-        dataclasses.replace(BASE, mesh=(1, 3), batch_size=9)
+    with pytest.raises(ValueError, match="batch_size=4 does not split over the 8 devices"):
+        dataclasses.replace(BASE, batch_size=4, mesh=MeshConfig(2, 4))
+    with pytest.raises(ValueError, match="batch_size=4 does not split over the 8 devices"):
+        dataclasses.replace(BASE, batch_size=16, grad_accum=4, mesh=MeshConfig(2, 4))  # micro
+    with pytest.raises(ValueError, match="'expert' has 3 devices, which does not divide"):
+        dataclasses.replace(BASE, mesh=MeshConfig(1, 3), batch_size=9)
+    with pytest.raises(TypeError, match="mesh must be a MeshConfig"):
+        dataclasses.replace(BASE, mesh=(2, 4))
+    # config.json holds the mesh as a dict; older run folders hold [data, expert].
+    assert TrainConfig.from_dict(ON_2X4.to_dict()) == ON_2X4
+    assert TrainConfig.from_dict({**ON_2X4.to_dict(), "mesh": [2, 4]}) == ON_2X4
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def cut_at_10(tmp_path_factory, corpus):
+    """A one-device run of BASE stopped just after its checkpoint at step 10."""
+    out = tmp_path_factory.mktemp("cut")
+
+    def stop_at_10(step, record):
+        if step == 10:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(BASE, out, progress=False, corpus=corpus, on_step=stop_at_10)
+    return out
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(2, 4), MeshConfig(4, 2)], ids=str)
+def test_a_one_device_run_resumes_on_a_mesh_as_if_uninterrupted(
+    tmp_path, corpus, single_device, cut_at_10, mesh
+):
+    # Steps 1-10 on one device, 11-20 on the mesh: the checkpoint is restored into the
+    # mesh's shardings, and the run equals the uninterrupted one-device run.
+    out = tmp_path / "run"
+    shutil.copytree(cut_at_10, out)
+    result = train(dataclasses.replace(BASE, mesh=mesh), out, progress=False, corpus=corpus)
+    assert result.step == 20
+    _assert_same_steps(_metrics(out), single_device[0])
+    w_in = result.model.blocks[0].moe.w_in_edf[...]
+    assert len(w_in.sharding.device_set) == 8
+    assert w_in.addressable_shards[0].data.shape[0] == BASE.model.num_experts // mesh.expert
+    assert json.loads((out / "config.json").read_text())["mesh"] == dataclasses.asdict(mesh)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(batch_size=16),  # the global batch
+        dict(model=dataclasses.replace(BASE.model, d_ff=16)),
+        dict(grad_accum=2, mesh=MeshConfig()),
+    ],
+    ids=["batch", "model", "grad_accum"],
+)
+def test_resuming_with_another_batch_or_model_stays_refused(tmp_path, corpus, cut_at_10, change):
+    out = tmp_path / "run"
+    shutil.copytree(cut_at_10, out)
+    config = dataclasses.replace(BASE, **{"mesh": MeshConfig(2, 4), **change})
+    with pytest.raises(RunFileError, match="different config .*only the mesh may change"):
+        train(config, out, progress=False, corpus=corpus)
 
 
 @pytest.mark.slow

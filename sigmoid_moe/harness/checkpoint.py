@@ -12,15 +12,20 @@ records the size and sha256 of every file in it in ``N/sha256.json`` (written to
 name, then renamed). :meth:`Checkpointer.restore` recomputes them first and refuses a
 checkpoint with a missing manifest (its save never finished), a missing or shorter file
 (truncated) or a changed byte (corrupt), naming the file, so garbage never reaches the
-model. :meth:`Checkpointer.restore_latest` falls back to the newest checkpoint that passes,
-with one :class:`~sigmoid_moe.errors.RecoveryWarning` per skipped step (whose folder it then
-deletes: training will write that step again); when none passes it raises
-:class:`~sigmoid_moe.errors.CheckpointError` naming the folder and ``--no-resume``.
+model. Beyond the manifest, a restore fails for any error orbax raises (mapped to
+:class:`~sigmoid_moe.errors.CheckpointError`, never a traceback) and for a value that is not
+finite, and :meth:`Checkpointer.restore_latest` takes a caller's check of the restored state
+too (the trainer reproduces a loss saved with it). It falls back to the newest checkpoint
+that passes everything, with one :class:`~sigmoid_moe.errors.RecoveryWarning` per skipped
+step (whose folder it then deletes: training will write that step again); when none passes
+it raises :class:`~sigmoid_moe.errors.CheckpointError` naming each step's problem and
+``--no-resume``. A state is restored into the shardings of the state it is given, so a
+checkpoint written on one mesh resumes on another.
 
 A save never holds a NaN or an infinity (:class:`~sigmoid_moe.errors.NonFiniteError`, naming
-the leaf), and Ctrl-C during a save is held until the save is complete, so it leaves a whole
-checkpoint and no half-closed orbax event loop behind. In a multi-process job every
-process writes its shards and process 0 writes the manifest once all are done.
+the leaf), and Ctrl-C or SIGTERM during a save is held until the save is complete, so it
+leaves a whole checkpoint and no half-closed orbax event loop behind. In a multi-process
+job every process writes its shards and process 0 writes the manifest once all are done.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import shutil
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,6 +49,7 @@ import orbax.checkpoint as ocp
 
 from sigmoid_moe.errors import CheckpointError, NonFiniteError, RecoveryWarning
 from sigmoid_moe.harness.distributed import fetch, is_writer, sync_processes
+from sigmoid_moe.harness.run_files import unique_temp_name
 
 __all__ = ["MANIFEST", "Checkpointer"]
 
@@ -86,7 +93,7 @@ class Checkpointer:
         sha256 manifest; refuses non-finite floating-point leaves."""
         _require_finite(step, state)
         keyed = {name: _by_path(tree) for name, tree in state.items()}
-        with _interrupts_held():
+        with _signals_held():
             self._manager.save(step, args=ocp.args.StandardSave(keyed), force=True)
             self._manager.wait_until_finished()
             # Every process wrote its shards; one writes the manifest, once all are done.
@@ -109,23 +116,53 @@ class Checkpointer:
         return self._restore_verified(step, like)
 
     def _restore_verified(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
+        state, problem = self._restore_checked(step, like)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} {problem}; start over with "
+                "--no-resume (resume=False)."
+            )
+        return state
+
+    def _restore_checked(self, step: int, like: dict[str, Any]) -> tuple[Any, str | None]:
+        """``(state, None)``: checkpoint ``step`` (its manifest verified) in ``like``'s
+        structure, dtypes and shardings; or ``(None, problem)`` for any failure, a value
+        that is not finite included (no save writes one, so the data are corrupt)."""
         keyed = {name: _by_path(tree) for name, tree in like.items()}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, keyed)
         try:
             _check_fits(self._manager.item_metadata(step), abstract)
-            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-            return _rebuild(restored, like)
         except (ValueError, TypeError, KeyError) as err:
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} passed its sha256 check but does "
-                f"not fit this model ({_first_line(err)}); it was written by another version: "
-                "start over with --no-resume (resume=False)."
-            ) from err
+            return None, (
+                f"passed its sha256 check but does not fit this model ({_first_line(err)}); "
+                "it was written by another version"
+            )
+        try:
+            # Into the shardings of ``like``: a checkpoint of another mesh is resharded.
+            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            state = _rebuild(restored, like)
+        except Exception as err:  # orbax and tensorstore raise bare Exceptions (ZSTD ...)
+            return None, f"passed its sha256 check but cannot be read ({_first_line(err)})"
+        bad = _non_finite_leaves(state)
+        if bad:
+            return None, f"is corrupt ({bad[0]}, which no save writes)"
+        return state, None
 
-    def restore_latest(self, like: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        """``(step, state)`` of the newest checkpoint that passes :meth:`verify`, or None
-        when there is none at all. Newer failing steps are reported (one warning each) and
-        deleted; if every step fails, raises :class:`CheckpointError`."""
+    def restore_latest(
+        self,
+        like: dict[str, Any],
+        check: Callable[[int, dict[str, Any]], str | None] | None = None,
+    ) -> tuple[int, dict[str, Any]] | None:
+        """``(step, state)`` of the newest checkpoint that can be trusted, or None when
+        there is none at all.
+
+        A checkpoint is trusted when it passes :meth:`verify`, restores (:meth:`restore`:
+        it fits the model and every value is finite) and passes ``check(step, state)``,
+        which returns None for a sound state, else what is wrong with it (e.g. ``"gives
+        loss 5.5 on its next batch, not 3.6"``). Newer checkpoints that fail are reported
+        (one :class:`RecoveryWarning` each) and deleted; if every one fails, raises
+        :class:`CheckpointError` naming each step's problem.
+        """
         sync_processes("checkpoints listed")  # every process sees the same steps
         steps = self.steps()
         if not steps:
@@ -133,12 +170,18 @@ class Checkpointer:
         bad: list[tuple[int, str]] = []
         for step in reversed(steps):
             problem = _manifest_problem(self.directory / str(step), step)
-            if problem:
+            if problem is not None:
+                problem = f"is {problem}"
+            else:
+                state, problem = self._restore_checked(step, like)
+                if problem is None and check is not None:
+                    problem = check(step, state)
+            if problem is not None:
                 bad.append((step, problem))
                 continue
             for bad_step, problem in bad:
                 warnings.warn(
-                    f"checkpoint step {bad_step} in {self.directory} is {problem}; resuming "
+                    f"checkpoint step {bad_step} in {self.directory} {problem}; resuming "
                     f"from step {step} and deleting step {bad_step}.",
                     RecoveryWarning,
                     stacklevel=2,
@@ -148,8 +191,8 @@ class Checkpointer:
             sync_processes(f"checkpoints before {step} checked")
             if bad and self._orbax is not None:
                 self._manager.reload()
-            return step, self._restore_verified(step, like)
-        reasons = "; ".join(f"step {s} is {problem}" for s, problem in bad)
+            return step, state
+        reasons = "; ".join(f"step {s} {problem}" for s, problem in bad)
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be trusted ({reasons}); start over with "
             "--no-resume (resume=False)."
@@ -189,8 +232,9 @@ def _sha256(path: pathlib.Path) -> str:
 
 def _write_manifest(folder: pathlib.Path, step: int) -> None:
     manifest = {"format": _FORMAT, "step": step, "files": _file_digests(folder)}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp = unique_temp_name(folder / MANIFEST)
+    with tmp.open("x") as file:
+        file.write(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)
 
 
@@ -228,44 +272,63 @@ def _non_finite_counts(leaves: list) -> list:
     return [jnp.sum(~jnp.isfinite(leaf)) for leaf in leaves]
 
 
-def _require_finite(step: int, state: dict[str, Any]) -> None:
+def _non_finite_leaves(state: dict[str, Any]) -> list[str]:
+    """``"['params']['w'] holds 2 non-finite value(s)"`` for each floating leaf of
+    ``state`` that holds a NaN or an infinity."""
     inexact = [
         (path, leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]
     counts = fetch(_non_finite_counts([leaf for _, leaf in inexact]))
-    for (path, _), bad in zip(inexact, counts, strict=True):
-        if int(bad):
-            raise NonFiniteError(
-                f"step {step}: {jax.tree_util.keystr(path)} holds {int(bad)} non-finite "
-                "value(s); refusing to save it as a checkpoint."
-            )
+    return [
+        f"{jax.tree_util.keystr(path)} holds {int(bad)} non-finite value(s)"
+        for (path, _), bad in zip(inexact, counts, strict=True)
+        if int(bad)
+    ]
+
+
+def _require_finite(step: int, state: dict[str, Any]) -> None:
+    bad = _non_finite_leaves(state)
+    if bad:
+        raise NonFiniteError(f"step {step}: {bad[0]}; refusing to save it as a checkpoint.")
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def _interrupts_held():
-    """Holds a first Ctrl-C (SIGINT) until the block is done, then raises
-    ``KeyboardInterrupt``; a second one interrupts at once. Main thread only."""
+def _signals_held():
+    """Holds a first Ctrl-C, SIGTERM or SIGHUP until the block is done, then delivers it
+    again to the handler that was in place (``KeyboardInterrupt``, the command line's
+    :class:`~sigmoid_moe.errors.Terminated`, or the default action); a second signal
+    interrupts at once. Ignored signals stay ignored. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in _HELD_SIGNALS}
+    held = [s for s, handler in previous.items() if handler is not signal.SIG_IGN]
+
+    def restore() -> None:
+        for signum in held:
+            handler = previous[signum]
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
     def hold(signum, frame):
-        if received:
-            raise KeyboardInterrupt
         received.append(signum)
+        if len(received) > 1:  # a second one: to the handler in place, now
+            restore()
+            signal.raise_signal(signum)
 
-    signal.signal(signal.SIGINT, hold)
+    for signum in held:
+        signal.signal(signum, hold)
     try:
         yield
     finally:
-        restored = previous if previous is not None else signal.default_int_handler
-        signal.signal(signal.SIGINT, restored)
+        restore()
     if received:
-        raise KeyboardInterrupt
+        signal.raise_signal(received[0])
 
 
 def _key_name(entry: Any) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 
 from sigmoid_moe._cli_args import choice, integer, listed, output_dir, real, usage_errors
+from sigmoid_moe.errors import NonFiniteError, Terminated, UsageError
+from sigmoid_moe.sharding import MeshConfig
 
 __all__ = ["add_compare_parser"]
 
@@ -20,38 +23,69 @@ def _data_flag(text: str) -> str:
     return text
 
 
-def _mesh_flag(text: str) -> tuple[int, int]:
-    sizes = {"data": 1, "expert": 1}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or name not in sizes or not value.isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(
-                f"expected data=D,expert=E with sizes >= 1 (e.g. data=2,expert=4), got {text!r}"
-            )
-        sizes[name] = int(value)
-    return sizes["data"], sizes["expert"]
+def _mesh_flag(text: str) -> MeshConfig:
+    try:
+        return MeshConfig.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _spawn_processes(args: argparse.Namespace) -> int:
-    from sigmoid_moe.errors import UsageError
-    from sigmoid_moe.harness.multiprocess import spawn
-
-    devices = args.mesh[0] * args.mesh[1] if args.mesh else 1
-    if devices % args.num_processes:
+def _job_flags(args: argparse.Namespace) -> None:
+    """Checks the flags of a multi-process job (:mod:`sigmoid_moe.harness.multiprocess`)."""
+    joining = args.coordinator is not None
+    if joining != (args.process_id is not None):
         raise UsageError(
-            f"--num-processes {args.num_processes} needs a --mesh whose devices divide over "
-            f"the processes (each gets its share), got {devices} device(s); e.g. "
-            "--mesh data=2,expert=4 --num-processes 2."
+            "--process-id and --coordinator go together: each process of a multi-process job "
+            "is started with both (e.g. --process-id 1 --coordinator host0:1234)."
         )
-    # The last --num-processes wins, however the user's was spelled (argparse also takes
-    # abbreviations such as --num-p): each process runs the job itself, spawning nothing.
-    argv = [*args.argv, "--num-processes=1"]
-    return spawn(argv, args.num_processes, devices // args.num_processes)
+    if joining and not 0 <= args.process_id < args.num_processes:
+        raise UsageError(
+            f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes})."
+        )
+    if args.num_processes > 1:
+        with usage_errors():
+            args.mesh.local_devices(args.num_processes)
 
 
 def _compare(args: argparse.Namespace) -> int:
+    """Trains and reports in this process; with ``--num-processes N`` alone, starts N local
+    processes of this command instead; with ``--process-id`` and ``--coordinator``, runs as
+    that process of a multi-process job."""
+    _job_flags(args)
+    if args.coordinator is not None:
+        return _in_job(args)
     if args.num_processes > 1:
         return _spawn_processes(args)
+    return _run_compare(args)
+
+
+def _in_job(args: argparse.Namespace) -> int:
+    """This process's part of a multi-process job (:mod:`sigmoid_moe.harness.multiprocess`)."""
+    from sigmoid_moe.harness import multiprocess
+
+    multiprocess.initialize(args.process_id, args.num_processes, args.coordinator, args.mesh)
+    try:
+        code = _run_compare(args)
+    except (UsageError, NonFiniteError, KeyboardInterrupt, Terminated):
+        raise
+    except BaseException:
+        multiprocess.settle_failure()  # ends this process if a lost peer is the cause
+        raise
+    multiprocess.finished()
+    return code
+
+
+def _spawn_processes(args: argparse.Namespace) -> int:
+    """Starts this command as ``--num-processes`` local processes that join one job."""
+    from sigmoid_moe.harness.multiprocess import spawn
+
+    def command(process_id: int, coordinator: str) -> list[str]:
+        return [*args.relaunch, f"--process-id={process_id}", f"--coordinator={coordinator}"]
+
+    return spawn(command, args.num_processes)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
     from sigmoid_moe.harness.compare import check_runs, compare, default_strategies
     from sigmoid_moe.harness.data import build_corpus
     from sigmoid_moe.harness.presets import PRESETS
@@ -65,7 +99,6 @@ def _compare(args: argparse.Namespace) -> int:
             ("steps", args.steps),
             ("batch_size", args.batch_size),
             ("grad_accum", args.grad_accum),
-            ("mesh", args.mesh),
         )
         if v is not None
     }
@@ -73,6 +106,7 @@ def _compare(args: argparse.Namespace) -> int:
         changes["warmup_steps"] = min(base.warmup_steps, max(0, changes["steps"] // 10))
     if args.bias_rate_schedule:
         changes["bias_rate_schedule"] = args.bias_rate_schedule
+    changes["mesh"] = args.mesh
     with usage_errors():
         if args.data:
             changes["data"] = dataclasses.replace(base.data, paths=tuple(args.data))
@@ -96,28 +130,30 @@ def _compare(args: argparse.Namespace) -> int:
         seeds = check_runs(strategies, args.seeds or preset.seeds)
         corpus = build_corpus(base.data, base.model.seq_len)
     out = output_dir(args.out or f"runs/compare-{args.preset}")
+    from sigmoid_moe.harness.distributed import is_writer
+    from sigmoid_moe.harness.run_files import run_folder_lock
+
     try:
-        results = compare(
-            base,
-            strategies,
-            out,
-            seeds=seeds,
-            preset=args.preset,
-            jobs=args.jobs,
-            resume=not args.no_resume,
-            progress=not args.quiet,
-            report=True,
-            corpus=corpus,
-            allow_data_change=args.allow_data_change,
-        )
+        with run_folder_lock(out, "--out") if is_writer() else contextlib.nullcontext():
+            results = compare(
+                base,
+                strategies,
+                out,
+                seeds=seeds,
+                preset=args.preset,
+                jobs=args.jobs,
+                resume=not args.no_resume,
+                progress=not args.quiet,
+                report=True,
+                corpus=corpus,
+                allow_data_change=args.allow_data_change,
+            )
     except KeyboardInterrupt:
         print(
             f"\ninterrupted; the last checkpoints under {out}/runs are intact: run the same "
             "command again to resume."
         )
         return 130
-    from sigmoid_moe.harness.distributed import is_writer
-
     if is_writer():
         print()
         print(results_table(results))
@@ -167,6 +203,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--mesh",
         type=_mesh_flag,
+        default=MeshConfig(),
         metavar="data=D,expert=E",
         help="train every run on a D x E device mesh (data parallel x expert parallel); on "
         "CPU the devices are simulated, one worker process per run",
@@ -175,8 +212,19 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         "--num-processes",
         type=integer(1),
         default=1,
-        help="run as this many local processes joined into one --mesh (gloo on 127.0.0.1), "
-        "as a multi-host job would; see sigmoid_moe/harness/multiprocess.py for real hosts",
+        help="run as this many processes joined into one --mesh: alone, as local processes "
+        "(gloo on 127.0.0.1); with --process-id and --coordinator, as that process of a "
+        "multi-host job (see sigmoid_moe/harness/multiprocess.py)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=integer(0),
+        help="this process's index in a multi-process job (with --coordinator)",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address in a multi-process job (with --process-id)",
     )
     p.add_argument(
         "--grad-accum",

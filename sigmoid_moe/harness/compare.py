@@ -290,8 +290,7 @@ def compare(
                 flush=True,
             )
 
-    devices = base.mesh[0] * base.mesh[1]
-    results = map_in_workers(_run_one, tasks, jobs, host_devices=devices, on_done=done)
+    results = map_in_workers(_run_one, tasks, jobs, mesh=base.mesh, on_done=done)
     summary = {
         "base_config": base.to_dict(),
         "data": {**corpus.summary(), "val_split": base.data.val_split},

@@ -60,6 +60,10 @@ class DataConfig:
     Attributes:
       paths: user text files or folders, each with its domain name as
         ``"domain=path"`` (or a bare path: domain ``"user"``). Empty: built-in corpus.
+        One rule for a file named here and the files of a folder: a text file is a
+        regular file named with a suffix of :data:`TEXT_SUFFIXES` whose bytes are UTF-8. A
+        folder's other files are not data; a file named here that is not text is refused,
+        as is a text-named file that does not hold UTF-8 or is not a regular file.
       code_bytes: byte budget of the built-in ``code`` domain.
       prose_bytes: byte budget of the built-in ``prose`` domain.
       val_fraction: share of each domain held out for validation.
@@ -176,7 +180,9 @@ def parse_data_spec(spec: str | pathlib.Path) -> tuple[str, pathlib.Path]:
 
 
 def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
-    """The text files under folder ``path``, sorted; an unreadable subfolder is an error."""
+    """The text files under folder ``path``, sorted: every file named with a text suffix
+    (:data:`TEXT_SUFFIXES`); an unreadable subfolder, or such a name that is not a regular
+    file (a FIFO, a device), is an error."""
 
     def fail(err: OSError) -> None:
         raise type(err)(f"data folder {err.filename!r} cannot be listed ({err.strerror}).")
@@ -184,26 +190,61 @@ def _text_files(path: pathlib.Path) -> list[pathlib.Path]:
     found = []
     for root, _, names in os.walk(path, onerror=fail):
         found += [pathlib.Path(root, n) for n in names if pathlib.Path(n).suffix in TEXT_SUFFIXES]
-    return sorted(p for p in found if p.is_file())
+    for file in found:
+        _require_regular(file)
+    return sorted(found)
+
+
+def _require_regular(path: pathlib.Path) -> None:
+    """Only regular files are read: a FIFO would block the read forever, a device never end."""
+    if not path.is_file():
+        raise ValueError(
+            f"data path {str(path)!r} is not a regular file or a folder (a FIFO, socket or "
+            "device?); pass text files or folders."
+        )
 
 
 def _read(path: pathlib.Path) -> bytes:
+    """The bytes of a data file, which must be text: a text suffix and UTF-8 (the one rule
+    for a file given by name and for the files of a folder)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as err:
         raise type(err)(f"data file {str(path)!r} cannot be read ({err.strerror}).") from None
+    if path.suffix not in TEXT_SUFFIXES:
+        suffix = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        raise ValueError(
+            f"data file {str(path)!r} is not named as a text file ({suffix}); text files "
+            f"end in {', '.join(TEXT_SUFFIXES)}."
+        )
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {err.start} is "
+            f"{data[err.start : err.start + 1]!r}); pass text files."
+        ) from None
+    return data
 
 
 def _user_sources(paths: Sequence[str]) -> list[tuple[str, str, bytes]]:
     sources = []
     for spec in paths:
         domain, path = parse_data_spec(spec)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as err:  # e.g. a name too long
+            raise type(err)(f"data path {str(path)!r} cannot be read ({err.strerror}).") from None
+        if not exists:
             raise FileNotFoundError(
                 f"data path {str(path)!r} does not exist; pass existing text files or folders "
                 "(as PATH or DOMAIN=PATH), or leave --data out for the built-in corpus."
             )
-        files = _text_files(path) if path.is_dir() else [path]
+        if path.is_dir():
+            files = _text_files(path)
+        else:
+            _require_regular(path)
+            files = [path]
         if not files:
             raise ValueError(f"folder {str(path)!r} holds no text file ({TEXT_SUFFIXES}).")
         sources.extend((domain, str(f), _read(f)) for f in files)

@@ -12,9 +12,11 @@ One training loop serves one device and a multi-host mesh. What changes on a mes
   written by process 0 only (:func:`is_writer`), while every process takes part in every
   computation and checkpoint.
 
-Multi-process runs start ``jax.distributed.initialize`` first
-(:mod:`sigmoid_moe.harness.multiprocess`); single-process runs on CPU simulate the devices with
-``--xla_force_host_platform_device_count``.
+The mesh is one value, :class:`~sigmoid_moe.MeshConfig`, checked once where it is given
+(``TrainConfig``) and built here (:func:`run_mesh`). Multi-process runs start
+``jax.distributed.initialize`` first (:mod:`sigmoid_moe.harness.multiprocess`); on CPU each
+worker or process simulates its share of the devices
+(:func:`sigmoid_moe.harness._process.set_up_cpu`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe.sharding import DATA_AXIS, EXPERT_AXIS, make_mesh, rules_for_mesh
+from sigmoid_moe.sharding import DATA_AXIS, EXPERT_AXIS, MeshConfig, rules_for_mesh
 
 __all__ = [
     "fetch",
@@ -42,13 +44,10 @@ __all__ = [
 ]
 
 
-def run_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh | None:
-    """The ``(data, expert)`` mesh of ``shape`` over every device of the job, or None for
-    ``(1, 1)`` (one device, no mesh)."""
-    data, expert = shape
-    if data * expert == 1:
-        return None
-    return make_mesh(data=data, expert=expert)
+def run_mesh(mesh: MeshConfig) -> jax.sharding.Mesh | None:
+    """The ``jax.sharding.Mesh`` of ``mesh`` over every device of the job, or None for one
+    device (no mesh)."""
+    return None if mesh.size == 1 else mesh.make()
 
 
 @contextlib.contextmanager

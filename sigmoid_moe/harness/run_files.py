@@ -1,7 +1,12 @@
 """The files of a run folder, read strictly and repaired only where a crash explains it.
 
-- ``config.json`` / ``data.json`` are written to a temporary name and renamed, so a crash
-  never leaves half a file; reading one that is missing or not JSON raises
+- A run folder has one writer: :func:`run_folder_lock` takes an exclusive lock on its
+  ``.lock`` file and refuses a second writer with
+  :class:`~sigmoid_moe.errors.RunFolderBusyError` naming the folder and the holder's pid.
+  The lock is the kernel's (``flock``), so it ends with its process however that ends: a
+  lock left by a dead process is stale and the next writer simply takes it.
+- ``config.json`` / ``data.json`` are written to a unique temporary name and renamed, so a
+  crash never leaves half a file; reading one that is missing or not JSON raises
   :class:`~sigmoid_moe.errors.RunFileError` naming it.
 - ``metrics.jsonl`` / ``eval.jsonl`` hold one JSON object per line with an increasing
   ``step``. The only damage a crash can do is an unterminated last line: on resume it is
@@ -16,26 +21,82 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
+import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from sigmoid_moe.errors import DataChangedError, NonFiniteError, RecoveryWarning, RunFileError
+from sigmoid_moe.errors import (
+    DataChangedError,
+    NonFiniteError,
+    RecoveryWarning,
+    RunFileError,
+    RunFolderBusyError,
+)
 
 __all__ = [
+    "LOCK_FILE",
     "check_same_data",
     "read_json",
     "read_jsonl",
     "require_finite",
+    "run_folder_lock",
     "truncate_jsonl",
+    "unique_temp_name",
     "write_json",
 ]
 
 START_OVER = "start over with --no-resume (resume=False)"
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | os.PathLike, what: str = "run folder") -> Iterator[None]:
+    """Holds ``folder``'s writer lock inside (creating the folder if needed); raises
+    :class:`RunFolderBusyError` (naming ``what``, the folder and the holder's pid) when
+    another process holds it.
+
+    ``flock`` on ``folder/.lock``: released by the kernel when the holder exits or dies, so
+    a stale lock needs no clean-up. The file stays (holding the pid of the current or last
+    holder); another lock on it, even from this process, is refused.
+    """
+    pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(pathlib.Path(folder) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            raise RunFolderBusyError(
+                f"{what} {str(folder)!r} is in use by another sigmoid-moe run ({holder}); wait "
+                "for it to finish, or pass another folder."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    """``"pid N"`` from a held lock file (the holder writes it just after locking)."""
+    for _ in range(50):
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return f"pid {text}"
+        time.sleep(0.01)
+    return "pid unknown"
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
@@ -90,13 +151,14 @@ def truncate_jsonl(path: pathlib.Path, last_step: int, *, every_step: bool) -> N
     _write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) -> None:
+def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) -> bool:
     """Compares the corpus ``summary`` (``Corpus.summary()``) with the one saved in
-    ``path`` (``data.json``) by each file's domain, size and sha256, in order.
+    ``path`` (``data.json``) by each file's domain, size and sha256, in order; whether
+    they differ.
 
     Raises :class:`DataChangedError` when they differ unless ``allow_change``, which
-    warns instead. Paths only name the files: the same bytes moved elsewhere are the
-    same data.
+    warns instead (and returns True). Paths only name the files: the same bytes moved
+    elsewhere are the same data.
     """
     hint = "pass --allow-data-change (allow_data_change=True) to resume anyway, or " + START_OVER
     saved = read_json(path, hint=hint)
@@ -106,7 +168,7 @@ def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) ->
         raise RunFileError(f"{path} is corrupt (no valid 'files' list); {hint}.") from None
     files = [_file_entry(f) for f in summary["files"]]
     if [f[:3] for f in saved_files] == [f[:3] for f in files]:
-        return
+        return False
     changes = _describe_changes(saved_files, files)
     message = f"the training data changed since {path} was written ({changes})"
     if not allow_change:
@@ -114,6 +176,7 @@ def check_same_data(path: pathlib.Path, summary: dict, *, allow_change: bool) ->
             f"{message}; resuming would continue on another corpus: restore the data, {hint}."
         )
     warnings.warn(f"{message}; resuming anyway, as allowed.", RecoveryWarning, stacklevel=2)
+    return True
 
 
 def require_finite(step: int, record: dict) -> None:
@@ -201,6 +264,19 @@ def _why(err: json.JSONDecodeError | UnicodeDecodeError) -> str:
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``text`` into ``path`` through a temporary file of a unique name, then a rename."""
+    tmp = unique_temp_name(path)
+    try:
+        with tmp.open("x") as file:  # created new, with the umask's permissions
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def unique_temp_name(path: pathlib.Path) -> pathlib.Path:
+    """A temporary name beside ``path`` that no other writer uses (pid and a random part),
+    for writing a file whole before renaming it to ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")

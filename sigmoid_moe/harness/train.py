@@ -54,13 +54,14 @@ from sigmoid_moe.harness.run_files import (
     check_same_data,
     read_json,
     require_finite,
+    run_folder_lock,
     truncate_jsonl,
     write_json,
 )
 from sigmoid_moe.losses import balance_loss
 from sigmoid_moe.metrics import max_violation
 from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
-from sigmoid_moe.sharding import EXPERT_AXIS
+from sigmoid_moe.sharding import MeshConfig
 
 __all__ = ["TrainConfig", "TrainResult", "TrainStep", "make_train_step", "per_layer", "train"]
 
@@ -89,11 +90,13 @@ class TrainConfig:
       grad_accum: micro-batches per optimizer step (``batch_size / grad_accum``
         sequences each, run one after the other); the gradient is their mean, the bias
         moves once per step, from the loads combined by ``model.balance_scope``.
-      mesh: ``(data, expert)`` devices to train on (``(1, 1)``: one device). The batch is
-        split over all of them, the parameters placed by the logical-axis rules, the
-        experts split over the expert axis (expert parallelism when it is > 1); the bias
-        update uses the global int load, so the numbers match the one-device run up to
-        float reduction order (:mod:`sigmoid_moe.harness.distributed`).
+      mesh: the devices to train on (:class:`~sigmoid_moe.MeshConfig`; the default: one
+        device). The batch is split over all of them, the parameters placed by the
+        logical-axis rules, the experts split over the expert axis (expert parallelism
+        when it is > 1); the bias update uses the global int load, so the numbers match
+        the one-device run up to float reduction order
+        (:mod:`sigmoid_moe.harness.distributed`). It is the one setting a run may change
+        when it resumes: the checkpoint is restored into the new mesh's shardings.
       seed: model init and data order.
       eval_every: validation loss on ``eval_windows`` windows every so many steps.
       checkpoint_every: steps between checkpoints (one is always written at the end).
@@ -112,7 +115,7 @@ class TrainConfig:
     bias_rule: BiasRule = "sign"
     bias_rate_schedule: RateSchedule = "constant"
     grad_accum: int = 1
-    mesh: tuple[int, int] = (1, 1)
+    mesh: MeshConfig = MeshConfig()
     seed: int = 0
     eval_every: int = 50
     eval_windows: int = 64
@@ -127,28 +130,18 @@ class TrainConfig:
             require_int(name, getattr(self, name), 1)
         require_int("warmup_steps", self.warmup_steps, 0)
         require_int("grad_accum", self.grad_accum, 1)
-        if not (isinstance(self.mesh, tuple) and len(self.mesh) == 2):
-            raise TypeError(f"mesh must be a (data, expert) tuple of ints, got {self.mesh!r}.")
-        for name, size in zip(("data", "expert"), self.mesh, strict=True):
-            require_int(f"mesh {name} size", size, 1)
-        devices = self.mesh[0] * self.mesh[1]
-        micro = self.batch_size // max(1, self.grad_accum)
-        if devices > 1 and micro % devices:
-            raise ValueError(
-                f"a micro-batch of {micro} sequences does not split over the mesh's {devices} "
-                f"devices {self.mesh}; use a batch_size / grad_accum that is a multiple of "
-                f"{devices}."
-            )
-        if self.model.num_experts % self.mesh[1]:
-            raise ValueError(
-                f"the mesh's expert axis ({self.mesh[1]}) must divide num_experts="
-                f"{self.model.num_experts}."
-            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}; "
                 "each micro-batch holds batch_size / grad_accum sequences."
             )
+        if not isinstance(self.mesh, MeshConfig):
+            raise TypeError(
+                f"mesh must be a MeshConfig such as MeshConfig(data=2, expert=4), got "
+                f"{self.mesh!r}."
+            )
+        # Each micro-batch is split over every device (the library's own mesh check).
+        self.mesh.validate(self.model_on_mesh().moe_config(), batch_size=self.micro_batch_size)
         require_int("seed", self.seed, 0)
         if self.warmup_steps >= self.steps:
             raise ValueError(
@@ -163,6 +156,11 @@ class TrainConfig:
         require_choice("bias_rule", self.bias_rule, BIAS_RULES)
         require_choice("bias_rate_schedule", self.bias_rate_schedule, RATE_SCHEDULES)
 
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per micro-batch, ``batch_size / grad_accum``."""
+        return self.batch_size // self.grad_accum
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -171,14 +169,14 @@ class TrainConfig:
         d = dict(d)
         data = dict(d.pop("data"))
         data["paths"] = tuple(data.get("paths", ()))
-        if "mesh" in d:
-            d["mesh"] = tuple(d["mesh"])
+        if "mesh" in d:  # {"data": D, "expert": E}; [D, E] in older run folders
+            mesh = d["mesh"]
+            d["mesh"] = MeshConfig(**mesh) if isinstance(mesh, dict) else MeshConfig(*mesh)
         return cls(model=ModelConfig(**d.pop("model")), data=DataConfig(**data), **d)
 
     def model_on_mesh(self) -> ModelConfig:
         """The model as trained: expert parallel over ``"expert"`` when that axis is > 1."""
-        expert_axis = EXPERT_AXIS if self.mesh[1] > 1 else None
-        return dataclasses.replace(self.model, expert_axis=expert_axis)
+        return dataclasses.replace(self.model, expert_axis=self.mesh.expert_axis)
 
     def lr_schedule(self) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
@@ -439,9 +437,11 @@ def train(
 
     Args:
       config: the run.
-      out_dir: its folder. When it holds a checkpoint and ``resume`` is True, training
-        continues from the newest one that passes its sha256 check (the saved config must
-        equal ``config`` and the corpus the saved ``data.json``); see
+      out_dir: its folder, locked while the run writes it (one writer per folder). When it
+        holds a checkpoint and ``resume`` is True, training continues from the newest one
+        that passes its sha256 check, restores whole and finite, and reproduces the loss
+        saved with it on its next batch (the saved config must equal ``config``, except for
+        the mesh, and the corpus the saved ``data.json``); see
         :mod:`~sigmoid_moe.harness.checkpoint` and :mod:`~sigmoid_moe.harness.run_files`.
       resume: False starts over, deleting the old checkpoints and metrics.
       progress: show a tqdm bar with loss and mean MaxVio_batch.
@@ -453,6 +453,7 @@ def train(
         (a warning instead of :class:`~sigmoid_moe.errors.DataChangedError`).
 
     Raises:
+      RunFolderBusyError: another process is writing ``out_dir``.
       RunFileError: resuming a folder whose files are corrupt or belong to another run.
       NonFiniteError: a step's loss, bias, validation loss or another metric is NaN or
         infinite; that step is neither logged nor saved.
@@ -460,7 +461,8 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
     mesh = run_mesh(config.mesh)
-    with mesh_context(mesh):
+    lock = run_folder_lock(out_dir) if is_writer() else contextlib.nullcontext()
+    with mesh_context(mesh), lock:
         return _train(
             config,
             out_dir,
@@ -487,12 +489,15 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
     ckpt = Checkpointer(out / "checkpoints")
     resuming = resume and ckpt.latest_step() is not None
     if resuming:
-        if not _same_config(read_json(config_path), config):
+        if not _same_run(read_json(config_path), config):
             raise RunFileError(
-                f"{out} holds a checkpoint of a different config; pick a new out_dir or "
-                "pass resume=False (--no-resume) to start over."
+                f"{out} holds a checkpoint of a different config (only the mesh may change "
+                "on resume); pick a new out_dir or pass resume=False (--no-resume) to start "
+                "over."
             )
-        check_same_data(out / "data.json", corpus.summary(), allow_change=allow_data_change)
+        data_changed = check_same_data(
+            out / "data.json", corpus.summary(), allow_change=allow_data_change
+        )
     if is_writer():
         write_json(config_path, config.to_dict())
         write_json(out / "data.json", corpus.summary())
@@ -514,9 +519,31 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
             "params": params,
             "bias": bias,
             "opt_state": opt_state,
-            "counters": {"step": np.zeros((), np.int64), "position": np.zeros((), np.int64)},
+            "counters": {
+                "step": np.zeros((), np.int64),
+                "position": np.zeros((), np.int64),
+                "check_loss": np.zeros((), np.float64),
+            },
         }
-        restored = ckpt.restore_latest(like)
+
+        def sound(step: int, state: dict) -> str | None:
+            """None when the restored state gives the loss saved with it on its next batch
+            (not checked when the data changed, as allowed: that batch is another one)."""
+            if data_changed:
+                return None
+            counters = state["counters"]
+            model = nnx.merge(graphdef, state["params"], state["bias"])
+            saved = float(counters["check_loss"])
+            got = _next_batch_loss(model, corpus, int(counters["position"]), config, mesh)
+            if not np.isclose(got, saved, rtol=CHECK_LOSS_RTOL, atol=0.0):
+                return (
+                    f"is corrupt (its loss on the batch after it is {got:.6g}, not the "
+                    f"{saved:.6g} saved with it)"
+                )
+            return None
+
+        # Restored into this run's shardings: a checkpoint of another mesh is resharded.
+        restored = ckpt.restore_latest(like, check=sound)
     if restored is not None:
         start, state = restored
         params, bias, opt_state = state["params"], state["bias"], state["opt_state"]
@@ -560,6 +587,8 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                     efile.flush()
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     mfile.flush()
+                    model = nnx.merge(graphdef, params, bias)
+                    check_loss = _next_batch_loss(model, corpus, position, config, mesh)
                     state = {
                         "params": params,
                         "bias": bias,
@@ -567,6 +596,7 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                         "counters": {
                             "step": np.asarray(done, np.int64),
                             "position": np.asarray(position, np.int64),
+                            "check_loss": np.asarray(check_loss, np.float64),
                         },
                     }
                     ckpt.save(done, state)
@@ -594,11 +624,25 @@ def _log(path: pathlib.Path):
         yield io.StringIO()
 
 
-def _same_config(saved: object, config: TrainConfig) -> bool:
+def _same_run(saved: object, config: TrainConfig) -> bool:
+    """Whether ``saved`` (a ``config.json``) is ``config`` on any mesh."""
     try:
-        return TrainConfig.from_dict(saved) == config
-    except (TypeError, ValueError, KeyError, AttributeError):  # another version's config
+        return dataclasses.replace(TrainConfig.from_dict(saved), mesh=config.mesh) == config
+    except (TypeError, ValueError, KeyError, AttributeError):  # another version's or run's
         return False
+
+
+# A restored checkpoint must reproduce the loss saved with it to this relative tolerance:
+# exact on the same mesh, float reduction order on another (~1e-7; corruption moves it far).
+CHECK_LOSS_RTOL = 1e-5
+
+
+def _next_batch_loss(model, corpus: Corpus, position: int, config: TrainConfig, mesh) -> float:
+    """``model``'s loss on the training batch at data ``position`` (the next step's), as
+    evaluation computes it: saved with every checkpoint and reproduced on restore, so a
+    state that differs from the one saved never trains."""
+    windows = train_batch(corpus, position, config.batch_size, config.seed)
+    return validation_loss(model, windows, mesh)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):

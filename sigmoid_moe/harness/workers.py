@@ -15,12 +15,15 @@ two-threaded process (figures: README, "The main job").
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
+import queue
+import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
+
+from sigmoid_moe.harness._process import set_up_cpu, watch_parent
+from sigmoid_moe.sharding import MeshConfig
 
 __all__ = ["default_jobs", "map_in_workers"]
 
@@ -32,22 +35,13 @@ def default_jobs(num_tasks: int) -> int:
     return max(1, min(num_tasks, os.cpu_count() or 1))
 
 
-def _set_up_worker(host_devices: int) -> None:
-    """Runs in each worker before JAX starts its backend (XLA reads its flags then)."""
-    kept = [
-        flag
-        for flag in os.environ.get("XLA_FLAGS", "").split()
-        if not any(
-            name in flag
-            for name in ("device_count", "multi_thread_eigen", "intra_op_parallelism_threads")
-        )
-    ]
-    kept += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-    os.environ["XLA_FLAGS"] = " ".join(kept)
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax  # imported already (unpickling this function); the backend is not started
-
-    jax.config.update("jax_num_cpu_devices", host_devices)
+def _set_up_worker(host_devices: int, parent_pid: int) -> None:
+    """Runs in each worker before JAX starts its backend: one XLA thread, the mesh's
+    simulated devices. Ctrl-C is the parent's to handle (it ends the workers), and a worker
+    whose parent is gone ends itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(parent_pid)
+    set_up_cpu(host_devices, single_thread=True)
 
 
 def map_in_workers(
@@ -55,7 +49,7 @@ def map_in_workers(
     tasks: Sequence[tuple[Any, ...]],
     jobs: int,
     *,
-    host_devices: int = 1,
+    mesh: MeshConfig | None = None,
     on_done: Callable[[int, T], None] | None = None,
 ) -> list[T]:
     """``[fn(*task) for task in tasks]``, each computed in a single-threaded worker process.
@@ -69,13 +63,15 @@ def map_in_workers(
       fn: a module-level function; the tasks must be picklable.
       tasks: its argument tuples.
       jobs: workers running at once.
-      host_devices: CPU devices each worker simulates (a device mesh needs them).
+      mesh: the mesh the tasks train on (default one device); each worker simulates its
+        devices.
       on_done: ``on_done(index, result)``, called here as each task finishes (in
         completion order).
 
     Returns:
-      The results in task order. An exception in a task is raised here; tasks not yet
-      started are cancelled.
+      The results in task order. An exception in a task is raised here, and so are
+      Ctrl-C and :class:`~sigmoid_moe.errors.Terminated`: the workers are then ended at once
+      (tasks not yet started never start), and none outlives this process.
 
     On a GPU or TPU backend, and in a multi-process job (whose processes share one mesh),
     the tasks run here, one after the other, on this process's devices.
@@ -92,31 +88,48 @@ def map_in_workers(
     context = multiprocessing.get_context("spawn")
     results: list[Any] = [None] * len(tasks)
     workers = max(1, min(jobs, len(tasks)))
-    with contextlib.ExitStack() as stack:
-        pools = [
-            stack.enter_context(
-                ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=context,
-                    initializer=_set_up_worker,
-                    initargs=(host_devices,),
-                )
-            )
-            for _ in range(workers)
-        ]
+    devices = 1 if mesh is None else mesh.size
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # (index, ok, result or exception)
+    pools: list = []
+    try:
+        for _ in range(workers):
+            pools.append(context.Pool(1, _set_up_worker, (devices, os.getpid())))
         # Task i goes to worker i * workers // n: contiguous shares, in task order.
-        futures = {
-            pools[index * workers // len(tasks)].submit(fn, *task): index
-            for index, task in enumerate(tasks)
-        }
-        try:
-            for future in as_completed(futures):
-                index = futures[future]
-                results[index] = future.result()
-                if on_done is not None:
-                    on_done(index, results[index])
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        for index, task in enumerate(tasks):
+            pools[index * workers // len(tasks)].apply_async(
+                fn,
+                task,
+                callback=_report(finished, index, True),
+                error_callback=_report(finished, index, False),
+            )
+        for _ in tasks:
+            while True:  # a timeout, so that signals are handled while waiting
+                try:
+                    index, ok, value = finished.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    continue
+            if not ok:
+                raise value
+            results[index] = value
+            if on_done is not None:
+                on_done(index, value)
+    except BaseException:
+        _end_now(pools)
+        raise
+    for pool in pools:
+        pool.close()
+        pool.join()
     return results
+
+
+def _report(finished: queue.SimpleQueue, index: int, ok: bool) -> Callable[[Any], None]:
+    """A pool callback that puts ``(index, ok, value)`` on ``finished``."""
+    return lambda value: finished.put((index, ok, value))
+
+
+def _end_now(pools: list) -> None:
+    """Kills the pools' workers and drops the pools (emptying ``pools``)."""
+    for pool in pools:
+        pool.terminate()
+    pools.clear()

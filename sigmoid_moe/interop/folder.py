@@ -53,11 +53,31 @@ _STORED_DTYPES = {
 }
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is an error (JSON readers keep the
+    last one silently: an index would then map a tensor to whichever shard came last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"{key!r} twice (to {out[key]!r} and {value!r})")
+        out[key] = value
+    return out
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ValueError(
+            f"{path} maps {err}; each tensor (and setting) must appear once: the file is "
+            "corrupt or was edited by hand."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}.") from None
 
@@ -199,6 +219,9 @@ class _FolderSource:
     def __init__(self, folder: CheckpointFolder, prefix: str, block, context: str):
         self._folder, self._prefix, self._block, self._context = folder, prefix, block, context
         self.names = frozenset(k[len(prefix) :] for k in folder.weight_map if k.startswith(prefix))
+
+    def key(self, name: str) -> str:
+        return self._prefix + name
 
     def stored_dtype(self, name: str) -> Any:
         return self._folder.info(self._prefix + name)[1]

@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 
 from sigmoid_moe import _hf_config as hf
-from sigmoid_moe.config import RouterConfig
+from sigmoid_moe.config import MoEConfig, RouterConfig
 from sigmoid_moe.interop.fp8 import FP8_DTYPE, dequantize_blocks, scale_shape
-from sigmoid_moe.layer import MoEConfig, MoELayer
+from sigmoid_moe.layer import MoELayer
 
 __all__ = [
     "ArraySource",
@@ -60,6 +60,9 @@ class TensorSource(Protocol):
     """The tensors of one MoE block, by name relative to its prefix."""
 
     names: frozenset[str]  # every tensor name the source holds (FP8 scales included)
+
+    def key(self, name: str) -> str:
+        """``name`` as it is stored (with its prefix), for messages."""
 
     def read(self, name: str, shape: tuple[int, ...], dtype: Any, index: int | None) -> Any:
         """``name`` (its ``index``-th slice along axis 0 when given) as a NumPy ``dtype``
@@ -133,28 +136,32 @@ class ArraySource:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {prefix!r}.")
         self._state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        self._prefix = prefix
         self.names = frozenset(self._state)
         self._block = block
 
+    def key(self, name: str) -> str:
+        return self._prefix + name
+
     def read(self, name, shape, dtype, index=None):
+        key = self.key(name)
         if name not in self._state:
-            raise KeyError(
-                f"state_dict has no {name!r}; its keys start with {sorted(self._state)[:4]}..."
-            )
+            stored = sorted(self.key(n) for n in self._state)[:4]
+            raise KeyError(f"state_dict has no {key!r}; its keys start with {stored}...")
         raw = np.asarray(self._state[name])
-        check_stored(name, raw.shape, raw.dtype, shape, "")
+        check_stored(key, raw.shape, raw.dtype, shape, "")
         scale = self._state.get(name + SCALE_SUFFIX)
         if scale is not None:
             scale = np.asarray(scale)
             if self._block is not None and scale.shape != scale_shape(raw.shape, self._block):
                 raise ValueError(
-                    f"{name + SCALE_SUFFIX!r} has shape {scale.shape}, expected "
+                    f"{key + SCALE_SUFFIX!r} has shape {scale.shape}, expected "
                     f"{scale_shape(raw.shape, self._block)} for blocks {self._block}."
                 )
         if index is not None:
             raw = raw[index]
             scale = None if scale is None else scale[index]
-        return materialize(name, raw, scale, self._block, dtype)
+        return materialize(key, raw, scale, self._block, dtype)
 
 
 def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -234,8 +241,8 @@ def build_layer(
         if not np.all(np.isfinite(value)):
             part = "" if index is None else f" (expert {index})"
             raise ValueError(
-                f"{_where(name, context)}{part} holds NaN or inf: a corrupt checkpoint, or an "
-                "overflow in its conversion; refusing to route with it."
+                f"{_where(source.key(name), context)}{part} holds NaN or inf: a corrupt "
+                "checkpoint, or an overflow in its conversion; refusing to route with it."
             )
         return value
 
@@ -246,7 +253,7 @@ def build_layer(
         bias_e[...] = read("gate.e_score_correction_bias", (e,), np.float32)
     elif fam.has_bias and not allow_missing_bias:
         raise ValueError(
-            f"{_where('gate.e_score_correction_bias', context)} is missing: the "
+            f"{_where(source.key('gate.e_score_correction_bias'), context)} is missing: the "
             f"{fam.name} gate selects with it, a zero bias would route differently. Pass "
             "allow_missing_bias=True to route with a zero bias on purpose."
         )
@@ -272,7 +279,7 @@ def build_layer(
         shared_out[...] = read("shared_experts.down_proj.weight", (d, fs)).T
         arrays.update(shared_w_in_df=shared_in, shared_w_out_fd=shared_out)
 
-    _refuse_unused(source.names - used, shared, fam, context)
+    _refuse_unused(source, source.names - used, shared, fam, context)
     layer = nnx.eval_shape(lambda: MoELayer(moe_config, rngs=nnx.Rngs(0)))
     for name, value in arrays.items():
         # On CPU the aligned host buffer becomes the array (no second copy of the layer).
@@ -281,7 +288,9 @@ def build_layer(
     return layer
 
 
-def _refuse_unused(unused: set[str], shared: int, fam: hf.Family, context: str) -> None:
+def _refuse_unused(
+    source: TensorSource, unused: set[str], shared: int, fam: hf.Family, context: str
+) -> None:
     if not unused:
         return
     names = sorted(unused)
@@ -294,7 +303,7 @@ def _refuse_unused(unused: set[str], shared: int, fam: hf.Family, context: str) 
         hints.append("experts beyond n_routed_experts, or both fused and per-expert keys")
     hint = f" ({'; '.join(hints)})" if hints else ""
     where = f" in {context}" if context else ""
-    shown = ", ".join(repr(n) for n in names[:8])
+    shown = ", ".join(repr(source.key(n)) for n in names[:8])
     if len(names) > 8:
         shown += f" and {len(names) - 8} more"
     raise ValueError(
