@@ -13,16 +13,17 @@ pre-activations ``h [R, 2F]`` (the gathered rows are not kept; the backward gath
 again). Its forward and backward choose the grouped matmuls when the program is lowered
 (``jax.lax.platform_dependent``):
 
-============  ==============================  =========================================
-kernel        on its own platform             elsewhere
-============  ==============================  =========================================
-``triton``    cuda: Pallas Triton kernels      the same kernels in the Pallas interpreter
-              (:mod:`sigmoid_moe._pallas_triton`)
-``megablox``  tpu: Pallas Megablox ``gmm`` /  the same kernels in the Pallas interpreter
-              ``tgmm`` (Mosaic)
-``accelerator``  cuda: ``triton``; tpu:        other (rocm): ``jax.lax.ragged_dot`` over
-              ``megablox``                     the tiles' groups
-============  ==============================  =========================================
+===============  ====================================  ===================================
+kernel           compiled for                          elsewhere
+===============  ====================================  ===================================
+``triton``       cuda: Pallas kernels lowered with      the same kernels in the Pallas
+                 Triton (:mod:`sigmoid_moe.            interpreter
+                 _pallas_triton`)
+``megablox``     tpu: Pallas Megablox ``gmm`` /         the same kernels in the Pallas
+                 ``tgmm`` (Mosaic)                      interpreter
+``accelerator``  tpu: ``megablox``; any other           (never lowered for the CPU: the
+                 (cuda, rocm): ``triton``               caller picks the CPU kernel there)
+===============  ====================================  ===================================
 
 The gradient of the tokens gathers each token's ``k`` row gradients and sums them in a
 fixed order (no scatter-add, whose float atomics would make it vary from run to run on a
@@ -180,32 +181,11 @@ def _megablox(interpret: bool) -> _Backend:
     return _Backend(gmm, tgmm)
 
 
-def _ragged_dot() -> _Backend:
-    def gmm(lhs, rhs, tiles, transpose_rhs):
-        rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-        return jax.lax.ragged_dot(lhs, rhs, _group_rows(lhs, tiles))
-
-    def tgmm(lhs, rhs, tiles):
-        # The ragged dimension (rows) contracted: one [K, N] product per group.
-        dims = jax.lax.RaggedDotDimensionNumbers(
-            dot_dimension_numbers=(([0], [0]), ([], [])),
-            lhs_ragged_dimensions=[0],
-            rhs_group_dimensions=[],
-        )
-        return jax.lax.ragged_dot_general(lhs, rhs, _group_rows(lhs, tiles), dims)
-
-    return _Backend(gmm, tgmm)
-
-
 # Per kernel: the implementation for each platform the program may be lowered for.
 _PLATFORMS = {
     "triton": {"cuda": _triton(interpret=False), "default": _triton(interpret=True)},
     "megablox": {"tpu": _megablox(interpret=False), "default": _megablox(interpret=True)},
-    "accelerator": {
-        "cuda": _triton(interpret=False),
-        "tpu": _megablox(interpret=False),
-        "default": _ragged_dot(),
-    },
+    "accelerator": {"tpu": _megablox(interpret=False), "default": _triton(interpret=False)},
 }
 
 

@@ -35,10 +35,8 @@ program exported on a CPU host for ``cuda`` or ``tpu`` holds the accelerator ker
 platform     dropless (no ``capacity``)   with a ``capacity``
 ===========  ===========================  ================================================
 cpu          ``"blocked"``                ``"blocked"``
-cuda         ``"triton"``                 ``"batched"``
 tpu          ``"megablox"``               ``"batched"``
-other        ``jax.lax.ragged_dot`` over  ``"batched"``
-             the tiles' groups
+cuda, rocm   ``"triton"``                 ``"batched"``
 ===========  ===========================  ================================================
 
 Why: XLA:CPU computes ``ragged_dot`` as a dense masked product over all ``E`` experts; and
@@ -49,8 +47,8 @@ recent cuDNN, sm80+), which only a GPU compile shows. A tile kernel cannot becom
 Differentiation: every kernel in reverse mode; ``"batched"`` and ``"ragged_dot"`` also in
 forward mode (the others are ``custom_vjp`` functions). Under ``"auto"`` the lowering keeps
 one platform's kernel, and the CPU kernel's ``custom_vjp`` and the accelerator kernels' one
-``custom_vjp`` (:mod:`sigmoid_moe._grouped_matmul`, one residual layout for Triton,
-Megablox and ``ragged_dot``) are the only two sets of residuals the traced program holds.
+``custom_vjp`` (:mod:`sigmoid_moe._grouped_matmul`, one residual layout for Triton and
+Megablox) are the only two sets of residuals the traced program holds.
 """
 
 from __future__ import annotations
