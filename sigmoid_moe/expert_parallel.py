@@ -16,15 +16,17 @@ Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens, ``k
     sort the T_l * k copies by global expert (= by owner device, then local expert)
     all_to_all of per-expert counts  -> sizes and offsets (sigmoid_moe.ragged_exchange)
     ragged_all_to_all                -> received rows grouped by local expert
-    local experts                    -> ragged_dot (GPU/TPU) or the blocked kernel (CPU)
+    local experts                    -> sigmoid_moe.expert_kernels.grouped_swiglu
     ragged_all_to_all back           -> every copy's output in the sender's sorted order
     unsort + combine                 -> y [T_l, d]
 
 Each copy crosses the wire once per direction, so the bytes moved are the minimum
 ``T * k * d * itemsize * (n - 1) / n`` per direction for balanced routing, plus ``3 E``
 int32 per device for the plan. The receive buffer is allocated for the worst case
-(:func:`sigmoid_moe.ragged_exchange.dropless_receive_rows`, ``n * T_l * k`` rows: all
-copies on one device), so nothing is ever dropped; it is allocated, not sent. On CPU the
+(:func:`sigmoid_moe.ragged_exchange.dropless_receive_rows`, ``n * T_l * min(E_l, k)``
+rows: every sender's tokens each sending this device one row per distinct local expert),
+so nothing is ever dropped; it is allocated, not sent. A token that lists an expert twice
+sends one row for both copies, which combine it with their own weights. On CPU the
 exchange is emulated (XLA:CPU has no ragged-all-to-all) with padded collectives, ``n``
 times the bytes; the offsets, the sort and the kernels are the same code as on GPU/TPU.
 
@@ -38,10 +40,14 @@ times the bytes; the offsets, the sort and the kernels are the same code as on G
 
 ``C = capacity(T_l, k, E, capacity_factor)`` slots per (sender, expert); overflow is
 dropped with the priority of :func:`sigmoid_moe.capacity_moe` (choice rank first, then
-token order), counted, and summed over the mesh. The local experts run as a batched
-matmul over every slot (``kernel="batched"``, GPU/TPU) or, on CPU, through
-:func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` over the filled slots only
-(``kernel="blocked"``; the fill counts travel with one more small all-to-all).
+token order), counted, and summed over the mesh. The fill counts travel with one more
+small all-to-all, and the local experts run through
+:func:`sigmoid_moe.expert_kernels.grouped_swiglu`: a batched matmul over every slot
+(``kernel="batched"``) or the filled slots only (``kernel="blocked"``).
+
+``kernel="auto"`` is chosen per platform when the program is lowered, as in
+:mod:`sigmoid_moe.expert_kernels`: a ``cuda`` or ``tpu`` export made on a CPU host holds
+the accelerator kernel.
 
 The expert load is counted per device and ``psum``-ed in int32 over every mesh axis, so
 each replica sees the same global load, and so the bit-identical bias after an update.
@@ -342,10 +348,11 @@ def expert_parallel_moe(
       expert_axis: the mesh axis the experts are split over.
       capacity_factor: ``None`` for dropless EP through the ragged exchange; a float for
         capacity EP with ``ceil(factor * T_l * k / E)`` slots per (sender, expert).
-      kernel: the local experts' kernel. Dropless: ``"ragged_dot"`` or ``"blocked"``;
-        capacity: ``"batched"`` over every slot or ``"blocked"`` over the filled slots;
-        ``"auto"`` picks ``"blocked"`` on CPU and ``"ragged_dot"`` / ``"batched"``
-        elsewhere (by the default backend: to lower for GPU on a CPU host, name it).
+      kernel: the local experts' kernel (:mod:`sigmoid_moe.expert_kernels`). Dropless:
+        ``"blocked"``, ``"ragged_dot"``, ``"triton"`` or ``"megablox"``; capacity:
+        ``"batched"`` over every slot or ``"blocked"`` over the filled slots. ``"auto"``
+        is chosen when lowered, for the platform lowered for: ``"blocked"`` on CPU;
+        dropless ``"triton"`` on GPUs and ``"megablox"`` on TPU; capacity ``"batched"``.
       block_size: rows per block of the blocked kernel; ``None`` lets the kernel choose
         (:func:`sigmoid_moe.blocked_ffn.auto_block_size` of the rows per local expert).
 

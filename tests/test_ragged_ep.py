@@ -70,8 +70,10 @@ def test_dropless_ep_matches_dropless_moe(kernel):
 
 
 def test_every_copy_on_one_device_fills_the_worst_case_buffer():
-    """All T * k copies routed to device 0's experts 0, 1 (with duplicates, as k > E_l):
-    its n * T_l * k receive rows are all used, nothing is lost."""
+    """All T * k copies routed to device 0's experts 0, 1 (with duplicates, as k = 3 >
+    E_l = 2): every token sends it min(E_l, k) = 2 rows, which fill its n * T_l * 2 = 128
+    receive rows exactly (n * T_l * k would be 192); nothing is lost, and a duplicate copy
+    combines the row its first copy sent."""
     x_td, _, weights_tk, w_in, w_out, _ = _problem()
     ids_tk = (jnp.arange(T)[:, None] + jnp.arange(K)) % 2
     mesh = jax.make_mesh((8,), ("expert",), (AxisType.Auto,))
@@ -81,6 +83,13 @@ def test_every_copy_on_one_device_fills_the_worst_case_buffer():
     ref = dropless_moe(x_td, ids_tk, weights_tk, w_in, w_out, kernel="ragged_dot")
     np.testing.assert_allclose(np.asarray(out.y_td), np.asarray(ref.y_td), atol=TOL, rtol=TOL)
     assert int(out.expert_load.sum()) == T * K
+
+
+def test_receive_buffer_holds_min_local_experts_or_k_rows_per_token():
+    # n * T_l * min(E_l, k): fewer local experts than k bound a token's rows to a device.
+    assert dropless_receive_rows(8, 3, 8, 2) == 8 * 8 * 2
+    assert dropless_receive_rows(8, 3, 8, 16) == dropless_receive_rows(8, 3, 8) == 8 * 8 * 3
+    assert dropless_receive_rows(0, 3, 8, 2) == 1  # never an empty buffer
 
 
 def test_kernel_choices_follow_the_mode():
