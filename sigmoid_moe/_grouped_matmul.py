@@ -87,6 +87,25 @@ def _num_tile_rows(lhs: jax.Array, tiles: TileLayout) -> int:
     return lhs.shape[0] // tiles.tile_expert_b.shape[0]
 
 
+def _outside_vma_checks(kernel):
+    """``kernel`` traced without ``shard_map``'s varying-axes checks, its result marked as
+    varying over its operands' axes.
+
+    Megablox declares its outputs without the mesh axes they vary over, which
+    ``shard_map(check_vma=True)`` refuses; the kernels hold no collective, so the
+    outputs vary exactly as the operands do.
+    """
+
+    def run(*args, **kwargs):
+        arrays = [a for a in jax.tree.leaves(args) if isinstance(a, jax.Array)]
+        axes = frozenset().union(*(varying(a) for a in arrays))
+        with jax_config._check_vma(False):
+            out = kernel(*args, **kwargs)
+        return vary(out, axes)
+
+    return run
+
+
 def _triton(interpret: bool) -> _Backend:
     def gmm(lhs, rhs, tiles, transpose_rhs):
         return _pallas_triton.tile_matmul(
@@ -115,25 +134,6 @@ def _megablox_tile(width: int) -> int:
     """A Megablox ``k`` / ``n`` tile that divides ``width``: 512, 256 or 128 lanes, or the
     whole width (a TPU block may always span a whole dimension)."""
     return next((t for t in (512, 256, 128) if width % t == 0), width)
-
-
-def _outside_vma_checks(kernel):
-    """``kernel`` traced without ``shard_map``'s varying-axes checks, its result marked as
-    varying over its operands' axes.
-
-    Megablox declares its outputs without the mesh axes they vary over, which
-    ``shard_map(check_vma=True)`` refuses; the kernels hold no collective, so the
-    outputs vary exactly as the operands do.
-    """
-
-    def run(*args, **kwargs):
-        arrays = [a for a in jax.tree.leaves(args) if isinstance(a, jax.Array)]
-        axes = frozenset().union(*(varying(a) for a in arrays))
-        with jax_config._check_vma(False):
-            out = kernel(*args, **kwargs)
-        return vary(out, axes)
-
-    return run
 
 
 def _megablox(interpret: bool) -> _Backend:
