@@ -211,3 +211,19 @@ def test_cpu_program_holds_the_cpu_kernel(dtype):
     assert native or "stablehlo.while" in text
     if dtype == "bfloat16":
         assert not native
+
+
+def test_auto_costs_the_cpu_program_nothing():
+    """Under jit the lowering keeps the CPU kernel only: the accelerator branch's residuals
+    (zeros on the CPU) are gone, and the program's memory is kernel='blocked''s."""
+    x, ids, weights, w_in, w_out, mask, _ = (jnp.asarray(a) for a in _problem())
+    x, weights, w_in, w_out = (a.astype(jnp.float32) for a in (x, weights, w_in, w_out))
+
+    def temp_bytes(kernel):
+        def loss(x, w_in, w_out):
+            return jnp.sum(dropless_moe(x, ids, weights, w_in, w_out, mask, kernel=kernel).y_td ** 2)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return grad.lower(x, w_in, w_out).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("auto") == temp_bytes("blocked")
