@@ -99,10 +99,24 @@ def variants(platform: str) -> list[Variant]:
     """The kernels timed on ``platform`` ("gpu", "tpu" or "cpu" for the smoke run)."""
     pallas = "megablox" if platform == "tpu" else "triton"
     dropless_ref = functools.partial(dropless_moe, kernel="blocked")
-    capacity_ref = functools.partial(capacity_moe, capacity_factor=CAPACITY_FACTOR, kernel="blocked")
+    capacity_ref = functools.partial(
+        capacity_moe, capacity_factor=CAPACITY_FACTOR, kernel="blocked"
+    )
     out = [
-        Variant(f"dropless {pallas}", functools.partial(dropless_moe, kernel=pallas), dropless_ref, {}, True),
-        Variant("dropless ragged_dot", functools.partial(dropless_moe, kernel="ragged_dot"), dropless_ref, {}, True),
+        Variant(
+            f"dropless {pallas}",
+            functools.partial(dropless_moe, kernel=pallas),
+            dropless_ref,
+            {},
+            True,
+        ),
+        Variant(
+            "dropless ragged_dot",
+            functools.partial(dropless_moe, kernel="ragged_dot"),
+            dropless_ref,
+            {},
+            True,
+        ),
     ]
     if platform != "tpu":
         out.append(
@@ -187,22 +201,42 @@ def parity_checks(args, accelerator, cpu, shape) -> bool:
     checks = []  # (name, dispatch, compiler options, dtype, bound, placement, reference)
     for v in variants(platform):
         checks.append(
-            (f"{v.name}, bfloat16", v.dispatch, v.compiler_options, jnp.bfloat16,
-             args.bf16_tolerance, accelerator, v.reference)
+            (
+                f"{v.name}, bfloat16",
+                v.dispatch,
+                v.compiler_options,
+                jnp.bfloat16,
+                args.bf16_tolerance,
+                accelerator,
+                v.reference,
+            )
         )
         if v.float32:
             checks.append(
-                (f"{v.name}, float32", v.dispatch, v.compiler_options, jnp.float32,
-                 args.tolerance, accelerator, v.reference)
+                (
+                    f"{v.name}, float32",
+                    v.dispatch,
+                    v.compiler_options,
+                    jnp.float32,
+                    args.tolerance,
+                    accelerator,
+                    v.reference,
+                )
             )
     devices = [dev for dev in jax.devices() if dev.platform == platform]
     for n in sorted({1, max(n for n in range(1, len(devices) + 1) if e % n == 0)}):
         mesh = make_mesh(data=1, expert=n, devices=devices[:n])
         ep = functools.partial(expert_parallel_moe, mesh=mesh, capacity_factor=None)
         checks.append(
-            (f"EP dropless auto, ragged_all_to_all, {n} device(s), float32", ep, {},
-             jnp.float32, args.tolerance, NamedSharding(mesh, P()),
-             functools.partial(dropless_moe, kernel="blocked"))
+            (
+                f"EP dropless auto, ragged_all_to_all, {n} device(s), float32",
+                ep,
+                {},
+                jnp.float32,
+                args.tolerance,
+                NamedSharding(mesh, P()),
+                functools.partial(dropless_moe, kernel="blocked"),
+            )
         )
     if args.checks:
         checks = [c for c in checks if args.checks in c[0]]
@@ -346,7 +380,9 @@ def input_bytes(shape) -> int:
 
 
 def timing(args, shapes, accelerator, limit_bytes) -> bool:
-    print(f"[2] compiled programs and timing, bfloat16 forward+backward on {accelerator.device_kind}")
+    print(
+        f"[2] compiled programs and timing, bfloat16 forward+backward on {accelerator.device_kind}"
+    )
     if limit_bytes:
         print(f"    device memory for one program: {_size(limit_bytes)}")
     ok = True
@@ -433,7 +469,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checks", default="", help="run only checks whose name contains this")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument(
-        "--memory-limit-gib", type=float, default=None,
+        "--memory-limit-gib",
+        type=float,
+        default=None,
         help="memory one program may use (default: 90%% of the device's)",
     )
     parser.add_argument(

@@ -305,7 +305,7 @@ def _as_named(sharding, ndim: int) -> NamedSharding:
     devices = np.array([by_id[i] for i in hlo.tile_assignment_devices()]).reshape(dims)
     # Dimensions past the array's rank are replication (or other subgroup) axes.
     names = tuple(f"tiles{i}" for i in range(len(dims)))
-    spec = tuple(name if size > 1 else None for name, size in zip(names[:ndim], dims))
+    spec = tuple(n if size > 1 else None for n, size in zip(names[:ndim], dims[:ndim], strict=True))
     return NamedSharding(Mesh(devices, names), P(*spec))
 
 

@@ -65,7 +65,9 @@ def _pad_to(array: jax.Array, axis: int, width: int) -> jax.Array:
 def _out_shape(shape, like: jax.Array) -> jax.ShapeDtypeStruct:
     """An output of ``like``'s dtype that varies over the mesh axes ``like`` varies over
     (inside ``shard_map``; the caller gives every operand the same axes)."""
-    return jax.ShapeDtypeStruct(shape, like.dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+    return jax.ShapeDtypeStruct(
+        shape, like.dtype, manual_axis_type=jax.typeof(like).manual_axis_type
+    )
 
 
 def _compiler_params(tile_rows: int):
@@ -100,8 +102,9 @@ def tile_matmul(
     width_n = rhs_ekn.shape[1] if transpose_rhs else rhs_ekn.shape[2]
     pad_k, pad_n = _padded(width_k), _padded(width_n)
     lhs_rk = _pad_to(lhs_rk, 1, pad_k)
-    rhs_ekn = _pad_to(_pad_to(rhs_ekn, 1, pad_n if transpose_rhs else pad_k), 2,
-                      pad_k if transpose_rhs else pad_n)
+    rhs_ekn = _pad_to(
+        _pad_to(rhs_ekn, 1, pad_n if transpose_rhs else pad_k), 2, pad_k if transpose_rhs else pad_n
+    )
     tile_k, tile_n = _tile(pad_k, _MAX_K_TILE), _tile(pad_n, _MAX_N_TILE)
 
     def kernel(expert_ref, lhs_ref, rhs_ref, out_ref):

@@ -368,9 +368,7 @@ def expert_parallel_moe(
     else:
         capacity(1, 1, 1, capacity_factor)  # checks the factor
         kernels, mode = get_args(CapacityKernel), "capacity"
-    check_kernel(
-        kernel, kernels, f"{mode} expert parallelism (capacity_factor={capacity_factor})"
-    )
+    check_kernel(kernel, kernels, f"{mode} expert parallelism (capacity_factor={capacity_factor})")
     mesh = _resolve_mesh(mesh)
     if expert_axis not in mesh.axis_names:
         raise ValueError(

@@ -101,7 +101,10 @@ def _relative_errors(got, want):
     return {
         name: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
         for name, a, b in zip(
-            ("y", "d x", "d weights", "d w_in", "d w_out"), (y, *grads), (y_ref, *grads_ref)
+            ("y", "d x", "d weights", "d w_in", "d w_out"),
+            (y, *grads),
+            (y_ref, *grads_ref),
+            strict=True,
         )
     }
 
@@ -221,7 +224,9 @@ def test_auto_costs_the_cpu_program_nothing():
 
     def temp_bytes(kernel):
         def loss(x, w_in, w_out):
-            return jnp.sum(dropless_moe(x, ids, weights, w_in, w_out, mask, kernel=kernel).y_td ** 2)
+            return jnp.sum(
+                dropless_moe(x, ids, weights, w_in, w_out, mask, kernel=kernel).y_td ** 2
+            )
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         return grad.lower(x, w_in, w_out).compile().memory_analysis().temp_size_in_bytes

@@ -15,8 +15,7 @@ from jax._src.sharding_impls import GSPMDSharding
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from sigmoid_moe import RouterConfig, route
-from sigmoid_moe import _native
+from sigmoid_moe import RouterConfig, _native, route
 from sigmoid_moe.topk import top_k
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="native kernels not built")
