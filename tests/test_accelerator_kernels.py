@@ -232,3 +232,22 @@ def test_auto_costs_the_cpu_program_nothing():
         return grad.lower(x, w_in, w_out).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("auto") == temp_bytes("blocked")
+
+
+def test_grouped_swiglu_refuses_what_it_cannot_run():
+    from sigmoid_moe.expert_kernels import ExpertAssignments, grouped_swiglu
+
+    x, ids, weights, w_in, w_out, mask, _ = (jnp.asarray(a) for a in _problem())
+    copies = ExpertAssignments(
+        ids.reshape(-1),
+        jnp.zeros(T * K, jnp.int32),
+        jnp.ones(T * K, bool),
+        weights.reshape(-1),
+        jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32),
+    )
+    with pytest.raises(ValueError, match="kernel='batched' .* needs capacity=C"):
+        grouped_swiglu(x, copies, w_in, w_out, kernel="batched")
+    with pytest.raises(ValueError, match="kernel='dense' is not a routed-expert kernel"):
+        grouped_swiglu(x, copies, w_in, w_out, kernel="dense")
+    with pytest.raises(ValueError, match="46 copies for 5 tokens"):
+        grouped_swiglu(x[:5], copies, w_in, w_out)
