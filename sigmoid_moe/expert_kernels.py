@@ -25,7 +25,10 @@ kernel            layout of the copies                        experts computed b
 ================  ==========================================  ===============================
 
 ``"triton"`` and ``"megablox"`` compile for their own platform (cuda, tpu) and run the
-Pallas interpreter anywhere else (slow; that is how they are tested on CPU).
+Pallas interpreter anywhere else (slow; that is how they are tested on CPU). The
+interpreter does not run inside ``shard_map`` (jax 0.10.2: its loop indices do not carry
+the operands' varying mesh axes), so expert parallelism on CPU takes ``"auto"`` or
+``"blocked"``.
 
 ``kernel="auto"`` is resolved when the program is lowered, for the platform it is lowered
 for (``jax.lax.platform_dependent``), never from the host's backend while tracing: a
