@@ -15,10 +15,10 @@ from sigmoid_moe._checks import check_token_mask, require_int
 __all__ = [
     "check_block_size",
     "check_dispatch_args",
+    "check_kernel",
     "combine_rows",
     "gather_rows",
     "rank_within_expert",
-    "resolve_kernel",
     "vary",
     "varying",
 ]
@@ -61,17 +61,12 @@ def check_block_size(block_size) -> None:
     require_int("block_size", block_size, 1)
 
 
-def resolve_kernel(kernel: str, choices: tuple[str, ...], gpu_choice: str) -> str:
-    """``kernel``, checked against ``choices`` (the Literal's args), with "auto" resolved."""
+def check_kernel(kernel, choices: tuple[str, ...], where: str) -> None:
+    """``kernel`` must be one of ``choices`` (a Literal's args) for ``where``; ``"auto"`` is
+    resolved later, when the program is lowered (:mod:`sigmoid_moe.expert_kernels`)."""
     if kernel not in choices:
         options = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"kernel={kernel!r} is not supported here; choose {options}.")
-    if kernel != "auto":
-        return kernel
-    # XLA:CPU lowers ragged_dot to a dense masked matmul over all E experts (E times the
-    # FLOPs; its gradient at T8192/E64 asked for 38 GB), and large fresh buffers cost more
-    # than the GEMMs' memory traffic there, so CPU runs the fused blocked scan.
-    return "blocked" if jax.default_backend() == "cpu" else gpu_choice
+        raise ValueError(f"kernel={kernel!r} is not supported with {where}; choose {options}.")
 
 
 def gather_rows(rows_nd: jax.Array, index_p: jax.Array) -> jax.Array:

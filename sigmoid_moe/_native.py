@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 try:
@@ -290,12 +290,35 @@ _KERNELS = {
 }
 
 
-def _shardings(mesh, arg_shapes, result_shapes, num_rows: int):
-    """Rows keep the first operand's leading sharding; last dimensions and the operands
-    past ``num_rows`` (parameters) are replicated."""
+def _as_named(sharding, ndim: int) -> NamedSharding:
+    """``sharding`` as a ``NamedSharding``: itself, or for any other kind GSPMD may hand a
+    partitioning rule (``GSPMDSharding``, a replicated or one-device sharding) the same
+    placement on a mesh of its own: one axis per tiled dimension of its device tiles."""
+    if isinstance(sharding, NamedSharding):
+        return sharding
+    hlo = sharding._to_xla_hlo_sharding(ndim)
+    by_id = {device.id: device for device in sharding.device_set}
+    if hlo.is_replicated() or hlo.is_maximal() or not hlo.is_tiled():
+        devices = np.array(sorted(by_id.values(), key=lambda device: device.id))
+        return NamedSharding(Mesh(devices, ("replica",)), P())
+    dims = tuple(hlo.tile_assignment_dimensions())
+    devices = np.array([by_id[i] for i in hlo.tile_assignment_devices()]).reshape(dims)
+    # Dimensions past the array's rank are replication (or other subgroup) axes.
+    names = tuple(f"tiles{i}" for i in range(len(dims)))
+    spec = tuple(n if size > 1 else None for n, size in zip(names[:ndim], dims[:ndim], strict=True))
+    return NamedSharding(Mesh(devices, names), P(*spec))
+
+
+def _shardings(arg_shapes, result_shapes, num_rows: int):
+    """``(mesh, arg shardings, result shardings)``: rows keep the first operand's leading
+    sharding; last dimensions and the operands past ``num_rows`` (parameters) are
+    replicated. Accepts any sharding of the first operand (``_as_named``); the mesh is the
+    one that sharding is named on."""
     first = arg_shapes[0]
     rank = len(first.shape)
-    lead = (tuple(first.sharding.spec) + (None,) * rank)[: rank - 1]
+    named = _as_named(first.sharding, rank)
+    mesh = named.mesh
+    lead = (tuple(named.spec) + (None,) * rank)[: rank - 1]
 
     def like_rows(shape):
         return NamedSharding(mesh, P(*lead, *(None,) * (len(shape.shape) - len(lead))))
@@ -307,7 +330,7 @@ def _shardings(mesh, arg_shapes, result_shapes, num_rows: int):
         like_rows(shape) if i < num_rows else replicated(shape)
         for i, shape in enumerate(arg_shapes)
     )
-    return args, jax.tree.map(like_rows, result_shapes)
+    return mesh, args, jax.tree.map(like_rows, result_shapes)
 
 
 @functools.cache
@@ -317,16 +340,16 @@ def _wrapped(name: str, *static):
     kernel = _KERNELS[name]
 
     def partition(*args):
-        *_, mesh, arg_shapes, result_shapes = args
-        arg_shardings, result_shardings = _shardings(
-            mesh, arg_shapes, result_shapes, kernel.num_rows
+        *_, arg_shapes, result_shapes = args
+        mesh, arg_shardings, result_shardings = _shardings(
+            arg_shapes, result_shapes, kernel.num_rows
         )
         lower = lambda *operands: kernel.call(*operands, *static)  # noqa: E731
         return mesh, lower, result_shardings, arg_shardings
 
     def infer(*args):
-        *_, mesh, arg_shapes, result_shapes = args
-        return _shardings(mesh, arg_shapes, result_shapes, kernel.num_rows)[1]
+        *_, arg_shapes, result_shapes = args
+        return _shardings(arg_shapes, result_shapes, kernel.num_rows)[2]
 
     num_operands = kernel.num_rows + kernel.num_params
     partitioned = custom_partitioning(

@@ -180,10 +180,11 @@ class MoEConfig:
       dispatch: ``"dropless"`` (no token dropped) or ``"capacity"`` (GShard/Switch).
       capacity_factor: slots per expert ``= ceil(factor * T * k / E)`` (capacity only);
         at most ``num_experts`` (``num_experts / top_k`` already drops nothing).
-      kernel: expert kernel. ``"auto"`` picks by backend: on CPU ``"blocked"`` (the fused
-        block scan of :mod:`sigmoid_moe.blocked_ffn`, every dispatch mode), on GPU/TPU
-        ``"ragged_dot"`` (dropless) or ``"batched"`` (the ``[E, C, d]`` slot buffer of
-        capacity dispatch and of expert parallelism).
+      kernel: expert kernel (:mod:`sigmoid_moe.expert_kernels`). ``"auto"`` is chosen
+        per platform when the program is lowered: on CPU ``"blocked"`` (the fused block
+        kernel of :mod:`sigmoid_moe.blocked_ffn`, every dispatch mode); dropless on GPUs
+        ``"triton"`` (Pallas tile kernels) and on TPU ``"megablox"``; capacity
+        ``"batched"`` (the ``[E, C, d]`` slot buffer). ``"ragged_dot"`` is selectable.
       block_size: rows per block of the blocked kernel; ``None`` (default) lets the kernel
         choose from the rows per expert (:func:`sigmoid_moe.blocked_ffn.auto_block_size`).
       dtype: activation / expert-matmul dtype. Router math is always float32.

@@ -4,9 +4,10 @@ Pure array functions; no Flax. Every path has the same positional signature::
 
     y_td, dropped = dispatch(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
 
-and returns :class:`Dispatched`. Paths differ only in how token copies reach the expert
-weights; the routing (``expert_ids_tk``, ``weights_tk``) comes from
-:func:`sigmoid_moe.route` and is never recomputed here. The output is, for token ``t``,
+and returns :class:`Dispatched`. Paths differ only in which token copies reach the experts
+(capacity drops the overflow; dropless keeps every copy); the routing (``expert_ids_tk``,
+``weights_tk``) comes from :func:`sigmoid_moe.route` and is never recomputed here. The
+output is, for token ``t``,
 
 .. math::  y_t = \\sum_{j<k} w_{tj}\\, \\mathrm{FFN}_{e_{tj}}(x_t)
 
@@ -14,10 +15,10 @@ summed over the assignments that were not dropped (all of them in the dropless p
 Masked tokens (``token_mask_t`` False: padding) take no expert slot and get ``y_t = 0``.
 
 Both paths rank token copies within their expert with one stable sort (O(T k) memory)
-and move rows with gathers and scatter-adds of indices; no dense ``[T, E, capacity]``
-dispatch tensor. Each has two kernels, equal up to float rounding, chosen by backend
-(``kernel="auto"``): batched matmuls / ``ragged_dot`` on GPU and TPU, and on CPU the fused
-block scan of :mod:`sigmoid_moe.blocked_ffn`.
+and hand the copies to :func:`sigmoid_moe.expert_kernels.grouped_swiglu`, which owns the
+expert kernels (blocked, batched, ``ragged_dot``, Pallas Triton, Pallas Megablox) and, for
+``kernel="auto"``, picks one per platform when the program is lowered. No dense
+``[T, E, capacity]`` dispatch tensor.
 
 References:
   GShard (arXiv 2006.16668), Switch Transformer (arXiv 2101.03961): capacity dispatch.
@@ -35,18 +36,12 @@ import jax.numpy as jnp
 from sigmoid_moe._dispatch_common import (
     check_block_size,
     check_dispatch_args,
+    check_kernel,
     combine_rows,
     gather_rows,
     rank_within_expert,
-    resolve_kernel,
 )
-from sigmoid_moe.blocked_ffn import (
-    auto_block_size,
-    block_layout,
-    blocked_expert_ffn,
-    capped_block_size,
-)
-from sigmoid_moe.experts import swiglu
+from sigmoid_moe.expert_kernels import ExpertAssignments, grouped_swiglu
 
 __all__ = [
     "DISPATCH_KINDS",
@@ -64,9 +59,9 @@ __all__ = [
 ]
 
 DispatchKind = Literal["dropless", "capacity"]
-DroplessKernel = Literal["auto", "ragged_dot", "blocked"]
+DroplessKernel = Literal["auto", "ragged_dot", "blocked", "triton", "megablox"]
 CapacityKernel = Literal["auto", "batched", "blocked"]
-Kernel = Literal["auto", "ragged_dot", "batched", "blocked"]  # any of the above
+Kernel = Literal["auto", "ragged_dot", "batched", "blocked", "triton", "megablox"]  # any above
 DISPATCH_KINDS: tuple[str, ...] = get_args(DispatchKind)
 
 
@@ -190,10 +185,12 @@ def capacity_moe(
     ``[0, E)`` included; a dropped assignment contributes 0
     (its weight is not renormalised over the survivors).
 
-    Kernels (equal up to float rounding; ``kernel="auto"`` picks by backend):
-      ``"batched"`` (GPU/TPU): the dense ``[E, C, d_model]`` slot buffer through one batched
+    Kernels (:func:`sigmoid_moe.expert_kernels.grouped_swiglu`; equal up to float
+    rounding; ``kernel="auto"`` is chosen per platform when lowered: ``"blocked"`` on CPU,
+    ``"batched"`` elsewhere):
+      ``"batched"``: the dense ``[E, C, d_model]`` slot buffer through one batched
       matmul per projection, ``E * C`` rows (``capacity_factor`` times the useful work).
-      ``"blocked"`` (CPU): the kept copies in expert-contiguous row blocks through
+      ``"blocked"``: the kept copies in expert-contiguous row blocks through
       :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` in blocks of at most ``C`` rows;
       empty slots cost nothing. Reverse-mode autodiff only (no ``jax.jvp``).
       ``block_size=None`` lets the kernel choose
@@ -202,40 +199,32 @@ def capacity_moe(
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     if block_size is not None:
         check_block_size(block_size)
-    kernel = resolve_kernel(kernel, get_args(CapacityKernel), gpu_choice="batched")
+    check_kernel(kernel, get_args(CapacityKernel), "dispatch='capacity'")
     num_tokens, k = expert_ids_tk.shape
-    num_experts, d_model, _ = w_in_edf.shape
+    num_experts = w_in_edf.shape[0]
     if num_tokens == 0:
         return _empty(x_td)
     slots = capacity(num_tokens, k, num_experts, capacity_factor)
     with jax.named_scope("layout"):
         placement = capacity_slots(expert_ids_tk, token_mask_t, num_experts, slots)
-    w_in = w_in_edf.astype(x_td.dtype)
-    w_out = w_out_efd.astype(x_td.dtype)
-
-    if kernel == "blocked":
-        if block_size is None:
-            block_size = auto_block_size(-(-num_tokens * k // num_experts))
-        expert_a = expert_ids_tk.T.reshape(-1).astype(jnp.int32)  # rank-major, as the slots
-        with jax.named_scope("layout"):
-            layout = block_layout(
-                expert_a,
-                placement.slot_a - expert_a * slots,  # rank within the expert where kept
-                placement.kept_a,
-                jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), k),
-                weights_tk.T.reshape(-1),
-                jnp.minimum(placement.count_e, slots),
-                num_tokens=num_tokens,
-                block_size=block_size,
-                max_rows_per_expert=slots,
-            )
-        return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), placement.dropped)
-
-    x_ecd = gather_rows(x_td, placement.src_s).reshape(num_experts, slots, d_model)
-    h_ecf2 = jnp.einsum("ecd,edf->ecf", x_ecd, w_in)
-    o_ecd = jnp.einsum("ecf,efd->ecd", swiglu(h_ecf2), w_out)
-    y_td = combine_slots(
-        o_ecd.reshape(num_experts * slots, d_model), placement, weights_tk, x_td.dtype
+        expert_tk = expert_ids_tk.astype(jnp.int32)
+        # Slots are ranked in priority order (rank-major); the kernels take token-major copies.
+        rank_tk = (placement.slot_a.reshape(k, num_tokens).T - expert_tk * slots).reshape(-1)
+        assignments = ExpertAssignments(
+            expert_a=expert_tk.reshape(-1),
+            rank_a=rank_tk,
+            placed_a=placement.kept_a.reshape(k, num_tokens).T.reshape(-1),
+            weight_a=weights_tk.reshape(-1),
+            rows_e=jnp.minimum(placement.count_e, slots),
+        )
+    y_td = grouped_swiglu(
+        x_td,
+        assignments,
+        w_in_edf.astype(x_td.dtype),
+        w_out_efd.astype(x_td.dtype),
+        kernel=kernel,
+        capacity=slots,
+        block_size=block_size,
     )
     return Dispatched(y_td, placement.dropped)
 
@@ -256,11 +245,14 @@ def dropless_moe(
 ) -> Dispatched:
     """Dropless dispatch (MegaBlocks-style): sort copies by expert, grouped matmul, combine.
 
-    1. Sort the ``T*k`` token copies by expert (stable: token order within an expert).
-    2. Run the SwiGLU experts as grouped matmuls: ``jax.lax.ragged_dot`` on GPU/TPU, or on
-       CPU the fused block scan :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn`
-       (``kernel="auto"`` picks by backend; equal up to float rounding; the blocked kernel
-       supports reverse-mode autodiff only). Experts with zero
+    1. Rank the ``T*k`` token copies within their expert (stable: token order).
+    2. Run the SwiGLU experts as grouped matmuls through
+       :func:`sigmoid_moe.expert_kernels.grouped_swiglu`. ``kernel="auto"`` is chosen
+       per platform when the program is lowered: the fused block scan of
+       :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` on CPU (``"blocked"``), the
+       Pallas Triton tile kernels on NVIDIA GPUs (``"triton"``), Pallas Megablox on TPU
+       (``"megablox"``); ``"ragged_dot"`` is selectable everywhere. Equal up to float
+       rounding; only ``"ragged_dot"`` also has forward-mode autodiff. Experts with zero
        tokens own zero rows / blocks.
     3. Combine each copy's output with its routing weight.
 
@@ -276,46 +268,30 @@ def dropless_moe(
 
     ``block_size`` (blocked kernel): rows per block; ``None`` lets the kernel choose
     (:func:`sigmoid_moe.blocked_ffn.auto_block_size`, about 1.5x an expert's average
-    rows). An explicit size is capped at the average rows per expert.
+    rows). An explicit size is capped at the average rows per expert. The Triton and
+    Megablox kernels size their own tiles (16 to 128 rows).
     """
     check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t)
     if block_size is not None:
         check_block_size(block_size)
-    kernel = resolve_kernel(kernel, get_args(DroplessKernel), gpu_choice="ragged_dot")
-    num_tokens, k = expert_ids_tk.shape
+    check_kernel(kernel, get_args(DroplessKernel), "dispatch='dropless'")
+    num_tokens = expert_ids_tk.shape[0]
     num_experts = w_in_edf.shape[0]
-    num_assign = num_tokens * k
-
     if num_tokens == 0:
         return _empty(x_td)
-    if kernel == "blocked":
-        block_size = capped_block_size(block_size, -(-num_assign // num_experts))
-    else:
-        block_size = 1  # ragged_dot needs no padding: exactly A rows
     with jax.named_scope("layout"):
         expert_a = expert_ids_tk.reshape(-1).astype(jnp.int32)  # [T*k], a = t * k + j
         real_tk, valid_tk = _assignments(expert_ids_tk, token_mask_t, num_experts)
         valid_a = valid_tk.reshape(-1)
         rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
-        layout = block_layout(
-            expert_a,
-            rank_a,
-            valid_a,
-            jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k),
-            weights_tk.reshape(-1),
-            count_e,
-            num_tokens=num_tokens,
-            block_size=block_size,
-        )
-    w_in = w_in_edf.astype(x_td.dtype)
-    w_out = w_out_efd.astype(x_td.dtype)
+        assignments = ExpertAssignments(expert_a, rank_a, valid_a, weights_tk.reshape(-1), count_e)
+    y_td = grouped_swiglu(
+        x_td,
+        assignments,
+        w_in_edf.astype(x_td.dtype),
+        w_out_efd.astype(x_td.dtype),
+        kernel=kernel,
+        block_size=block_size,
+    )
     no_expert = jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32)  # ids outside [0, E)
-    if kernel == "blocked":
-        return Dispatched(blocked_expert_ffn(x_td, layout, w_in, w_out), no_expert)
-
-    x_pd = gather_rows(x_td, layout.src_bm.reshape(-1))
-    # Rows past sum(count_e) (masked tokens' share) belong to no group.
-    h_pf2 = jax.lax.ragged_dot(x_pd, w_in, count_e)
-    o_pd = jax.lax.ragged_dot(swiglu(h_pf2), w_out, count_e)
-    y_ad = gather_rows(o_pd, layout.row_a)  # [T*k, d]
-    return Dispatched(combine_rows(y_ad, weights_tk, valid_tk, x_td.dtype), no_expert)
+    return Dispatched(y_td, no_expert)

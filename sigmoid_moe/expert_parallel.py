@@ -16,15 +16,17 @@ Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens, ``k
     sort the T_l * k copies by global expert (= by owner device, then local expert)
     all_to_all of per-expert counts  -> sizes and offsets (sigmoid_moe.ragged_exchange)
     ragged_all_to_all                -> received rows grouped by local expert
-    local experts                    -> ragged_dot (GPU/TPU) or the blocked kernel (CPU)
+    local experts                    -> sigmoid_moe.expert_kernels.grouped_swiglu
     ragged_all_to_all back           -> every copy's output in the sender's sorted order
     unsort + combine                 -> y [T_l, d]
 
 Each copy crosses the wire once per direction, so the bytes moved are the minimum
 ``T * k * d * itemsize * (n - 1) / n`` per direction for balanced routing, plus ``3 E``
 int32 per device for the plan. The receive buffer is allocated for the worst case
-(:func:`sigmoid_moe.ragged_exchange.dropless_receive_rows`, ``n * T_l * k`` rows: all
-copies on one device), so nothing is ever dropped; it is allocated, not sent. On CPU the
+(:func:`sigmoid_moe.ragged_exchange.dropless_receive_rows`, ``n * T_l * min(E_l, k)``
+rows: every sender's tokens each sending this device one row per distinct local expert),
+so nothing is ever dropped; it is allocated, not sent. A token that lists an expert twice
+sends one row for both copies, which combine it with their own weights. On CPU the
 exchange is emulated (XLA:CPU has no ragged-all-to-all) with padded collectives, ``n``
 times the bytes; the offsets, the sort and the kernels are the same code as on GPU/TPU.
 
@@ -38,10 +40,14 @@ times the bytes; the offsets, the sort and the kernels are the same code as on G
 
 ``C = capacity(T_l, k, E, capacity_factor)`` slots per (sender, expert); overflow is
 dropped with the priority of :func:`sigmoid_moe.capacity_moe` (choice rank first, then
-token order), counted, and summed over the mesh. The local experts run as a batched
-matmul over every slot (``kernel="batched"``, GPU/TPU) or, on CPU, through
-:func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` over the filled slots only
-(``kernel="blocked"``; the fill counts travel with one more small all-to-all).
+token order), counted, and summed over the mesh. The fill counts travel with one more
+small all-to-all, and the local experts run through
+:func:`sigmoid_moe.expert_kernels.grouped_swiglu`: a batched matmul over every slot
+(``kernel="batched"``) or the filled slots only (``kernel="blocked"``).
+
+``kernel="auto"`` is chosen per platform when the program is lowered, as in
+:mod:`sigmoid_moe.expert_kernels`: a ``cuda`` or ``tpu`` export made on a CPU host holds
+the accelerator kernel.
 
 The expert load is counted per device and ``psum``-ed in int32 over every mesh axis, so
 each replica sees the same global load, and so the bit-identical bias after an update.
@@ -64,16 +70,10 @@ from jax.sharding import PartitionSpec as P
 from sigmoid_moe._dispatch_common import (
     check_block_size,
     check_dispatch_args,
+    check_kernel,
     combine_rows,
     gather_rows,
     rank_within_expert,
-    resolve_kernel,
-)
-from sigmoid_moe.blocked_ffn import (
-    auto_block_size,
-    block_layout,
-    blocked_expert_ffn,
-    capped_block_size,
 )
 from sigmoid_moe.dispatch import (
     CapacityKernel,
@@ -83,7 +83,7 @@ from sigmoid_moe.dispatch import (
     capacity_slots,
     combine_slots,
 )
-from sigmoid_moe.experts import swiglu
+from sigmoid_moe.expert_kernels import ExpertAssignments, grouped_swiglu
 from sigmoid_moe.ragged_exchange import dropless_receive_rows, expert_exchange, ragged_all_to_all
 from sigmoid_moe.sharding import check_expert_axis
 
@@ -129,43 +129,26 @@ def _resolve_mesh(mesh):
     return mesh
 
 
-def _filled_slots_ffn(recv_nlcd, filled_nl, w_in_ldf, w_out_lfd, block_size: int | None):
-    """Each filled slot's row through its local expert; empty slots give 0 (as SwiGLU(0)).
+def _slot_assignments(filled_nl, slots: int) -> ExpertAssignments:
+    """The received slot rows as copies of themselves (``k = 1``), by local expert.
 
-    Args:
-      recv_nlcd: ``[n_src, E_l, C, d]`` received slot rows.
-      filled_nl: ``[n_src, E_l]`` int32 filled slots per (sender, local expert); a
-        sender fills its slots from the front.
-
-    Returns:
-      ``[n_src, E_l, C, d]`` expert outputs in the same slot order.
+    Row ``r = (s * E_l + l) * C + c`` holds slot ``c`` of sender ``s`` for local expert
+    ``l``; a sender fills its slots from the front (``c < filled_nl[s, l]``), and expert
+    ``l``'s rows rank sender by sender.
     """
-    num_src, local_experts, slots, d_model = recv_nlcd.shape
-    num_rows = num_src * local_experts * slots
-    if block_size is None:
-        block_size = auto_block_size(num_src * slots)  # a local expert's slot rows
-    rows_rd = recv_nlcd.reshape(num_rows, d_model)
-    # Row r = (s * E_l + l) * C + c; expert l's rows rank sender by sender.
+    num_src, local_experts = filled_nl.shape
     slot_c = jnp.arange(slots, dtype=jnp.int32)
     expert_r = jnp.broadcast_to(
         jnp.arange(local_experts, dtype=jnp.int32)[None, :, None], (num_src, local_experts, slots)
     )
     before_nl = jnp.cumsum(filled_nl, axis=0) - filled_nl  # filled rows of earlier senders
-    rank_r = before_nl[:, :, None] + slot_c
-    placed_r = slot_c < filled_nl[:, :, None]
-    layout = block_layout(
-        expert_r.reshape(-1),
-        rank_r.reshape(-1),
-        placed_r.reshape(-1),
-        jnp.arange(num_rows, dtype=jnp.int32),  # each row is its own "token"
-        jnp.ones((num_rows,), jnp.float32),  # combine weights apply at the sender
-        jnp.sum(filled_nl, axis=0),
-        num_tokens=num_rows,
-        block_size=block_size,
-        max_rows_per_expert=num_src * slots,
+    return ExpertAssignments(
+        expert_a=expert_r.reshape(-1),
+        rank_a=(before_nl[:, :, None] + slot_c).reshape(-1),
+        placed_a=(slot_c < filled_nl[:, :, None]).reshape(-1),
+        weight_a=jnp.ones((num_src * local_experts * slots,), jnp.float32),  # at the sender
+        rows_e=jnp.sum(filled_nl, axis=0),
     )
-    out_rd = blocked_expert_ffn(rows_rd, layout, w_in_ldf, w_out_lfd)
-    return out_rd.reshape(num_src, local_experts, slots, d_model)
 
 
 def _capacity_local_moe(
@@ -202,21 +185,23 @@ def _capacity_local_moe(
     send_nlcd = gather_rows(x_td, placement.src_s).reshape(
         num_shards, local_experts, slots, d_model
     )
+    filled_nl = jnp.minimum(placement.count_e, slots).reshape(num_shards, local_experts)
 
     # Dispatch: chunk i goes to expert-axis member i; received chunk j came from member j.
     recv_nlcd = jax.lax.all_to_all(send_nlcd, expert_axis, 0, 0, tiled=True)
-    w_in = w_in_ldf.astype(x_td.dtype)
-    w_out = w_out_lfd.astype(x_td.dtype)
-    if kernel == "blocked":
-        filled_nl = jnp.minimum(placement.count_e, slots).reshape(num_shards, local_experts)
-        recv_filled_nl = jax.lax.all_to_all(filled_nl, expert_axis, 0, 0, tiled=True)
-        back_nlcd = _filled_slots_ffn(recv_nlcd, recv_filled_nl, w_in, w_out, block_size)
-    else:
-        x_lmd = recv_nlcd.transpose(1, 0, 2, 3).reshape(local_experts, num_shards * slots, d_model)
-        h_lmf2 = jnp.einsum("lmd,ldf->lmf", x_lmd, w_in)
-        o_lmd = jnp.einsum("lmf,lfd->lmd", swiglu(h_lmf2), w_out)
-        back_nlcd = o_lmd.reshape(local_experts, num_shards, slots, d_model).transpose(1, 0, 2, 3)
+    recv_filled_nl = jax.lax.all_to_all(filled_nl, expert_axis, 0, 0, tiled=True)
+    # Every received slot's row through its local expert; empty slots give 0.
+    out_rd = grouped_swiglu(
+        recv_nlcd.reshape(-1, d_model),
+        _slot_assignments(recv_filled_nl, slots),
+        w_in_ldf.astype(x_td.dtype),
+        w_out_lfd.astype(x_td.dtype),
+        kernel=kernel,
+        capacity=num_shards * slots,
+        block_size=block_size,
+    )
     # Combine: the inverse exchange returns every row to its sender, in its slot order.
+    back_nlcd = out_rd.reshape(num_shards, local_experts, slots, d_model)
     out_nlcd = jax.lax.all_to_all(back_nlcd, expert_axis, 0, 0, tiled=True)
 
     y_td = combine_slots(
@@ -228,34 +213,35 @@ def _capacity_local_moe(
     return y_td, dropped, load_e
 
 
-def _grouped_ffn(rows_md, group_sizes_l, w_in_ldf, w_out_lfd, kernel: str, block_size: int):
-    """SwiGLU of each received row with its local expert; rows past the groups give 0.
-
-    Args:
-      rows_md: ``[M, d]`` received rows, grouped by local expert from the front.
-      group_sizes_l: ``[E_l]`` int32 rows per local expert (sum at most ``M``).
-    """
-    if kernel == "ragged_dot":
-        h_mf2 = jax.lax.ragged_dot(rows_md, w_in_ldf, group_sizes_l)
-        return jax.lax.ragged_dot(swiglu(h_mf2), w_out_lfd, group_sizes_l)
-    num_rows, local_experts = rows_md.shape[0], group_sizes_l.shape[0]
+def _received_assignments(num_rows: int, group_sizes_l) -> ExpertAssignments:
+    """The received rows (grouped by local expert from the front) as copies of themselves."""
+    local_experts = group_sizes_l.shape[0]
     row_m = jnp.arange(num_rows, dtype=jnp.int32)
     group_end_l = jnp.cumsum(group_sizes_l)
     expert_m = jnp.searchsorted(group_end_l, row_m, side="right").astype(jnp.int32)
     placed_m = expert_m < local_experts
     expert_m = jnp.minimum(expert_m, local_experts - 1)
-    rank_m = row_m - (group_end_l - group_sizes_l)[expert_m]
-    layout = block_layout(
-        expert_m,
-        rank_m,
-        placed_m,
-        row_m,  # each row is its own "token"
-        jnp.ones((num_rows,), jnp.float32),  # combine weights apply at the sender
-        group_sizes_l,
-        num_tokens=num_rows,
-        block_size=block_size,
+    return ExpertAssignments(
+        expert_a=expert_m,
+        rank_a=row_m - (group_end_l - group_sizes_l)[expert_m],
+        placed_a=placed_m,
+        weight_a=jnp.ones((num_rows,), jnp.float32),  # combine weights apply at the sender
+        rows_e=group_sizes_l,
     )
-    return blocked_expert_ffn(rows_md, layout, w_in_ldf, w_out_lfd)
+
+
+def _first_copies(expert_ids_tk, valid_tk):
+    """``(first_tk, sent_tk)``: for each copy the first ``j`` of its token with the same
+    expert, and whether it is that first one (a valid copy that travels).
+
+    Route gives distinct experts per token; a token that lists an expert twice sends one
+    row, and both copies combine its output with their own weights.
+    """
+    k = expert_ids_tk.shape[1]
+    same_tkk = (expert_ids_tk[:, :, None] == expert_ids_tk[:, None, :]) & valid_tk[:, None, :]
+    first_tk = jnp.argmax(same_tkk, axis=2).astype(jnp.int32)  # j itself at the latest
+    sent_tk = valid_tk & (first_tk == jnp.arange(k, dtype=jnp.int32))
+    return first_tk, sent_tk
 
 
 def _dropless_local_moe(
@@ -276,26 +262,29 @@ def _dropless_local_moe(
 
     Args as :func:`_capacity_local_moe`. Copy ``a = t * k + j`` sits at row
     ``send_offsets_e[e_a] + rank_a`` of the send buffer (sorted by global expert, token
-    order within an expert); masked tokens' copies are not sent.
+    order within an expert); masked tokens' copies are not sent, and a token's second copy
+    to one expert reads the first one's row.
     """
     num_tokens, k = expert_ids_tk.shape
     local_experts, d_model, _ = w_in_ldf.shape
     num_experts = local_experts * num_shards
     num_copies = num_tokens * k
-    expert_a = expert_ids_tk.reshape(-1)
     real_tk = jnp.broadcast_to(mask_t[:, None], expert_ids_tk.shape)
     # An id outside [0, E) names no expert: not sent, counted as dropped (as in dropless_moe).
     valid_tk = real_tk & (expert_ids_tk >= 0) & (expert_ids_tk < num_experts)
-    valid_a = valid_tk.reshape(-1)
-    expert_a = jnp.where(valid_a, expert_a, 0)
-    rank_a, count_e = rank_within_expert(expert_a, valid_a, num_experts)
-    plan = expert_exchange(count_e, expert_axis)
-    row_a = jnp.where(valid_a, plan.send_offsets_e[expert_a] + rank_a, num_copies)
+    first_tk, sent_tk = _first_copies(expert_ids_tk, valid_tk)
+    expert_a = jnp.where(valid_tk, expert_ids_tk, 0).reshape(-1)
+    sent_a = sent_tk.reshape(-1)
+    rank_a, sent_e = rank_within_expert(expert_a, sent_a, num_experts)
+    plan = expert_exchange(sent_e, expert_axis)
+    row_tk = jnp.where(sent_tk, (plan.send_offsets_e[expert_a] + rank_a).reshape(-1, k), num_copies)
+    row_tk = jnp.take_along_axis(row_tk, first_tk, axis=1)  # duplicates: the first copy's row
     token_a = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    row_a = jnp.where(sent_a, row_tk.reshape(-1), num_copies)
     token_p = jnp.full((num_copies,), num_tokens, jnp.int32).at[row_a].set(token_a, mode="drop")
     send_pd = gather_rows(x_td, token_p)  # [T_l * k, d], unsent rows (masked) zero
 
-    recv_rows = dropless_receive_rows(num_tokens, k, num_shards)
+    recv_rows = dropless_receive_rows(num_tokens, k, num_shards, local_experts)
     recv_md = ragged_all_to_all(
         send_pd,
         jnp.zeros((recv_rows, d_model), x_td.dtype),
@@ -305,9 +294,15 @@ def _dropless_local_moe(
         plan.recv_sizes_q,
         axis_name=expert_axis,
     )
-    block_size = capped_block_size(block_size, -(-num_copies // local_experts))  # T_l k / E_l
-    w_in, w_out = w_in_ldf.astype(x_td.dtype), w_out_lfd.astype(x_td.dtype)
-    out_md = _grouped_ffn(recv_md, plan.group_sizes_l, w_in, w_out, kernel, block_size)
+    out_md = grouped_swiglu(
+        recv_md,
+        _received_assignments(recv_rows, plan.group_sizes_l),
+        w_in_ldf.astype(x_td.dtype),
+        w_out_lfd.astype(x_td.dtype),
+        kernel=kernel,
+        block_size=block_size,
+        rows_per_expert=-(-num_copies // local_experts),  # T_l k / E_l, not the buffer's
+    )
     # The inverse exchange: my received slices go back to where they came from.
     back_pd = ragged_all_to_all(
         out_md,
@@ -318,8 +313,9 @@ def _dropless_local_moe(
         plan.send_sizes_e,
         axis_name=expert_axis,
     )
-    y_td = combine_rows(gather_rows(back_pd, row_a), weights_tk, valid_tk, x_td.dtype)
-    # Integer psum: exact, so every replica holds the same global counts.
+    y_td = combine_rows(gather_rows(back_pd, row_tk.reshape(-1)), weights_tk, valid_tk, x_td.dtype)
+    # Integer psums: exact, so every replica holds the same global counts.
+    count_e = jnp.zeros((num_experts,), jnp.int32).at[expert_a].add(valid_tk.reshape(-1))
     load_e = jax.lax.psum(count_e, token_axes)
     no_expert = jax.lax.psum(jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32), token_axes)
     return y_td, no_expert, load_e
@@ -353,10 +349,11 @@ def expert_parallel_moe(
       expert_axis: the mesh axis the experts are split over.
       capacity_factor: ``None`` for dropless EP through the ragged exchange; a float for
         capacity EP with ``ceil(factor * T_l * k / E)`` slots per (sender, expert).
-      kernel: the local experts' kernel. Dropless: ``"ragged_dot"`` or ``"blocked"``;
-        capacity: ``"batched"`` over every slot or ``"blocked"`` over the filled slots;
-        ``"auto"`` picks ``"blocked"`` on CPU and ``"ragged_dot"`` / ``"batched"``
-        elsewhere (by the default backend: to lower for GPU on a CPU host, name it).
+      kernel: the local experts' kernel (:mod:`sigmoid_moe.expert_kernels`). Dropless:
+        ``"blocked"``, ``"ragged_dot"``, ``"triton"`` or ``"megablox"``; capacity:
+        ``"batched"`` over every slot or ``"blocked"`` over the filled slots. ``"auto"``
+        is chosen when lowered, for the platform lowered for: ``"blocked"`` on CPU;
+        dropless ``"triton"`` on GPUs and ``"megablox"`` on TPU; capacity ``"batched"``.
       block_size: rows per block of the blocked kernel; ``None`` lets the kernel choose
         (:func:`sigmoid_moe.blocked_ffn.auto_block_size` of the rows per local expert).
 
@@ -368,16 +365,11 @@ def expert_parallel_moe(
     if block_size is not None:
         check_block_size(block_size)
     if capacity_factor is None:
-        kernels, gpu_choice, mode = get_args(DroplessKernel), "ragged_dot", "dropless"
+        kernels, mode = get_args(DroplessKernel), "dropless"
     else:
         capacity(1, 1, 1, capacity_factor)  # checks the factor
-        kernels, gpu_choice, mode = get_args(CapacityKernel), "batched", "capacity"
-    if kernel not in kernels:
-        raise ValueError(
-            f"kernel={kernel!r} is not supported by {mode} expert parallelism "
-            f"(capacity_factor={capacity_factor}); choose one of {kernels}."
-        )
-    kernel = resolve_kernel(kernel, kernels, gpu_choice=gpu_choice)
+        kernels, mode = get_args(CapacityKernel), "capacity"
+    check_kernel(kernel, kernels, f"{mode} expert parallelism (capacity_factor={capacity_factor})")
     mesh = _resolve_mesh(mesh)
     num_tokens = x_td.shape[0]
     num_experts = w_in_edf.shape[0]

@@ -240,14 +240,19 @@ def ragged_all_to_all(
 # --------------------------------------------------------------------------- expert exchange
 
 
-def dropless_receive_rows(local_tokens: int, top_k: int, num_shards: int) -> int:
-    """Rows of a device's receive buffer in dropless EP: ``n * T_l * k``.
+def dropless_receive_rows(
+    local_tokens: int, top_k: int, num_shards: int, local_experts: int | None = None
+) -> int:
+    """Rows of a device's receive buffer in dropless EP: ``n * T_l * min(E_l, k)``.
 
-    The static worst case: every copy of every sender's ``T_l`` tokens lands on this
-    device. It is allocated, not sent: the exchange moves only the rows routed here
-    (``T_l * k`` per device on average).
+    The static worst case: every sender's ``T_l`` tokens each send this device as many
+    rows as they can, one per distinct local expert they chose, so at most
+    ``min(E_l, k)`` (a token that lists an expert twice sends one row for both copies).
+    ``local_experts=None`` means at least ``k``. The buffer is allocated, not sent: the
+    exchange moves only the rows routed here (``T_l * k`` per device on average).
     """
-    return max(1, num_shards * local_tokens * top_k)
+    per_token = top_k if local_experts is None else min(local_experts, top_k)
+    return max(1, num_shards * local_tokens * per_token)
 
 
 class ExpertExchange(NamedTuple):

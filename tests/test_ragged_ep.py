@@ -14,6 +14,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sigmoid_moe import RouterConfig, dropless_moe, expert_parallel_moe, make_mesh, route
+from sigmoid_moe.ragged_exchange import dropless_receive_rows
 
 TOL = 1e-5
 E, K, T, D, F = 16, 3, 64, 12, 4
@@ -69,8 +70,10 @@ def test_dropless_ep_matches_dropless_moe(kernel):
 
 
 def test_every_copy_on_one_device_fills_the_worst_case_buffer():
-    """All T * k copies routed to device 0's experts 0, 1 (with duplicates, as k > E_l):
-    its n * T_l * k receive rows are all used, nothing is lost."""
+    """All T * k copies routed to device 0's experts 0, 1 (with duplicates, as k = 3 >
+    E_l = 2): every token sends it min(E_l, k) = 2 rows, which fill its n * T_l * 2 = 128
+    receive rows exactly (n * T_l * k would be 192); nothing is lost, and a duplicate copy
+    combines the row its first copy sent."""
     x_td, _, weights_tk, w_in, w_out, _ = _problem()
     ids_tk = (jnp.arange(T)[:, None] + jnp.arange(K)) % 2
     mesh = jax.make_mesh((8,), ("expert",), (AxisType.Auto,))
@@ -82,12 +85,19 @@ def test_every_copy_on_one_device_fills_the_worst_case_buffer():
     assert int(out.expert_load.sum()) == T * K
 
 
+def test_receive_buffer_holds_min_local_experts_or_k_rows_per_token():
+    # n * T_l * min(E_l, k): fewer local experts than k bound a token's rows to a device.
+    assert dropless_receive_rows(8, 3, 8, 2) == 8 * 8 * 2
+    assert dropless_receive_rows(8, 3, 8, 16) == dropless_receive_rows(8, 3, 8) == 8 * 8 * 3
+    assert dropless_receive_rows(0, 3, 8, 2) == 1  # never an empty buffer
+
+
 def test_kernel_choices_follow_the_mode():
     problem = _problem()
     mesh = make_mesh(data=2, expert=4)
-    with pytest.raises(ValueError, match="kernel='batched' is not supported by dropless"):
+    with pytest.raises(ValueError, match="kernel='batched' is not supported with dropless"):
         expert_parallel_moe(*problem, mesh=mesh, capacity_factor=None, kernel="batched")
-    with pytest.raises(ValueError, match="kernel='ragged_dot' is not supported by capacity"):
+    with pytest.raises(ValueError, match="kernel='ragged_dot' is not supported with capacity"):
         expert_parallel_moe(*problem, mesh=mesh, capacity_factor=1.0, kernel="ragged_dot")
     with pytest.raises(ValueError, match="capacity_factor must be a finite float > 0"):
         expert_parallel_moe(*problem, mesh=mesh, capacity_factor=-1.0)
@@ -101,14 +111,17 @@ _FLOAT_EXCHANGE = re.compile(
 )
 
 
+_CUSTOM_CALLS = ("ragged_all_to_all", "__gpu$xla.gpu.triton", "tpu_custom_call")
+
+
 def _export(platform: str, capacity_factor):
-    """fwd+bwd of routing + EP for ``platform`` on an abstract (1, 8) mesh: no device."""
+    """fwd+bwd of routing + EP with ``kernel="auto"`` for ``platform`` on an abstract
+    (1, 8) mesh: no device."""
     mesh = AbstractMesh((1, 8), ("data", "expert"), (AxisType.Auto,) * 2)
     router = RouterConfig(E, K)
 
     def loss(w_in, w_out, router_w, x_td):
         routing = route(jnp.dot(x_td, router_w).astype(jnp.float32), None, router)
-        kernel = "ragged_dot" if capacity_factor is None else "batched"
         y_td = expert_parallel_moe(
             x_td,
             routing.expert_ids,
@@ -117,7 +130,6 @@ def _export(platform: str, capacity_factor):
             w_out,
             mesh=mesh,
             capacity_factor=capacity_factor,
-            kernel=kernel,
         ).y_td
         return jnp.sum(y_td.astype(jnp.float32) ** 2)
 
@@ -133,22 +145,31 @@ def _export(platform: str, capacity_factor):
     return jax.export.export(
         jax.jit(jax.grad(loss, argnums=(0, 1, 3))),
         platforms=(platform,),
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(c) for c in _CUSTOM_CALLS],
     )(*args)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowering_exchanges_through_ragged_all_to_all_only(platform):
     """The GPU/TPU program: 4 ragged_all_to_all (dispatch and return, forward and
-    backward) of [T_l * k, d] rows into an [n * T_l * k, d] buffer and back; every other
-    collective moves int32 sizes, none a padded [E, T_l, d] slot buffer."""
+    backward) of [T_l * k, d] rows into an [n * T_l * min(E_l, k), d] buffer and back;
+    every other collective moves int32 sizes, none a padded [E, T_l, d] slot buffer. The
+    local experts run the platform's tile kernel (kernel="auto"), no ragged_dot and no
+    CPU kernel."""
     text = _export(platform, None).mlir_module()
     ragged = re.findall(r"@ragged_all_to_all\([^\n]*:\s*\((tensor<\w+>), (tensor<\w+>)", text)
     local_copies = T // 8 * K
+    buffer = 8 * (T // 8) * min(E // 8, K)  # 2 local experts < k = 3: 128 rows, not 192
+    assert buffer == dropless_receive_rows(T // 8, K, 8, E // 8) < 8 * local_copies
     assert sorted(ragged) == sorted(
-        2 * [(f"tensor<{local_copies}x{D}xbf16>", f"tensor<{8 * local_copies}x{D}xbf16>")]
-        + 2 * [(f"tensor<{8 * local_copies}x{D}xbf16>", f"tensor<{local_copies}x{D}xbf16>")]
+        2 * [(f"tensor<{local_copies}x{D}xbf16>", f"tensor<{buffer}x{D}xbf16>")]
+        + 2 * [(f"tensor<{buffer}x{D}xbf16>", f"tensor<{local_copies}x{D}xbf16>")]
     )
+    kernel_call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+    targets = re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
+    assert targets.count(kernel_call) >= 5, targets  # forward 2, backward 3 or 4
+    assert not [t for t in targets if t.startswith("sigmoid_moe")]  # no CPU kernel
+    assert "chlo.ragged_dot" not in text
     assert not _FLOAT_EXCHANGE.search(text)
     assert f"x{T // 8}x{D}xbf16" not in text  # no [.., T_l, d] slots anywhere
     assert "all_gather" not in text

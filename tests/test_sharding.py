@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sigmoid_moe import (
     DEFAULT_RULES,
@@ -32,7 +33,7 @@ from sigmoid_moe import (
 )
 
 TOL = 1e-5
-MESHES = {"8": None, "2x4": (2, 4), "4x2": (4, 2)}
+MESHES = {"8": None, "1x8": (1, 8), "2x4": (2, 4), "4x2": (4, 2)}
 
 
 def _mesh(name: str):
@@ -102,20 +103,38 @@ def _oracle(mesh_name: str):
     return y_bsd, aux, _grad_leaves(grads), np.asarray(layer.bias_e[...])
 
 
+def _place(inputs: str, mesh, arrays):
+    """The layer's inputs as users pass them: plain arrays, replicated, or split by batch."""
+    if inputs == "unsharded":
+        return arrays
+    if inputs == "replicated":
+        return [jax.device_put(a, NamedSharding(mesh, P())) for a in arrays]
+    batch = ("activation_batch",) + (None,) * (arrays[0].ndim - 1)
+    return [jax.device_put(a, logical_sharding(mesh, batch[: a.ndim])) for a in arrays]
+
+
+# Every mesh with every kind of input, both dispatch kinds on every mesh and for every kind
+# of input (dropless: the ragged exchange; capacity_factor = E / k gives T_local slots, so
+# nothing is dropped and capacity must match the unsharded dropless layer).
 @pytest.mark.parametrize(
-    "mesh_name, dispatch, kernel",
+    "mesh_name, inputs, dispatch, kernel",
     [
-        ("8", "dropless", "auto"),
-        ("2x4", "dropless", "auto"),
-        ("4x2", "dropless", "auto"),
-        ("2x4", "capacity", "blocked"),
-        ("4x2", "capacity", "batched"),
+        ("1x8", "unsharded", "dropless", "auto"),
+        ("1x8", "replicated", "capacity", "auto"),
+        ("1x8", "data", "dropless", "auto"),
+        ("2x4", "unsharded", "capacity", "batched"),
+        ("2x4", "replicated", "dropless", "auto"),
+        ("2x4", "data", "capacity", "blocked"),
+        ("4x2", "unsharded", "dropless", "auto"),
+        ("4x2", "replicated", "capacity", "blocked"),
+        ("4x2", "data", "capacity", "batched"),
+        ("8", "data", "dropless", "auto"),
     ],
 )
-def test_sharded_layer_matches_unsharded(mesh_name, dispatch, kernel):
-    """Dropless EP is the ragged exchange; capacity_factor = E / k gives T_local slots, so
-    nothing is dropped and the capacity path must match the unsharded (dropless) layer.
-    Groups, a shared expert, padding, an idle expert and a device that receives nothing."""
+def test_sharded_layer_matches_unsharded(mesh_name, inputs, dispatch, kernel):
+    """Outputs, loss, every gradient, the loads and the updated bias equal the unsharded
+    layer's. Groups, a shared expert, padding, an idle expert and a device that receives
+    nothing."""
     cfg = _config(expert_axis="expert", dispatch=dispatch, capacity_factor=16 / 3, kernel=kernel)
     mesh = _mesh(mesh_name)
     x_bsd, ct_bsd, mask_bs = _inputs()
@@ -124,10 +143,8 @@ def test_sharded_layer_matches_unsharded(mesh_name, dispatch, kernel):
         layer = nnx.jit(lambda: MoELayer(cfg, rngs=nnx.Rngs(0)))()
         replicated = logical_sharding(mesh, ("router_exp",))
         layer.bias_e[...] = jax.device_put(jnp.asarray(_starving_bias(mesh_name)), replicated)
-        act = logical_sharding(mesh, ("activation_batch", None, None))
-        args = [jax.device_put(a, act) for a in (x_bsd, ct_bsd)]
-        mask = jax.device_put(mask_bs, logical_sharding(mesh, ("activation_batch", None)))
-        y_bsd, aux, grads = _forward_grads(layer, *args, mask)
+        args = _place(inputs, mesh, [x_bsd, ct_bsd, mask_bs])
+        y_bsd, aux, grads = _forward_grads(layer, *args)
     y_ref, aux_ref, grads_ref, bias_ref = _oracle(mesh_name)
     load = np.asarray(aux.expert_load)
     starved = _starving_bias(mesh_name) < 0
