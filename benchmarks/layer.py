@@ -58,6 +58,8 @@ Measurements behind the block kernel's design (2 CPU cores, float32, 2026-11/12)
   1.09x and k2 from 1.49x to 1.29x on an AMD EPYC (Zen 4). On an Intel Xeon with AVX-512
   (issue 28) it made the layer 2.18x the dense FFN at v2 against the scan's 1.27x (its
   GEMMs at about half of XLA's speed), which is why its GEMMs now come from OpenBLAS.
+- The kernel's row gather: 64 K rows of 2 KiB from random tokens took 9.3 ms of one
+  core without software prefetch, 6.8 ms with each row requested two rows ahead.
 """
 
 from __future__ import annotations

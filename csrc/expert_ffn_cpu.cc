@@ -300,10 +300,20 @@ class TokenSum {
   std::vector<int64_t> start_, rows_, cursor_;
 };
 
-// rows [n, d] = table[src[row0 + i]] (zero rows for empty rows).
+// rows [n, d] = table[src[row0 + i]] (zero rows for empty rows). Each row's cache lines
+// are requested two rows ahead: a row starts at a place the hardware prefetcher cannot
+// guess (figures in benchmarks/layer.py's docstring).
 void GatherRows(const float* table, const int32_t* src, int64_t row0, int64_t n,
                 int64_t tokens, int64_t d, float* rows) {
+  constexpr int64_t kAhead = 2, kLineFloats = 16;
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      const int32_t ahead = src[row0 + i + kAhead];
+      if (ahead >= 0 && ahead < tokens) {
+        const float* next = table + ahead * d;
+        for (int64_t j = 0; j < d; j += kLineFloats) __builtin_prefetch(next + j);
+      }
+    }
     const int32_t t = src[row0 + i];
     float* dst = rows + i * d;
     if (t >= 0 && t < tokens) {

@@ -51,6 +51,7 @@ _CORE_VECTOR_BITS = {
     "sapphirerapids": 512,
     "haswell": 256,
     "zen": 256,
+    "excavator": 256,
 }
 
 
