@@ -29,7 +29,10 @@ the wall time; the dense SwiGLU of equal active FLOPs is profiled the same way):
   mostly the page faults of memory the process touches for the first time;
 - other: casts, the loss, the thunk runtime's own time.
 
-Figures depend on the load of the machine: run it on idle cores, or read the shares.
+Figures depend on the load of the machine: run it on idle cores, or read the shares. The
+first lines say which CPU, vector extensions, threads and GEMM library measured them, and
+which kernels the profiled MoE program holds; ``SIGMOID_MOE_NATIVE=0`` profiles the
+portable paths.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _machine import describe, kernels_in
 from _presets import PRESETS
 
 from sigmoid_moe import RouterConfig, route
@@ -206,12 +210,16 @@ def main() -> None:
         instructions = _instructions(compiled.as_text())
         stages = _by_stage(ops, instructions, dense=name == "dense")
         results[name] = (stages, wall, ops, instructions)
+        if name == "moe":
+            moe_text = compiled.as_text()
 
     dense_stages, dense_wall, _, _ = results["dense"]
     moe_stages, moe_wall, moe_ops, moe_instructions = results["moe"]
     dense_total = sum(dense_stages.values())
     moe_total = sum(moe_stages.values())
     group_text = f", groups {groups}/{kept}" if groups > 1 else ""
+    print(describe())
+    print(f"MoE program: {kernels_in(moe_text)}")
     print(
         f"preset {args.preset}: T {t}, d {d}, d_ff {f}, E {e}, k {k}{group_text}; float32, "
         f"{args.steps} profiled steps (wall times under the profiler)"

@@ -3,7 +3,8 @@
 //
 // The layout puts expert e's rows in consecutive blocks of B rows: its filled rows are a
 // prefix of those blocks. A *segment* is one expert's rows, and one task: gather its
-// tokens' rows, both GEMMs (gemm_f32.h, reading w[e] in place), the SwiGLU, the weight;
+// tokens' rows, both GEMMs (blas_gemm.h: the library's, single-threaded, reading w[e] in
+// place), the SwiGLU, the weight;
 // the backward also forms the expert's two weight gradients, so every task writes only its
 // own rows and its own expert's slices, and tasks run on XLA's intra-op pool with no
 // locks. The per-row outputs are then summed into tokens, each token's rows in increasing
@@ -20,9 +21,10 @@
 //   -> dx [T, d], dweight [R], dw_in [E, d, 2F], dw_out [E, F, d].
 //
 // Memory outside XLA's buffers: the per-row outputs of one *wave* of segments (at most
-// 32 MiB, or one segment), summed into the tokens before the next wave, and per thread the
-// gathered rows and activations of one chunk of at most kChunkRows rows (kept for reuse;
-// sigmoid_moe/_native_ffn.py's host_scratch_bytes states the bound).
+// kWaveRowBytes, or one segment), summed into the tokens before the next wave, and per
+// thread the gathered rows and activations of one chunk of at most kChunkRows rows (kept
+// for reuse), plus the GEMM library's packing buffers (sigmoid_moe/_native_ffn.py's
+// host_scratch_bytes states the bound).
 //
 // R = NB * B. A row whose src is outside [0, T) is empty: it reads a zero row and adds
 // nothing (the layout's empty rows have src T). An expert id of -1 marks an unused block.
@@ -32,10 +34,13 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
-#include "gemm_f32.h"
+#include "blas_gemm.h"
+#include "kernel_limits.h"
 #include "row_tasks.h"
+#include "simd_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -43,89 +48,15 @@ namespace ffi = xla::ffi;
 namespace sigmoid_moe {
 namespace {
 
-// GEMM row tiles: the packed A tile (rows x kKc floats) stays in the L2 cache.
-constexpr int64_t kTileRows = 192;
+using blas::Gemm;
+using simd::SigmoidScalar;
+
 // Below this many multiply-adds in all, the pool is not worth waking.
 constexpr int64_t kMinWorkToSplit = int64_t{1} << 22;
 
-bool UseAvx2(int64_t allow_avx2) {
-#ifdef SIGMOID_MOE_GEMM_AVX2
-  return allow_avx2 != 0 && gemm::HasAvx2Fma();
-#else
-  (void)allow_avx2;
-  return false;
-#endif
-}
-
-// A task works through its segment in chunks of at most this many rows, which bounds its
-// per-thread buffers: kChunkRows * (d + F) floats for the forward and
-// kChunkRows * (2 d + 4 F) for the backward. The weight gradients add up the chunks in order.
-constexpr int64_t kChunkRows = 256;
-
-// C [m, n] (+)= A B over `depth` (C row-major, leading dimension ldc), on this thread.
-void Gemm(const gemm::View& a, const gemm::View& b, int64_t m, int64_t n, int64_t depth,
-          float* c, int64_t ldc, bool avx2, bool accumulate = false) {
-  for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
-    gemm::GemmTile(a, b, depth, c, ldc, m0, std::min(m, m0 + kTileRows), 0, n, accumulate,
-                   avx2);
-  }
-}
+bool UseAvx2(int64_t allow_avx2) { return allow_avx2 != 0 && simd::HasAvx2(); }
 
 // ------------------------------------------------------------------ SwiGLU, vectorised
-//
-// exp as in Cephes' expf (argument reduction by ln 2 in two parts, a degree-6
-// polynomial), with the argument clamped to [-87, 88]. The scalar form repeats the
-// vector one operation by operation (fused multiply-adds included), so both give the
-// same bits.
-
-constexpr float kExpLo = -87.0f, kExpHi = 88.0f, kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f;
-constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
-
-inline float ExpScalar(float x) {
-  x = x > kExpHi ? kExpHi : (x < kExpLo ? kExpLo : x);  // NaN stays NaN, as in Exp8
-  const float n = std::nearbyint(x * kLog2e);
-  float r = std::fma(n, -kLn2Hi, x);
-  r = std::fma(n, -kLn2Lo, r);
-  float p = std::fma(kP0, r, kP1);
-  p = std::fma(p, r, kP2);
-  p = std::fma(p, r, kP3);
-  p = std::fma(p, r, kP4);
-  p = std::fma(p, r, kP5);
-  p = std::fma(p, r * r, r + 1.0f);
-  const int32_t e = std::isnan(n) ? 0 : static_cast<int32_t>(n);
-  const int32_t bits = (e + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline float SigmoidScalar(float g) { return 1.0f / (1.0f + ExpScalar(-g)); }
-
-#ifdef SIGMOID_MOE_GEMM_AVX2
-__attribute__((target("avx2,fma"))) inline __m256 Exp8(__m256 x) {
-  // max(lo, x) and min(hi, .) return x where it is NaN (their second operand).
-  x = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP0), r, _mm256_set1_ps(kP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 Sigmoid8(__m256 g) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, Exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-}
-#endif
 
 // a[j] = silu(g[j]) * u[j], g = h[j], u = h[F + j], for one row.
 inline void SwigluRowScalar(const float* h, float* a, int64_t f, int64_t j0) {
@@ -135,12 +66,12 @@ inline void SwigluRowScalar(const float* h, float* a, int64_t f, int64_t j0) {
   }
 }
 
-#ifdef SIGMOID_MOE_GEMM_AVX2
-__attribute__((target("avx2,fma"))) void SwigluRowAvx2(const float* h, float* a, int64_t f) {
+#ifdef SIGMOID_MOE_X86
+SIGMOID_MOE_TARGET_AVX2 void SwigluRowAvx2(const float* h, float* a, int64_t f) {
   int64_t j = 0;
   for (; j + 8 <= f; j += 8) {
     const __m256 g = _mm256_loadu_ps(h + j);
-    const __m256 silu = _mm256_mul_ps(g, Sigmoid8(g));
+    const __m256 silu = _mm256_mul_ps(g, simd::Sigmoid8(g));
     _mm256_storeu_ps(a + j, _mm256_mul_ps(silu, _mm256_loadu_ps(h + f + j)));
   }
   SwigluRowScalar(h, a, f, j);
@@ -148,7 +79,7 @@ __attribute__((target("avx2,fma"))) void SwigluRowAvx2(const float* h, float* a,
 #endif
 
 void SwigluRow(const float* h, float* a, int64_t f, bool avx2) {
-#ifdef SIGMOID_MOE_GEMM_AVX2
+#ifdef SIGMOID_MOE_X86
   if (avx2) return SwigluRowAvx2(h, a, f);
 #endif
   SwigluRowScalar(h, a, f, 0);
@@ -180,17 +111,16 @@ inline float SumLanes(const float* lanes) {
   return total;
 }
 
-#ifdef SIGMOID_MOE_GEMM_AVX2
-__attribute__((target("avx2,fma"))) float SwigluBwdRowAvx2(const float* h, const float* da,
-                                                          float w, float* aw, float* dh,
-                                                          int64_t f) {
+#ifdef SIGMOID_MOE_X86
+SIGMOID_MOE_TARGET_AVX2 float SwigluBwdRowAvx2(const float* h, const float* da, float w,
+                                                float* aw, float* dh, int64_t f) {
   const __m256 wv = _mm256_set1_ps(w), one = _mm256_set1_ps(1.0f);
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= f; j += 8) {
     const __m256 g = _mm256_loadu_ps(h + j), u = _mm256_loadu_ps(h + f + j);
     const __m256 d = _mm256_loadu_ps(da + j);
-    const __m256 s = Sigmoid8(g);
+    const __m256 s = simd::Sigmoid8(g);
     const __m256 silu = _mm256_mul_ps(g, s);
     const __m256 a = _mm256_mul_ps(silu, u);
     _mm256_storeu_ps(aw + j, _mm256_mul_ps(a, wv));
@@ -209,7 +139,7 @@ __attribute__((target("avx2,fma"))) float SwigluBwdRowAvx2(const float* h, const
 
 float SwigluBwdRow(const float* h, const float* da, float w, float* aw, float* dh, int64_t f,
                    bool avx2) {
-#ifdef SIGMOID_MOE_GEMM_AVX2
+#ifdef SIGMOID_MOE_X86
   if (avx2) return SwigluBwdRowAvx2(h, da, w, aw, dh, f);
 #endif
   float lanes[8] = {};
@@ -297,7 +227,6 @@ ffi::Error Plan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& src,
 // Consecutive segments whose rows span at most kWaveRowBytes of d-wide float rows (at
 // least one segment each): the per-row outputs of one wave are summed into the tokens
 // before the next wave runs, which bounds that buffer.
-constexpr int64_t kWaveRowBytes = int64_t{32} << 20;
 
 std::vector<std::pair<size_t, size_t>> Waves(const std::vector<Segment>& segments, int64_t d) {
   const int64_t cap = std::max<int64_t>(1, kWaveRowBytes / (4 * std::max<int64_t>(1, d)));
@@ -371,10 +300,20 @@ class TokenSum {
   std::vector<int64_t> start_, rows_, cursor_;
 };
 
-// rows [n, d] = table[src[row0 + i]] (zero rows for empty rows).
+// rows [n, d] = table[src[row0 + i]] (zero rows for empty rows). Each row's cache lines
+// are requested two rows ahead: a row starts at a place the hardware prefetcher cannot
+// guess (figures in benchmarks/layer.py's docstring).
 void GatherRows(const float* table, const int32_t* src, int64_t row0, int64_t n,
                 int64_t tokens, int64_t d, float* rows) {
+  constexpr int64_t kAhead = 2, kLineFloats = 16;
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      const int32_t ahead = src[row0 + i + kAhead];
+      if (ahead >= 0 && ahead < tokens) {
+        const float* next = table + ahead * d;
+        for (int64_t j = 0; j < d; j += kLineFloats) __builtin_prefetch(next + j);
+      }
+    }
     const int32_t t = src[row0 + i];
     float* dst = rows + i * d;
     if (t >= 0 && t < tokens) {
@@ -385,10 +324,25 @@ void GatherRows(const float* table, const int32_t* src, int64_t row0, int64_t n,
   }
 }
 
-float* Scratch(std::vector<float>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
-  return buffer.data();
-}
+// A thread's buffer for one chunk, kept for reuse, 64-byte aligned (as XLA's buffers).
+class Scratch {
+ public:
+  float* Get(int64_t size) {
+    if (size > size_) {
+      data_.reset(static_cast<float*>(
+          ::operator new[](sizeof(float) * static_cast<size_t>(size), std::align_val_t{64})));
+      size_ = size;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<float[], Free> data_;
+  int64_t size_ = 0;
+};
 
 // Runs task(segment, rows_buf + (segment.row0 - wave_lo) * d) for every segment, wave by
 // wave, then adds the wave's rows into the tokens.
@@ -428,6 +382,7 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       err.failure()) {
     return err;
   }
+  blas::UseOneThread();
   const bool avx2 = UseAvx2(allow_avx2);
   const int64_t d = s.d, f = s.f, f2 = 2 * s.f;
   const float* xs = x.typed_data();
@@ -438,19 +393,19 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   std::fill(h_pf2 + s.packed_rows * f2, h_pf2 + h->element_count(), 0.0f);
   TokenSum sum(sr, segments, s.tokens, d, y->typed_data());
   RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* o_rd) {
-    thread_local std::vector<float> x_buf, a_buf;
+    thread_local Scratch x_buf, a_buf;
     const float* wi = w_in.typed_data() + seg.expert * d * f2;
     const float* wo = w_out.typed_data() + seg.expert * f * d;
     for (int64_t c0 = 0; c0 < seg.rows; c0 += kChunkRows) {
       const int64_t n = std::min(kChunkRows, seg.rows - c0), row0 = seg.row0 + c0;
-      float* x_nd = Scratch(x_buf, n * d);
-      float* a_nf = Scratch(a_buf, n * f);
+      float* x_nd = x_buf.Get(n * d);
+      float* a_nf = a_buf.Get(n * f);
       GatherRows(xs, sr, row0, n, s.tokens, d, x_nd);
       float* h_nf2 = h_pf2 + (seg.packed + c0) * f2;
-      Gemm({x_nd, d, 1}, {wi, f2, 1}, n, f2, d, h_nf2, f2, avx2);
+      Gemm({x_nd, d}, {wi, f2}, n, f2, d, h_nf2, f2);
       for (int64_t i = 0; i < n; ++i) SwigluRow(h_nf2 + i * f2, a_nf + i * f, f, avx2);
       float* o_nd = o_rd + c0 * d;
-      Gemm({a_nf, f, 1}, {wo, d, 1}, n, d, f, o_nd, d, avx2);
+      Gemm({a_nf, f}, {wo, d}, n, d, f, o_nd, d);
       for (int64_t i = 0; i < n; ++i) {
         const float w = wr[row0 + i];
         for (int64_t j = 0; j < d; ++j) o_nd[i * d + j] *= w;
@@ -481,6 +436,7 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (static_cast<int64_t>(dy.element_count()) != s.tokens * d) {
     return ffi::Error::InvalidArgument("expert_ffn_bwd: dy must be [T, d]");
   }
+  blas::UseOneThread();
   const bool avx2 = UseAvx2(allow_avx2);
   const float* xs = x.typed_data();
   const float* dys = dy.typed_data();
@@ -501,33 +457,32 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   TokenSum sum(sr, segments, s.tokens, d, dx->typed_data());
   RunWaves(pool, segments, s, sum, [&](const Segment& seg, float* dx_rd) {
     const int64_t e = seg.expert;
-    thread_local std::vector<float> x_buf, dy_buf, aw_buf, da_buf, dh_buf;
+    thread_local Scratch x_buf, dy_buf, aw_buf, da_buf, dh_buf;
     const float* wi = w_in.typed_data() + e * d * f2;
     const float* wo = w_out.typed_data() + e * f * d;
     for (int64_t c0 = 0; c0 < seg.rows; c0 += kChunkRows) {
       const int64_t n = std::min(kChunkRows, seg.rows - c0), row0 = seg.row0 + c0;
       const bool accumulate = c0 > 0;  // the weight gradients sum over the chunks
-      float* x_nd = Scratch(x_buf, n * d);
-      float* dy_nd = Scratch(dy_buf, n * d);
-      float* aw_nf = Scratch(aw_buf, n * f);
-      float* da_nf = Scratch(da_buf, n * f);
-      float* dh_nf2 = Scratch(dh_buf, n * f2);
+      float* x_nd = x_buf.Get(n * d);
+      float* dy_nd = dy_buf.Get(n * d);
+      float* aw_nf = aw_buf.Get(n * f);
+      float* da_nf = da_buf.Get(n * f);
+      float* dh_nf2 = dh_buf.Get(n * f2);
       GatherRows(xs, sr, row0, n, s.tokens, d, x_nd);
       GatherRows(dys, sr, row0, n, s.tokens, d, dy_nd);
       const float* h_nf2 = h.typed_data() + (seg.packed + c0) * f2;
-      // da = dy @ w_out[e]^T: B(k, j) = wo[j, k].
-      Gemm({dy_nd, d, 1}, {wo, 1, d}, n, f, d, da_nf, f, avx2);
+      // da = dy @ w_out[e]^T.
+      Gemm({dy_nd, d}, {wo, d, true}, n, f, d, da_nf, f);
       for (int64_t i = 0; i < n; ++i) {
         dweight_r[row0 + i] = SwigluBwdRow(h_nf2 + i * f2, da_nf + i * f, wr[row0 + i],
                                            aw_nf + i * f, dh_nf2 + i * f2, f, avx2);
       }
-      // dw_out[e] (+)= (w a)^T @ dy: A(i, k) = aw[k, i].
-      Gemm({aw_nf, 1, f}, {dy_nd, d, 1}, f, d, n, dw_out_efd + e * f * d, d, avx2, accumulate);
+      // dw_out[e] (+)= (w a)^T @ dy.
+      Gemm({aw_nf, f, true}, {dy_nd, d}, f, d, n, dw_out_efd + e * f * d, d, accumulate);
       // dw_in[e] (+)= x^T @ dh.
-      Gemm({x_nd, 1, d}, {dh_nf2, f2, 1}, d, f2, n, dw_in_edf2 + e * d * f2, f2, avx2,
-           accumulate);
-      // dx rows = dh @ w_in[e]^T: B(k, j) = wi[j, k].
-      Gemm({dh_nf2, f2, 1}, {wi, 1, f2}, n, d, f2, dx_rd + c0 * d, d, avx2);
+      Gemm({x_nd, d, true}, {dh_nf2, f2}, d, f2, n, dw_in_edf2 + e * d * f2, f2, accumulate);
+      // dx rows = dh @ w_in[e]^T.
+      Gemm({dh_nf2, f2}, {wi, f2, true}, n, d, f2, dx_rd + c0 * d, d);
     }
   });
   return ffi::Error::Success();

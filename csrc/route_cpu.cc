@@ -15,15 +15,13 @@
 // top k has a_e >= key_e - delta >= a_(k) - 2 delta >= bound - 2 delta. Ranking the
 // candidates by their exact keys, ties to the lower index, gives the exact top k of all.
 //
-// delta. s(x) = 1 / (1 + 2^t), t = -x log2(e) = i + f, |f| <= 1/2: 2^f = e^(f ln 2) from
-// its Taylor series to degree 6 (truncation < 1.3e-7 relative), 2^i from the exponent
-// bits, t clamped to [-126, 126] (saturated beyond |x| = 87, as float32 sigmoid is).
-// Measured over every 7th float32 in [-120, 120] (321 M values) against float64: both
-// this s (generic and AVX2 code) and XLA's float32 sigmoid stay within 1.1e-7. The two
-// sums with b_e, and the threshold bound - 2 delta, round by at most ulp(1 + max|b|) / 2
-// each. The kernel takes delta = 1e-5 + 2^-20 (1 + max|b|): about 50 times the sigmoid
-// errors, over 5 times the rounding. (A bias near the float32 limit makes the threshold
-// -inf: every expert is then a candidate, still correct.)
+// delta. s is simd_math.h's sigmoid (a polynomial exp): measured over every 7th float32 in
+// [-120, 120] (321 M values) against float64, it (generic and AVX2 code) and XLA's float32
+// sigmoid both stay within 8.9e-8. The two sums with b_e, and the threshold
+// bound - 2 delta, round by at most ulp(1 + max|b|) / 2 each. The kernel takes
+// delta = 1e-5 + 2^-20 (1 + max|b|): over 50 times the sigmoid errors, over 5 times the
+// rounding. (A bias near the float32 limit makes the threshold -inf: every expert is then
+// a candidate, still correct.)
 //
 // bound. AVX2 path (x86-64 CPUs with AVX2 + FMA, E a multiple of 16, k <= 16): the keys
 // are computed 16 at a time into two vectors; lane j of every first vector is chunk j,
@@ -57,29 +55,16 @@
 #include <memory>
 #include <vector>
 
+#include "kernel_limits.h"
 #include "row_tasks.h"
+#include "simd_math.h"
 #include "top_k_row.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define SIGMOID_MOE_AVX2 1
-#define SIGMOID_MOE_TARGET_AVX2 __attribute__((target("avx2,fma,popcnt")))
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace sigmoid_moe {
 namespace {
-
-constexpr int32_t kNotRouted = 0;
-constexpr int32_t kRouted = 1;
-constexpr int32_t kTooMany = 2;
-constexpr int64_t kMaxCandidates = 128;
-
-constexpr float kMinusLog2E = -1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (t + it) - it is t rounded
 
 // A row's working memory: n entries each (8 more keep the 8-lane stores of the vector
 // compaction in bounds without relying on the count bound that already does).
@@ -101,23 +86,8 @@ bool ApproxKeys(const float* __restrict logits, const float* __restrict bias, in
   int bad = 0;
   for (int64_t e = 0; e < n; ++e) {
     const float x = logits[e];
-    bad |= !(x - x == 0.0f);  // NaN or +-inf
-    float t = x * kMinusLog2E;
-    t = t >= -126.0f ? t : -126.0f;  // also maps NaN (an unrouted row: value unused)
-    t = t <= 126.0f ? t : 126.0f;
-    const float r = (t + kRoundMagic) - kRoundMagic;  // nearest integer (|t| < 2^22)
-    const float f = (t - r) * kLn2;                   // |f| <= ln(2) / 2
-    float p = 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;  // 2^r, r in [-126, 126]
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    key[e] = 1.0f / (1.0f + p * scale) + bias[e];
+    bad |= !(x - x == 0.0f);  // NaN or +-inf (an unrouted row: its keys are unused)
+    key[e] = simd::SigmoidScalar(x) + bias[e];
   }
   return bad == 0;
 }
@@ -144,7 +114,7 @@ int64_t GatherAbove(const float* key, const float* logits, const float* bias, in
 
 // ------------------------------------------------------------------ the AVX2 path
 
-#if SIGMOID_MOE_AVX2
+#ifdef SIGMOID_MOE_X86
 
 // kCompact[m]: the lanes set in the 8-bit mask m, in order, then zeros.
 struct CompactTable {
@@ -161,24 +131,8 @@ struct CompactTable {
 constexpr CompactTable kCompact;
 
 SIGMOID_MOE_TARGET_AVX2 inline __m256 Key8(__m256 x, __m256 b, __m256& bad) {
-  const __m256 one = _mm256_set1_ps(1.0f);
   bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
-  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(kMinusLog2E));
-  // max(t, lo) is lo where t is NaN (the second operand): an unrouted row, value unused.
-  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
-  const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, r), _mm256_set1_ps(kLn2));
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, one);
-  p = _mm256_fmadd_ps(p, f, one);
-  const __m256i bits =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127)), 23);
-  const __m256 two_t = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  return _mm256_add_ps(_mm256_div_ps(one, _mm256_add_ps(one, two_t)), b);
+  return _mm256_add_ps(simd::Sigmoid8(x), b);
 }
 
 // Keys of one row (n a multiple of 16) and the k-th largest of its 16 chunk maxes.
@@ -242,13 +196,7 @@ SIGMOID_MOE_TARGET_AVX2 int64_t GatherAboveAvx2(const float* key, const float* l
   return count;
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("popcnt");
-  return has;
-}
-
-#endif  // SIGMOID_MOE_AVX2
+#endif  // SIGMOID_MOE_X86
 
 // ------------------------------------------------------------------ one row
 
@@ -328,7 +276,7 @@ void CandidatesRow(const float* logits, const float* bias, int64_t n, int64_t k,
                    const RowOut& out) {
   float* key = buf.key.get();
   int64_t count = -1;
-#if SIGMOID_MOE_AVX2
+#ifdef SIGMOID_MOE_X86
   if (vectorized) {
     float bound;
     if (!KeysAndBoundAvx2(logits, bias, n, k, key, &bound)) return WriteNotRouted(c, out);
@@ -396,8 +344,8 @@ ffi::Error RouteCandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logit
   }
   const float margin = 2.0f * (1e-5f + std::ldexp(1.0f + max_abs_bias, -20));
   bool vectorized = false;  // allow_avx2 = 0: the generic path (the tests run both)
-#if SIGMOID_MOE_AVX2
-  vectorized = allow_avx2 != 0 && HasAvx2() && n % 16 == 0 && k <= kMaxFastK;
+#ifdef SIGMOID_MOE_X86
+  vectorized = allow_avx2 != 0 && simd::HasAvx2() && n % 16 == 0 && k <= kMaxFastK;
 #endif
 
   ForEachRowRange(pool, rows, n, [=](int64_t begin, int64_t end) {
@@ -474,7 +422,7 @@ __attribute__((always_inline)) inline void RankRows(const RankArgs& a, int64_t b
 
 void RankRowsBaseline(const RankArgs& a, int64_t begin, int64_t end) { RankRows(a, begin, end); }
 
-#if SIGMOID_MOE_AVX2
+#ifdef SIGMOID_MOE_X86
 SIGMOID_MOE_TARGET_AVX2 void RankRowsAvx2(const RankArgs& a, int64_t begin, int64_t end) {
   RankRows(a, begin, end);
 }
@@ -497,8 +445,8 @@ ffi::Error RankCandidatesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> keys,
   const RankArgs args{keys.typed_data(),   index.typed_data(),         logits.typed_data(), c, k,
                       ids->typed_data(), chosen_logits->typed_data()};
   auto rank_rows = RankRowsBaseline;
-#if SIGMOID_MOE_AVX2
-  if (HasAvx2()) rank_rows = RankRowsAvx2;
+#ifdef SIGMOID_MOE_X86
+  if (simd::HasAvx2()) rank_rows = RankRowsAvx2;
 #endif
   ForEachRowRange(pool, rows, c * c,
                   [=](int64_t begin, int64_t end) { rank_rows(args, begin, end); });

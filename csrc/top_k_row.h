@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "kernel_limits.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #define SIGMOID_MOE_SSE2 1
@@ -31,8 +33,6 @@
 
 namespace sigmoid_moe {
 
-constexpr int64_t kMaxK = 64;      // the Python side uses the portable path beyond it
-constexpr int64_t kMaxFastK = 16;  // the fast path's largest k (4 bound vectors)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Inserts (v, j) into the sorted prefix tv/ti of length m, after every entry >= v: an

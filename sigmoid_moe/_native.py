@@ -10,12 +10,15 @@ Internal. Five FFI targets, each called by one function here:
   :mod:`sigmoid_moe._sigmoid_selection`;
 - :func:`expert_ffn_forward` and :func:`expert_ffn_backward` (csrc/expert_ffn_cpu.cc): the
   blocked FFN's routed experts, for :mod:`sigmoid_moe._native_ffn` (which differentiates
-  them; they are not row-wise, so they get none of the wrapping below).
+  them; they are not row-wise, so they get none of the wrapping below). Their GEMMs are
+  OpenBLAS's, from the ``scipy-openblas32`` wheel, which is imported (so loaded) before
+  the extension that links against it.
 
-Callers keep a portable pure-JAX path for every other backend and case. The extension is
-built by ``pip install`` (setup.py); where it could not be (no C++ compiler), or with
+Callers keep a portable pure-JAX path for every other backend and case, and choose
+between the two with one helper, :func:`native_or_portable`. The extension is built by
+``pip install`` (setup.py); where it could not be (no C++ compiler), or with
 ``SIGMOID_MOE_NATIVE=0`` in the environment, :func:`available` is False and nothing uses
-it.
+it. The kernels' limits come from the extension itself (:data:`LIMITS`).
 
 The first three work row by row, so they get the same wrapping: under a mesh every device
 handles its own rows (``custom_partitioning``: the leading dimensions keep their
@@ -38,21 +41,25 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 try:
+    import scipy_openblas32  # noqa: F401  (loads the GEMM library the extension links to)
+
     from sigmoid_moe import _native_cpu
-except ImportError:  # not built: the portable paths serve
+except ImportError:  # not built, or its GEMM library is missing: the portable paths serve
     _native_cpu = None
 
 __all__ = [
-    "MAX_K",
-    "NOT_ROUTED",
-    "ROUTED",
-    "TOO_MANY",
+    "LIMITS",
+    "Limits",
     "available",
+    "cpu_features",
     "expert_ffn_backward",
     "expert_ffn_forward",
+    "gemm_library",
     "may_serve",
+    "native_or_portable",
     "rank_candidates",
     "route_candidates",
+    "serves",
     "top_k_indices",
 ]
 
@@ -61,10 +68,23 @@ _ROUTE_CANDIDATES = "sigmoid_moe_route_candidates"
 _RANK_CANDIDATES = "sigmoid_moe_rank_candidates"
 _EXPERT_FFN_FWD = "sigmoid_moe_expert_ffn_fwd"
 _EXPERT_FFN_BWD = "sigmoid_moe_expert_ffn_bwd"
-# The kernels' largest k; csrc/top_k_row.h checks the same bound.
-MAX_K = 64
-# route_candidates' status per token, as csrc/route_cpu.cc writes it.
-NOT_ROUTED, ROUTED, TOO_MANY = 0, 1, 2
+
+
+class Limits(NamedTuple):
+    """The kernels' limits and codes, as csrc/kernel_limits.h defines them."""
+
+    max_k: int  # top-k and route: the largest k
+    max_fast_k: int  # the largest k of the vectorised row paths
+    max_candidates: int  # route: candidate slots per token, at most
+    not_routed: int  # route_candidates' status of a token with a non-finite logit or bias
+    routed: int  # ... of a routed token
+    too_many: int  # ... of a token with more candidates than slots
+    chunk_rows: int  # expert FFN: rows of one task's chunk (its per-thread buffers)
+    wave_row_bytes: int  # expert FFN: bytes of per-row outputs summed at a time, at most
+
+
+# None where the extension is not built (then nothing reads it: available() is False).
+LIMITS: Limits | None = None if _native_cpu is None else Limits(**_native_cpu.limits())
 
 
 def available() -> bool:
@@ -95,6 +115,43 @@ def may_serve(x: jax.Array) -> bool:
     return device is not None and device.platform == "cpu"
 
 
+def serves(x: jax.Array, when: Callable[[], bool] = lambda: True) -> bool:
+    """Whether a kernel takes a call whose leading operand is ``x``: the kernels are
+    :func:`available`, ``x`` passes :func:`may_serve`, and the caller's own predicate
+    ``when`` holds (called only then, so it may read :data:`LIMITS`)."""
+    return available() and may_serve(x) and when()
+
+
+def native_or_portable(
+    native: Callable, portable: Callable, *operands, when: Callable[[], bool] = lambda: True
+):
+    """``native(*operands)`` where the program runs on a CPU and a kernel takes the call
+    (:func:`serves` of the first operand and ``when``), else ``portable(*operands)``.
+
+    The one place where a caller's native path and its portable path meet. Where a kernel
+    may serve, ``jax.lax.platform_dependent`` picks between the two when the program is
+    lowered, so a program lowered for GPU or TPU (or exported for them) holds only the
+    portable path; elsewhere only the portable path is traced. Both must return the same
+    types.
+    """
+    if serves(operands[0], when):
+        return jax.lax.platform_dependent(*operands, cpu=native, default=portable)
+    return portable(*operands)
+
+
+def cpu_features() -> dict[str, bool]:
+    """The vector units of this CPU that the kernels know (``avx2``, ``fma``, ``avx512f``
+    on x86-64; empty elsewhere or when the extension is not built)."""
+    return {} if _native_cpu is None else dict(_native_cpu.cpu_features())
+
+
+def gemm_library() -> dict[str, str]:
+    """The expert kernel's GEMM library: ``config`` (its build) and ``core`` (the kernels
+    it picked for this CPU at load, e.g. ``Haswell`` or ``SkylakeX``); empty when the
+    extension is not built."""
+    return {} if _native_cpu is None else dict(_native_cpu.gemm_library())
+
+
 def _require() -> None:
     if not available():
         raise RuntimeError(
@@ -106,21 +163,15 @@ def _require() -> None:
 
 @functools.cache
 def _register() -> None:
-    jax.ffi.register_ffi_target(_TOP_K, _native_cpu.top_k_handler(), platform="cpu")
-    for name, handler in (
-        (_ROUTE_CANDIDATES, _native_cpu.route_candidates_handler()),
-        (_RANK_CANDIDATES, _native_cpu.rank_candidates_handler()),
-        (_EXPERT_FFN_FWD, _native_cpu.expert_ffn_fwd_handler()),
-        (_EXPERT_FFN_BWD, _native_cpu.expert_ffn_bwd_handler()),
-    ):
-        jax.ffi.register_ffi_target(name, handler, platform="cpu")
+    for name, handler in _native_cpu.handlers().items():
+        jax.ffi.register_ffi_target(f"sigmoid_moe_{name}", handler, platform="cpu")
 
 
 def top_k_indices(x: jax.Array, k: int) -> jax.Array:
     """``[..., k]`` int32 indices of the ``k`` largest of float32 ``x [..., n]`` (CPU only).
 
     The order of :func:`sigmoid_moe.topk.top_k`: value descending, ties to the lower index,
-    NaN as -inf, ``-0.0 == 0.0``. ``1 <= k <= MAX_K``, ``n < 2**31``. No gradient flows
+    NaN as -inf, ``-0.0 == 0.0``. ``1 <= k <= LIMITS.max_k``, ``n < 2**31``. No gradient flows
     through it (indices); callers gather the values.
     """
     _require()
@@ -135,15 +186,15 @@ def route_candidates(
     The kernel ranks approximate keys (within ``delta`` of the float32 ones, bounds in
     csrc/route_cpu.cc) and keeps every expert within ``2 delta`` of a lower bound of the
     ``k``-th; the exact top ``k`` are always among them. Float32 ``logits [..., E]``,
-    ``bias [E]``; ``1 <= k <= num_candidates <= E``, ``k <= MAX_K``. No gradient.
+    ``bias [E]``; ``1 <= k <= num_candidates <= E``, ``k <= LIMITS.max_k``. No gradient.
     ``allow_avx2=False`` takes the kernel's generic path on every CPU (for tests).
 
     Returns, with ``C = num_candidates``:
       ``index [..., C]`` int32, the candidates ascending, padded with -1;
       ``logits [..., C]`` and ``bias [..., C]`` float32, theirs (pads: 0 and -inf);
-      ``status [...]`` int32: ``ROUTED``; ``NOT_ROUTED``, a non-finite logit or bias (then
-      ``index`` is ``0 .. C-1`` with logits and biases 0); ``TOO_MANY``, more than ``C``
-      candidates (the caller must rank all experts).
+      ``status [...]`` int32 (codes in :data:`LIMITS`): ``routed``; ``not_routed``, a
+      non-finite logit or bias (then ``index`` is ``0 .. C-1`` with logits and biases 0);
+      ``too_many``, more than ``C`` candidates (the caller must rank all experts).
     """
     _require()
     call = _wrapped(_ROUTE_CANDIDATES, k, num_candidates, bool(allow_avx2))
@@ -152,7 +203,7 @@ def route_candidates(
 
 def rank_candidates(keys: jax.Array, index: jax.Array, logits: jax.Array, k: int):
     """The ``k`` best candidates by their exact ``keys [..., C]``: keys descending, ties to
-    the earlier candidate (NaN as -inf); ``1 <= k <= C <= 128``.
+    the earlier candidate (NaN as -inf); ``1 <= k <= C <= LIMITS.max_candidates``.
 
     With ``index`` and ``logits`` from :func:`route_candidates` (ascending), returns each
     token's top-``k`` expert ids ``[..., k]`` int32 and their logits ``[..., k]`` float32.

@@ -38,16 +38,20 @@ def num_candidates(k: int) -> int:
 
 def applies(logits: jax.Array, config: RouterConfig) -> bool:
     """Whether ``route`` selects through :func:`select`: sigmoid scores, the bias for
-    selection only, no groups, more experts than candidate slots, the kernels built and
-    allowed to take ``logits`` (see :func:`sigmoid_moe._native.may_serve`)."""
+    selection only, no groups, and the kernels take ``logits`` (:func:`_kernel_takes`)."""
     return (
         config.score_fn == "sigmoid"
         and config.bias_mode == "selection"
         and not config.group_limited
-        and config.num_experts > num_candidates(config.top_k)
-        and config.top_k <= _native.MAX_K
-        and _native.available()
-        and _native.may_serve(logits)
+        and _native.serves(logits, lambda: _kernel_takes(config.num_experts, config.top_k))
+    )
+
+
+def _kernel_takes(num_experts: int, k: int) -> bool:
+    """The kernels' own limits: more experts than candidate slots, within their slots and k."""
+    slots = num_candidates(k)
+    return (
+        num_experts > slots and slots <= _native.LIMITS.max_candidates and k <= _native.LIMITS.max_k
     )
 
 
@@ -63,11 +67,12 @@ def select(logits: jax.Array, bias: jax.Array, k: int) -> Selection:
     """Top-``k`` experts by ``sigmoid(logits) + bias`` (float32 ``logits [..., E]``,
     ``bias [E]``). ``chosen_logits`` is differentiable in ``logits`` (the gather's
     derivative); the ids and ``routed`` carry none."""
-    ids, values, routed = jax.lax.platform_dependent(
+    ids, values, routed = _native.native_or_portable(
+        functools.partial(_by_candidates, k=k),
+        functools.partial(_of_all, k=k),
         jax.lax.stop_gradient(logits),
         bias,
-        cpu=functools.partial(_by_candidates, k=k),
-        default=functools.partial(_of_all, k=k),
+        when=lambda: _kernel_takes(logits.shape[-1], k),
     )
     return Selection(ids, _gathered(logits, ids, values), routed)
 
@@ -110,11 +115,11 @@ def _by_candidates(logits, bias, *, k):
     # Candidates are ascending, so ties among them still go to the lower expert index.
     ids, values = _native.rank_candidates(keys, index, chosen, k)
     ids, values = jax.lax.cond(
-        _any_in_batch(status == _native.TOO_MANY),
+        _any_in_batch(status == _native.LIMITS.too_many),
         lambda: _of_all(logits, bias, k=k)[:2],
         lambda: (ids, values),
     )
-    return ids, values, (status != _native.NOT_ROUTED) & jnp.all(jnp.isfinite(bias))
+    return ids, values, (status != _native.LIMITS.not_routed) & jnp.all(jnp.isfinite(bias))
 
 
 @jax.custom_batching.custom_vmap

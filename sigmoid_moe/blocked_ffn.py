@@ -14,25 +14,21 @@ block, accumulating the expert weight gradients in float32.
 
 A partly filled block (an expert's last) runs only its filled rows, rounded up to one of
 16 *size classes* (multiples of ``ceil(B / 16)``; blocks below 128 rows run whole) by a
-``lax.switch``; its saved
-pre-activations are packed, so neither the GEMMs nor ``h`` pay for the empty rows. With
-fine-grained experts (DeepSeek-V3: 256 experts, top-8, ~256 rows each) the last block is
-most of the work: whole blocks added 25-50% to the GEMMs there.
+``lax.switch``, so the GEMMs do not pay for the empty rows; its saved pre-activations
+are packed (:func:`sigmoid_moe._native_ffn.packed_rows`), so neither does ``h``.
 
-Why one fused loop instead of whole-array gathers and grouped matmuls: on a CPU the
-cost beyond the GEMMs is memory, and mostly *fresh* memory (writing a newly allocated
-470 MB buffer took 110 ms here, reading it 12 ms). Per block, the ``[B, 2*d_ff]``
-hidden activations, the gathered rows and the expert outputs stay in cache; the only
-big arrays are the saved pre-activations ``h`` (needed by the backward) and the outputs.
-At d512 F1024 E64 k6 T8192 (``benchmarks/layer.py``) this halved the peak memory of
-separate grouped matmuls (2.7 GB -> 1.3 GB, the dense FFN's 1.26 GB) and took
-forward+backward from 1.31x to 1.09x the time of a dense SwiGLU of equal active FLOPs.
+Why one fused loop instead of whole-array gathers and grouped matmuls: on a CPU the cost
+beyond the GEMMs is memory, and mostly *fresh* memory. Per block, the ``[B, 2*d_ff]``
+hidden activations, the gathered rows and the expert outputs stay in cache; the only big
+arrays are the saved pre-activations ``h`` (needed by the backward) and the outputs.
 
 On the CPU, float32 work goes to a native kernel instead of this scan
-(``sigmoid_moe/_native_ffn.py``, csrc/expert_ffn_cpu.cc): same layout, same math, one
-expert per task on XLA's thread pool, weights read in place. It took the ``small`` preset
-of ``benchmarks/layer.py`` (T 1024, E 16, top-2) from 1.37x to 1.09x the dense FFN and
-k2 (E 384, top-8) from 1.49x to 1.29x. Other dtypes and backends run the scan.
+(``sigmoid_moe/_native_ffn.py``, csrc/expert_ffn_cpu.cc) where its GEMM library runs
+kernels as wide as the CPU's vectors (``_native_ffn.serves``): same layout, same math,
+the same saved ``h``, one expert per task on XLA's thread pool, weights read in place.
+Both are the two branches of one ``custom_vjp`` (one set of residuals, whichever runs).
+Other dtypes and backends run the scan. Measurements behind these choices are in
+``benchmarks/layer.py`` and the README.
 
 References:
   MegaBlocks (arXiv 2211.15841): block-sparse dropless MoE; ScatterMoE (arXiv 2403.08245):
@@ -47,8 +43,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sigmoid_moe import _native_ffn
-from sigmoid_moe._dispatch_common import gather_rows
+from sigmoid_moe import _native, _native_ffn
+from sigmoid_moe._dispatch_common import gather_rows, vary, varying
 from sigmoid_moe.experts import swiglu
 
 __all__ = [
@@ -76,10 +72,8 @@ def auto_block_size(rows_per_expert: int) -> int:
     ``rows_per_expert`` is the average ``ceil(A / E)``. The result is rounded up to a
     multiple of 16 and kept in ``[16, 512]``. Since a partly filled block runs only its
     filled rows (in steps of ``B / 16``), a block may exceed the average share: most
-    experts then fit one block, so fewer, taller GEMMs. Measured forward+backward (2 CPU
-    cores, float32, against blocks of 128): 0.89x at 768 rows per expert (blocks of 512),
-    0.94x at 256 (384), 0.95x at 171 (256, where this rule gives 272); blocks of 64 at 256
-    rows: 1.26x.
+    experts then fit one block, so fewer, taller GEMMs (measurements in
+    ``benchmarks/layer.py``).
     """
     target = -(-3 * max(1, rows_per_expert) // 2)
     return int(min(512, max(16, -(-target // 16) * 16)))
@@ -168,33 +162,12 @@ def block_layout(
     )
 
 
-def _varying(array) -> frozenset:
-    """Mesh axes ``array`` varies over inside ``shard_map`` (empty outside it)."""
-    aval = jax.typeof(array)
-    manual = getattr(aval, "manual_axis_type", None)
-    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def _vary(array, axes: frozenset):
-    """``array`` marked as varying over ``axes`` too (a no-op outside ``shard_map``).
-
-    Inside ``shard_map`` both ``lax.cond`` branches and a scan's carry must agree on which
-    mesh axes a value varies over; fresh zeros vary over none.
-    """
-    missing = tuple(sorted(axes - _varying(array)))
-    return jax.lax.pcast(array, missing, to="varying") if missing else array
-
-
 # A block runs with the fewest rows, out of this many evenly spaced sizes up to the block
 # size, that cover its filled rows: only an expert's last block is partly filled, and it
 # then wastes less than B / _SIZE_CLASSES rows of GEMM work instead of up to B - 1. Every
 # class is one more branch of the forward and the backward scan to compile, so blocks
 # below _MIN_CLASSED_BLOCK rows run whole: their GEMMs cost little next to the per-block
-# work. XLA compile time of the tiny harness preset's train step (block 96, measured with
-# ``lower().compile()``): 16 classes of 6 rows 11.1 s, one class 4.9 s (the ragged_dot
-# kernel: 4.2 s). A floor of 16 rows on the class step instead (6 classes there: 7.0 s)
-# made the `small` benchmark preset (block 192, 12 classes of 16) slower: 1.46-1.67x the
-# dense FFN against 1.37-1.46x with 16 classes of 12, so the step stays B / 16.
+# work (compile times and the class step's measurements: benchmarks/layer.py).
 _SIZE_CLASSES = 16
 _MIN_CLASSED_BLOCK = 128
 
@@ -209,30 +182,30 @@ def _size_classes(block_size: int) -> tuple[int, ...]:
 
 
 class _BlockPlan(NamedTuple):
-    """How the kernel runs each block of a :class:`BlockLayout`."""
+    """How the scan runs each block of a layout."""
 
     class_b: jax.Array  # [num_blocks] int32 0: skip; c: run the first sizes[c - 1] rows
-    offset_b: jax.Array  # [num_blocks] int32 first row of the block's saved pre-activations
+    used_b: jax.Array  # [num_blocks] int32 the block's rows in h (_native_ffn.packed_rows)
+    offset_b: jax.Array  # [num_blocks] int32 the first of them
 
 
-def _block_plan(layout: BlockLayout, num_tokens: int, num_experts: int) -> tuple[_BlockPlan, int]:
-    """Each block's size class (from its last filled row) and its rows in the saved ``h``.
-
-    Filled rows of a block are a prefix (ranks are consecutive), and only an expert's last
-    block is partly filled, so the compact buffer needs at most ``A + E * (granule - 1)``
-    rows for ``A`` assignments, against ``A + E * (B - 1)`` for whole blocks.
-    """
-    num_blocks, block_size = layout.src_bm.shape
+def _block_plan(src_bm, block_expert_b, num_tokens: int, num_experts: int) -> _BlockPlan:
+    """Each block's size class (from its last filled row) and its rows in the saved ``h``."""
+    block_size = src_bm.shape[1]
     granule = _size_classes(block_size)[0]
     row_m = jnp.arange(1, block_size + 1, dtype=jnp.int32)
-    fill_b = jnp.max(jnp.where(layout.src_bm < num_tokens, row_m, 0), axis=1)
-    class_b = jnp.where(layout.block_expert_b >= 0, (fill_b + granule - 1) // granule, 0)
-    rows_b = jnp.minimum(class_b * granule, block_size)
-    offset_b = jnp.cumsum(rows_b) - rows_b
-    num_assign = layout.row_a.shape[0]
-    bound = num_assign + min(num_experts, num_blocks) * (granule - 1)
-    plan = _BlockPlan(class_b.astype(jnp.int32), offset_b.astype(jnp.int32))
-    return plan, max(1, min(num_blocks * block_size, bound))
+    fill_b = jnp.max(jnp.where(src_bm < num_tokens, row_m, 0), axis=1)
+    class_b = jnp.where(block_expert_b >= 0, (fill_b + granule - 1) // granule, 0)
+    used_b = _native_ffn.packed_rows(src_bm, block_expert_b, num_tokens, num_experts)
+    offset_b = jnp.cumsum(used_b) - used_b
+    return _BlockPlan(class_b.astype(jnp.int32), used_b, offset_b.astype(jnp.int32))
+
+
+def _saved_rows(num_assignments: int, block_size: int) -> int:
+    """Rows of the saved pre-activations ``h``: one per assignment (what the used rows of
+    a ``block_layout`` take at most), and one block more, so that the scan can write a
+    whole block at the last offset."""
+    return max(1, num_assignments) + block_size
 
 
 def _pad_rows(rows_sx: jax.Array, block_size: int) -> jax.Array:
@@ -240,15 +213,18 @@ def _pad_rows(rows_sx: jax.Array, block_size: int) -> jax.Array:
     return jnp.pad(rows_sx, ((0, block_size - rows_sx.shape[0]),) + ((0, 0),) * (rows_sx.ndim - 1))
 
 
-def _forward_scan(num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan):
-    """``(y_td float32, h_rf2)``: the combined output and the blocks' pre-activations.
-
-    ``h_rf2`` holds block ``b``'s rows from row ``offset_b`` (see :func:`_block_plan`).
-    """
+def _scan_forward(h_rows, x_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd):
+    """``(y_td float32, h_pf2)`` by the block scan: the combined output and the blocks'
+    pre-activations, laid out as the kernel lays them out."""
     f32 = jnp.float32
     dtype = x_td.dtype
-    axes = _varying(x_td)  # the wrapper made every input vary over the same axes
-    block_size = src_bm.shape[1]
+    axes = varying(x_td)  # blocked_expert_ffn made every input vary over the same axes
+    num_blocks = block_expert_b.shape[0]
+    block_size = src_r.shape[0] // num_blocks
+    src_bm = src_r.reshape(num_blocks, block_size)
+    weight_bm = weight_r.reshape(num_blocks, block_size)
+    with jax.named_scope("layout"):
+        plan = _block_plan(src_bm, block_expert_b, x_td.shape[0], w_in_edf.shape[0])
 
     def rows(size):
         # The block's first `size` rows; the results padded back to whole blocks so that
@@ -278,70 +254,53 @@ def _forward_scan(num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_
         # The buffers are updated outside the switch: XLA copies a buffer that more than
         # one branch updates in place.
         def run(carry):
-            y_td, h_rf2 = carry
+            y_td, h_pf2 = carry
             o_md, h_mf2 = jax.lax.switch(class_ - 1, branches, src_m, weight_m, expert)
             with jax.named_scope("scatter_add"):
                 # Empty rows have src T: mode="drop" skips them (their output is 0 anyway).
                 y_td = y_td.at[src_m].add(o_md, mode="drop")
             with jax.named_scope("save_h"):
-                # Rows past the block's own are overwritten by the next block (or unused).
-                h_rf2 = jax.lax.dynamic_update_slice_in_dim(h_rf2, h_mf2, offset, axis=0)
-            return y_td, h_rf2
+                # Rows past the block's used ones are overwritten by the next block's
+                # (blocks run in layout order), or stay zeros.
+                h_pf2 = jax.lax.dynamic_update_slice_in_dim(h_pf2, h_mf2, offset, axis=0)
+            return y_td, h_pf2
 
         # Blocks past the last used one (expert -1) cost nothing.
         return jax.lax.cond(class_ > 0, run, lambda carry: carry, carry), None
 
     init = (
-        _vary(jnp.zeros(x_td.shape, f32), axes),
-        _vary(jnp.zeros((num_rows + block_size, w_in_edf.shape[2]), dtype), axes),
+        vary(jnp.zeros(x_td.shape, f32), axes),
+        vary(jnp.zeros((h_rows, w_in_edf.shape[2]), dtype), axes),
     )
     xs = (src_bm, weight_bm, block_expert_b, plan.class_b, plan.offset_b)
-    return jax.lax.scan(body, init, xs)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_expert_ffn(
-    num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
-):
     with jax.named_scope("blocked_ffn"):
-        y_td, _ = _forward_scan(
-            num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
-        )
-    return y_td.astype(x_td.dtype)
+        return jax.lax.scan(body, init, xs)[0]
 
 
-def _blocked_expert_ffn_fwd(
-    num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
-):
-    with jax.named_scope("blocked_ffn"):
-        y_td, h_rf2 = _forward_scan(
-            num_rows, x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan
-        )
-    residuals = (x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan, h_rf2)
-    return y_td.astype(x_td.dtype), residuals
-
-
-def _blocked_expert_ffn_bwd(num_rows, residuals, dy_td):
-    with jax.named_scope("blocked_ffn_bwd"):
-        return _backward_scan(num_rows, residuals, dy_td)
-
-
-def _backward_scan(num_rows, residuals, dy_td):
-    """Gradients of ``_blocked_expert_ffn`` from its residuals and the output cotangent."""
-    x_td, src_bm, weight_bm, w_in_edf, w_out_efd, block_expert_b, plan, h_rf2 = residuals
+def _scan_backward(x_td, dy_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd, h_pf2):
+    """``(dx_td, dweight_r, dw_in_edf, dw_out_efd)`` by the block scan, in the dtypes of
+    ``x_td``, ``weight_r``, ``w_in_edf`` and ``w_out_efd``."""
     f32 = jnp.float32
     dtype = x_td.dtype
-    axes = _varying(x_td) | _varying(dy_td)
-    block_size = src_bm.shape[1]
+    axes = varying(x_td) | varying(dy_td)
+    num_blocks = block_expert_b.shape[0]
+    block_size = src_r.shape[0] // num_blocks
+    src_bm = src_r.reshape(num_blocks, block_size)
+    weight_bm = weight_r.reshape(num_blocks, block_size)
+    with jax.named_scope("layout"):
+        plan = _block_plan(src_bm, block_expert_b, x_td.shape[0], w_in_edf.shape[0])
 
     def rows(size):
-        def run(src_m, weight_m, expert, offset):
+        def run(src_m, weight_m, expert, offset, used):
             src_s = src_m[:size]
             with jax.named_scope("gather"):
                 x_sd = gather_rows(x_td, src_s)
                 dy_sd = gather_rows(dy_td, src_s)
             with jax.named_scope("save_h"):
-                h_sf2 = jax.lax.dynamic_slice_in_dim(h_rf2, offset, size, axis=0)
+                h_sf2 = jax.lax.dynamic_slice_in_dim(h_pf2, offset, size, axis=0)
+                # Rows past the block's own in h are the next block's: zeros here (the
+                # block's rows there are empty, and must add nothing, NaN included).
+                h_sf2 = jnp.where(jnp.arange(size)[:, None] < used, h_sf2, 0)
             with jax.named_scope("swiglu"):
                 # Recomputed in cache from the saved h; the pullback reuses its sigmoid.
                 a_sf, swiglu_pullback = jax.vjp(swiglu, h_sf2)
@@ -367,12 +326,12 @@ def _backward_scan(num_rows, residuals, dy_td):
     branches = [rows(size) for size in _size_classes(block_size)]
 
     def body(grads, block):
-        src_m, weight_m, expert, class_, offset = block
+        src_m, weight_m, expert, class_, offset, used = block
 
         def run(grads):
             dx_td, dw_in_edf, dw_out_efd = grads
             dx_md, dw_in_df2, dw_out_fd, dweight_m = jax.lax.switch(
-                class_ - 1, branches, src_m, weight_m, expert, offset
+                class_ - 1, branches, src_m, weight_m, expert, offset, used
             )
             with jax.named_scope("scatter_add"):
                 dx_td = dx_td.at[src_m].add(dx_md, mode="drop")
@@ -382,25 +341,69 @@ def _backward_scan(num_rows, residuals, dy_td):
             return (dx_td, dw_in_edf, dw_out_efd), dweight_m
 
         def skip(grads):
-            return grads, _vary(jnp.zeros((block_size,), f32), axes)
+            return grads, vary(jnp.zeros((block_size,), f32), axes)
 
         return jax.lax.cond(class_ > 0, run, skip, grads)
 
-    init = tuple(_vary(jnp.zeros(like.shape, f32), axes) for like in (x_td, w_in_edf, w_out_efd))
-    xs = (src_bm, weight_bm, block_expert_b, plan.class_b, plan.offset_b)
-    (dx_td, dw_in_edf, dw_out_efd), dweight_bm = jax.lax.scan(body, init, xs)
+    init = tuple(vary(jnp.zeros(like.shape, f32), axes) for like in (x_td, w_in_edf, w_out_efd))
+    xs = (src_bm, weight_bm, block_expert_b, plan.class_b, plan.offset_b, plan.used_b)
+    with jax.named_scope("blocked_ffn_bwd"):
+        (dx_td, dw_in_edf, dw_out_efd), dweight_bm = jax.lax.scan(body, init, xs)
     return (
         dx_td.astype(dtype),
-        None,  # src_bm: integer
-        dweight_bm.astype(weight_bm.dtype),
+        dweight_bm.reshape(-1).astype(weight_r.dtype),
         dw_in_edf.astype(w_in_edf.dtype),
         dw_out_efd.astype(w_out_efd.dtype),
-        None,  # block_expert_b: integer
-        None,  # plan: integer
     )
 
 
-_blocked_expert_ffn.defvjp(_blocked_expert_ffn_fwd, _blocked_expert_ffn_bwd)
+# ----------------------------------------------------------------- one custom_vjp
+#
+# The kernel and the scan are the two branches of one custom_vjp: its forward rule picks
+# one (``_native.native_or_portable``) and both return the same residuals, so a
+# ``jax.vjp`` held outside ``jit`` keeps one set of them, not the union of two.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _expert_ffn(native, h_rows, x_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd):
+    return _expert_ffn_fwd(
+        native, h_rows, x_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd
+    )[0]
+
+
+def _expert_ffn_fwd(native, h_rows, x_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd):
+    operands = (x_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd)
+    with jax.named_scope("blocked_ffn_native" if native else "blocked_ffn_scan"):
+        y_td, h_pf2 = _native.native_or_portable(
+            functools.partial(_native_ffn.forward, h_rows),
+            functools.partial(_scan_forward, h_rows),
+            *operands,
+            when=lambda: native,
+        )
+    return y_td.astype(x_td.dtype), (*operands, h_pf2)
+
+
+def _expert_ffn_bwd(native, h_rows, residuals, dy_td):
+    del h_rows
+    x_td, src_r, weight_r, block_expert_b, w_in_edf, w_out_efd, h_pf2 = residuals
+    with jax.named_scope("blocked_ffn_native" if native else "blocked_ffn_scan"):
+        dx_td, dweight_r, dw_in, dw_out = _native.native_or_portable(
+            _native_ffn.backward,
+            _scan_backward,
+            x_td,
+            dy_td,
+            src_r,
+            weight_r,
+            block_expert_b,
+            w_in_edf,
+            w_out_efd,
+            h_pf2,
+            when=lambda: native,
+        )
+    return dx_td, None, dweight_r, None, dw_in, dw_out
+
+
+_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 
 
 def blocked_expert_ffn(
@@ -418,9 +421,13 @@ def blocked_expert_ffn(
     every size class and copy the accumulators (many times slower): flatten mapped token
     groups into ``T`` instead.
 
+    On the CPU, float32 calls run the native kernel where it serves
+    (:func:`sigmoid_moe._native_ffn.serves`: its GEMM library as wide as the CPU's
+    vectors), the block scan elsewhere; both save the same residuals.
+
     Args:
       x_td: ``[T, d_model]``.
-      layout: from :func:`block_layout`.
+      layout: from :func:`block_layout` (each expert's filled rows a prefix of its blocks).
       w_in_edf: ``[E, d_model, 2*d_ff]`` fused gate/up weights, ``x_td``'s dtype.
       w_out_efd: ``[E, d_ff, d_model]``, ``x_td``'s dtype.
 
@@ -430,35 +437,17 @@ def blocked_expert_ffn(
     """
     # Inside shard_map, give every input the same varying axes (differentiably: the
     # transpose of that cast sums the gradients of replicated inputs over those axes).
-    axes = frozenset().union(*(_varying(a) for a in (x_td, w_in_edf, w_out_efd, *layout)))
-    x_td, w_in_edf, w_out_efd = (_vary(a, axes) for a in (x_td, w_in_edf, w_out_efd))
-    layout = BlockLayout(*(_vary(a, axes) for a in layout))
-    if _native_ffn.serves(x_td, w_in_edf, w_out_efd):
-        # The kernel where the program runs on the CPU, the scan on any other backend
-        # (only the chosen branch is lowered).
-        return jax.lax.platform_dependent(
-            x_td, layout, w_in_edf, w_out_efd, cpu=_native_expert_ffn, default=_scanned_expert_ffn
-        )
-    return _scanned_expert_ffn(x_td, layout, w_in_edf, w_out_efd)
-
-
-def _native_expert_ffn(x_td, layout, w_in_edf, w_out_efd):
-    with jax.named_scope("blocked_ffn_native"):
-        y_td = _native_ffn.expert_ffn(
-            x_td,
-            layout.src_bm,
-            layout.weight_bm,
-            layout.block_expert_b,
-            layout.row_a,
-            w_in_edf,
-            w_out_efd,
-        )
-    return y_td.astype(x_td.dtype)
-
-
-def _scanned_expert_ffn(x_td, layout, w_in_edf, w_out_efd):
-    with jax.named_scope("layout"):
-        # Derived from the varied layout, the plan varies over the same axes.
-        plan, num_rows = _block_plan(layout, x_td.shape[0], w_in_edf.shape[0])
-    args = (x_td, layout.src_bm, layout.weight_bm, w_in_edf, w_out_efd, layout.block_expert_b)
-    return _blocked_expert_ffn(num_rows, *args, plan)
+    axes = frozenset().union(*(varying(a) for a in (x_td, w_in_edf, w_out_efd, *layout)))
+    x_td, w_in_edf, w_out_efd = (vary(a, axes) for a in (x_td, w_in_edf, w_out_efd))
+    layout = BlockLayout(*(vary(a, axes) for a in layout))
+    block_size = layout.src_bm.shape[1]
+    return _expert_ffn(
+        _native_ffn.serves(x_td, w_in_edf, w_out_efd),
+        _saved_rows(layout.row_a.shape[0], block_size),
+        x_td,
+        layout.src_bm.reshape(-1),
+        layout.weight_bm.reshape(-1),
+        layout.block_expert_b,
+        w_in_edf,
+        w_out_efd,
+    )

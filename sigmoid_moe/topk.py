@@ -1,33 +1,27 @@
 """Exact top-k along the last axis with ties broken to the lower index.
 
 On CPU, when the native kernel is built (``pip install`` compiles csrc/top_k_cpu.cc, an
-XLA FFI handler), :func:`top_k` calls it: at ``[16384, 128]`` k=8 it takes a fraction of
-the pure-JAX path's time (figures in the README). Everywhere else (GPU, TPU, an exported
-accelerator program, float64, k > 64, or no compiler at install) the portable pure-JAX
-path below serves; both give the same indices, bit for bit, and the tests hold them to
-one oracle. ``SIGMOID_MOE_NATIVE=0`` in the environment turns the kernel off.
+XLA FFI handler), :func:`top_k` calls it (figures in the README). Everywhere else (GPU,
+TPU, an exported accelerator program, float64, k past the kernel's ``max_k``, or no
+compiler at install) the portable pure-JAX path below serves; both give the same
+indices, bit for bit, and the tests hold them to one oracle. ``SIGMOID_MOE_NATIVE=0`` in
+the environment turns the kernel off.
 
-XLA:CPU's ``TopK`` spends ~9 ns per element, more than the router matmul it follows.
-For the small k of MoE routing a pure-JAX formulation is faster and exact on every
+The portable path: XLA:CPU's ``TopK`` costs more than the router matmul it follows, and
+for the small k of MoE routing a pure-JAX formulation is faster and exact on every
 backend: k rounds, each taking the next element in the total order
 ``(value descending, index ascending)``. Round ``i`` looks only at the elements that come
 strictly after the previous pick in that order, so nothing is written back and ``-inf``
 entries (masked groups) behave like any other value. Rows longer than 128 entries (a
 384-expert router) keep the best entry of each chunk of 16 and rescan only the chunk the
-pick came from, so a round costs ``O(n / 16 + 16)`` instead of ``O(n)``.
-
-What bounds it on XLA:CPU (measured at ``[16384, 128]``, k=8, 2 cores: 10.8 ms, the router
-matmul it follows 50 ms): a plain row max is 0.4 ms, but each round compares the row with
-the previous round's reduced value, and XLA materialises that broadcast (the reduce and
-its broadcast form one fusion whose output is the full block) before the select and the
-next reduction, so a round costs about four passes over the block. Tried and slower: the
-chunked formulation at 128 columns (16-34 ms over chunks of 8-32 and blocks of 64-256
-rows); keeping a sorted top-k list per row and inserting the columns one by one, rows as
-vector lanes (``fori_loop``: 130-520 ms; unrolled, it did not finish compiling).
+pick came from, so a round costs ``O(n / 16 + 16)`` instead of ``O(n)``. Rows are
+processed in blocks that keep each round's temporaries in cache. What bounds it on
+XLA:CPU, and the formulations tried and dropped, are in ``benchmarks/routing.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -41,10 +35,9 @@ _MAX_ITERATIVE_K = 16
 # longer ones the wide one (chunks of _CHUNK, each round rescans one chunk).
 _MAX_NARROW_N = 128
 # Elements per block when the narrow formulation is blocked over rows: blocks of ~128 KiB
-# keep the per-round temporaries in cache (measured 2-4x at [4096, 256] and [16384, 128]).
+# keep the per-round temporaries in cache.
 _BLOCK_ELEMENTS = 32768
-# The wide formulation's chunk length and rows per block (measured at [8192, 384] k=8:
-# 34 ms before it, 11.7 ms; lax.top_k 14 ms; at [4096, 896] k=16: 113 -> 23 ms).
+# The wide formulation's chunk length and rows per block.
 _CHUNK = 16
 _WIDE_BLOCK_ROWS = 128
 
@@ -63,18 +56,12 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     n = x.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"top_k: k must be an int in [1, {n}] for a last axis of {n}, got {k!r}.")
-    if (
-        _native.available()
-        and k <= _native.MAX_K
-        and x.dtype in _NATIVE_DTYPES
-        and n < 2**31
-        and _native.may_serve(x)
-    ):
-        # The CPU lowering calls the kernel; every other platform lowers the portable path.
-        return jax.lax.platform_dependent(
-            x, cpu=lambda x: _top_k_native(x, k), default=lambda x: _top_k_portable(x, k)
-        )
-    return _top_k_portable(x, k)
+    return _native.native_or_portable(
+        functools.partial(_top_k_native, k=k),
+        functools.partial(_top_k_portable, k=k),
+        x,
+        when=lambda: k <= _native.LIMITS.max_k and x.dtype in _NATIVE_DTYPES and n < 2**31,
+    )
 
 
 # Converted to float32 exactly, so the order is the same.

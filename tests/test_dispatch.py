@@ -564,14 +564,18 @@ def test_partly_filled_blocks_run_their_size_class(block_size, rows_e):
     args = (x, f32(rng.random(expert_a.size)), w_in, w_out)
     cotangent = f32(rng.normal(size=x.shape))
     _assert_vjps_match(jax.jit(blocked), plain, args, cotangent, y_atol=1e-5)
-    # The saved pre-activations fit the static bound: A rows plus < granule per expert.
+    # The GEMMs run A rows plus < granule per expert; the saved pre-activations take one
+    # row per assignment, within their static bound.
     sizes = blocked_ffn._size_classes(block_size)
     granule = sizes[0]
     tails = [n % block_size for n in rows_e if n % block_size]
     used = sum(rows_e) + sum(-t % granule for t in tails)
-    plan, num_rows = blocked_ffn._block_plan(layout_of(args[1]), num_tokens, num_experts)
+    layout = layout_of(args[1])
+    plan = blocked_ffn._block_plan(layout.src_bm, layout.block_expert_b, num_tokens, num_experts)
     rows_b = np.minimum(np.asarray(plan.class_b) * granule, block_size)
-    assert int(rows_b.sum()) == used <= num_rows
+    assert int(rows_b.sum()) == used
+    saved = blocked_ffn._saved_rows(expert_a.size, block_size)
+    assert int(np.sum(plan.used_b)) == sum(rows_e) <= saved - block_size
 
 
 def test_auto_block_size():

@@ -9,6 +9,10 @@ reference its second-order rules use, and the scan in programs for other backend
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -216,3 +220,146 @@ def test_second_order_with_empty_rows_among_an_experts_rows(monkeypatch):
     want = _scan(monkeypatch, hvp)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# kernel="auto": the native-or-scan rule (issue 28), one residual layout, determinism.
+
+
+@pytest.mark.parametrize(
+    "features, core, native",
+    [
+        ({"avx2": True, "fma": True, "avx512f": True}, "SkylakeX", True),
+        ({"avx2": True, "fma": True, "avx512f": True}, "Cooperlake", True),
+        ({"avx2": True, "fma": True, "avx512f": True}, "SapphireRapids", True),
+        # An AVX-512 CPU whose library kernels are AVX2 (the hand-written GEMM's case).
+        ({"avx2": True, "fma": True, "avx512f": True}, "Haswell", False),
+        ({"avx2": True, "fma": True, "avx512f": False}, "Haswell", True),
+        ({"avx2": True, "fma": True, "avx512f": False}, "Zen", True),
+        ({"avx2": True, "fma": True, "avx512f": False}, "SkylakeX", True),
+        ({"avx2": True, "fma": True, "avx512f": False}, "Sandybridge", False),
+        ({"avx2": True, "fma": True, "avx512f": False}, "NewCoreOfTomorrow", False),
+        ({"avx2": False, "fma": False, "avx512f": False}, "Nehalem", True),
+        ({}, "ARMV8SVE", True),  # another architecture: nothing wider for XLA
+    ],
+)
+def test_auto_rule_compares_the_librarys_vectors_with_the_cpus(features, core, native):
+    assert _native_ffn.gemm_uses_widest_vectors(features, core) is native
+
+
+def _lowered_experts(x, w_in, w_out, layout_of, weight_a, platforms=None):
+    def loss(x):
+        return jnp.sum(blocked_expert_ffn(x, layout_of(weight_a), w_in, w_out) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    if platforms is None:
+        return grad.lower(x).as_text(debug_info=True)
+    return jax.export.export(grad, platforms=platforms)(x).mlir_module()
+
+
+def test_auto_picks_a_valid_kernel_and_never_a_disabled_one(monkeypatch):
+    """The rule's choice reaches the program: the kernel where it says so and the kernels
+    are on; the scan where it says no, where ``SIGMOID_MOE_NATIVE=0``, for other dtypes,
+    and in programs for other backends, whatever the rule says."""
+    x, weight_a, w_in, w_out, layout_of = _layout_problem(11, 24, 8, 6, 4, 2, 8)
+    args = (w_in, w_out, layout_of, weight_a)
+    kernel, scan = "sigmoid_moe_expert_ffn_fwd", "save_h"  # a scope of the scan's only
+    for says in (True, False):
+        monkeypatch.setattr(_native_ffn, "gemm_uses_widest_vectors", lambda says=says: says)
+        text = _lowered_experts(x, *args)
+        assert (kernel in text) is says and (scan in text) is not says
+        assert kernel not in _lowered_experts(x, *args, platforms=("cuda",))
+        as_f64 = (a.astype(jnp.float64) for a in (x, w_in, w_out))
+        with jax.enable_x64(True):
+            assert kernel not in _lowered_experts(*as_f64, layout_of, weight_a)
+        with monkeypatch.context() as m:
+            m.setenv("SIGMOID_MOE_NATIVE", "0")
+            text = _lowered_experts(x, *args)
+            assert kernel not in text and scan in text
+
+
+def _residuals(f, *primals):
+    """``(shapes and dtypes, bytes)`` of what a ``jax.vjp`` of ``f`` holds for its pullback."""
+    _, pullback = jax.vjp(f, *primals)
+    leaves = [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "nbytes")]
+    return [(leaf.shape, leaf.dtype) for leaf in leaves], sum(leaf.nbytes for leaf in leaves)
+
+
+def test_kernel_and_scan_keep_one_residual_layout(monkeypatch):
+    """A ``jax.vjp`` of the jitted layer, held outside ``jit``: the pullback keeps the
+    residuals of the path that ran and no others (before, the platform choice over two
+    ``custom_vjp`` functions kept both paths' residuals, 1.8x the bytes here), and the
+    kernel and the scan keep the same ones."""
+    x, weight_a, w_in, w_out, layout_of = _layout_problem(12, 256, 32, 48, 8, 2, 32)
+    layout = layout_of(weight_a)
+    f = jax.jit(lambda x, w_in, w_out: blocked_expert_ffn(x, layout, w_in, w_out))
+    native = _residuals(f, x, w_in, w_out)
+    with monkeypatch.context() as m:
+        m.setenv("SIGMOID_MOE_NATIVE", "0")
+        # Traced anew, now with the kernels off.
+        f = jax.jit(lambda x, w_in, w_out: blocked_expert_ffn(x, layout, w_in, w_out))
+        scan = _residuals(f, x, w_in, w_out)
+    assert native == scan
+    # One set: the inputs, the layout's rows and blocks, and h (A + B rows of 2F).
+    num_assign, block = layout.row_a.shape[0], layout.src_bm.shape[1]
+    rows = layout.src_bm.size
+    want = x.nbytes + w_in.nbytes + w_out.nbytes + 8 * rows + 4 * layout.block_expert_b.size
+    want += 4 * (num_assign + block) * w_in.shape[2]
+    assert native[1] == want
+
+
+_SAME_BITS_CHILD = """
+import hashlib, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: XLA's pool has 1 thread
+import numpy as np, jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+from test_native_ffn import _kernel_outputs
+print(len(os.sched_getaffinity(0)), _kernel_outputs())
+"""
+
+
+def _kernel_outputs() -> str:
+    """SHA-256 of the kernel's forward and backward outputs on a fixed problem with
+    experts of several tasks' work and of more than one chunk of rows."""
+    x, weight_a, w_in, w_out, layout_of = _layout_problem(13, 1100, 64, 48, 4, 2, 128)
+    layout = layout_of(weight_a)
+    args = (
+        layout.weight_bm.reshape(-1),
+        w_in,
+        w_out,
+        layout.src_bm.reshape(-1),
+        layout.block_expert_b,
+    )
+    h_rows = layout.row_a.shape[0]
+    dy = jnp.asarray(np.random.default_rng(14).normal(size=x.shape), jnp.float32)
+    y, h = jax.jit(functools.partial(_native.expert_ffn_forward, h_rows=h_rows))(x, *args)
+    grads = jax.jit(_native.expert_ffn_backward)(x, dy, args[0], w_in, w_out, h, *args[3:])
+    digest = hashlib.sha256()
+    for out in (y, h, *grads):
+        digest.update(np.asarray(out).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs 2 CPUs and Linux affinity",
+)
+def test_same_bits_with_one_thread_and_with_all():
+    """The kernel's results do not depend on XLA's thread count: its GEMMs run on one
+    thread each (the library set to one thread), its sums in a fixed order."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", ""
+    )
+    tests_dir = os.path.dirname(__file__)
+    out = subprocess.run(
+        [sys.executable, "-c", _SAME_BITS_CHILD, tests_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    threads, child = out.stdout.split()
+    assert threads == "1"
+    assert child == _kernel_outputs()
