@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sigmoid_moe._checks import check_token_mask, require_int
+from sigmoid_moe._checks import check_token_mask, require_array, require_int
 
 __all__ = [
     "check_block_size",
@@ -26,6 +26,14 @@ __all__ = [
 
 def check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t):
     """Shapes and dtypes of the one dispatch signature; raises naming the argument."""
+    for name, value, hint in (
+        ("x_td", x_td, "[tokens, d_model]"),
+        ("expert_ids_tk", expert_ids_tk, "[tokens, k]"),
+        ("weights_tk", weights_tk, "[tokens, k]"),
+        ("w_in_edf", w_in_edf, "[E, d_model, 2*d_ff]"),
+        ("w_out_efd", w_out_efd, "[E, d_ff, d_model]"),
+    ):
+        require_array(name, value, hint)
     if not jnp.issubdtype(jnp.result_type(x_td), jnp.floating):
         raise TypeError(f"x_td must be floating, got dtype {jnp.result_type(x_td)}.")
     if jnp.ndim(x_td) != 2:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from sigmoid_moe import _native
+from sigmoid_moe._checks import require_array
 
 # Beyond this k the k reductions cost more than one stable sort.
 _MAX_ITERATIVE_K = 16
@@ -53,6 +54,9 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
       ``(values [..., k], indices [..., k] int32)``, in descending order of value and,
       among equal values, ascending order of index. ``-0.0`` and ``0.0`` are equal.
     """
+    require_array("x", x, "[..., n]")
+    if x.ndim == 0:
+        raise ValueError("top_k: x must have a last axis to rank along, got a scalar.")
     n = x.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"top_k: k must be an int in [1, {n}] for a last axis of {n}, got {k!r}.")

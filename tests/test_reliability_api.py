@@ -19,14 +19,24 @@ from sigmoid_moe import (
     RouterConfig,
     RoutingBias,
     apply_routing_bias_update,
+    capacity_moe,
+    dropless_moe,
     expert_load,
     route,
     routing_bias_update,
+    top_k,
     update_bias,
 )
 from sigmoid_moe.interop import load_moe_layers
 
 INDEX = "model.safetensors.index.json"
+# expert_ids_tk, weights_tk, w_in_edf, w_out_efd of a one-token, two-expert dispatch.
+_DISPATCH_REST = (
+    jnp.zeros((1, 1), jnp.int32),
+    jnp.ones((1, 1)),
+    jnp.ones((2, 2, 4)),
+    jnp.ones((2, 2, 2)),
+)
 P = "model.layers.1.mlp."
 
 
@@ -39,6 +49,9 @@ P = "model.layers.1.mlp."
         (lambda: expert_load([[0, 1]], 8), "expert_ids"),
         (lambda: update_bias([0.0] * 8, jnp.ones(8, jnp.int32), rate=1e-3), "bias"),
         (lambda: update_bias(jnp.zeros(8), [1] * 8, rate=1e-3), "load"),
+        (lambda: top_k([[1.0, 2.0, 3.0]], 2), "x"),
+        (lambda: dropless_moe([[1.0, 2.0]], *_DISPATCH_REST), "x_td"),
+        (lambda: capacity_moe(jnp.ones((1, 2)), [[0]], *_DISPATCH_REST[1:]), "expert_ids_tk"),
     ],
 )
 def test_a_list_where_an_array_belongs_is_a_type_error_naming_it(call, name):
