@@ -216,8 +216,9 @@ def evaluate(model, corpus: Corpus, *, mesh=None, train_sample_seed: int = 0) ->
 
     Returns a JSON-ready dict: ``val_loss`` with ``val_loss_per_domain`` (nats per byte),
     ``val_ppl`` (per byte), ``val_bits_per_byte``, ``val_tokens``; ``maxvio_global`` (mean
-    over layers) with ``maxvio_global_per_layer`` and ``maxvio_global_floor``; ``maxvio_global_train`` (+ ``_per_layer``): the same on
-    training windows, so a distribution shift shows as a gap, not as imbalance;
+    over layers) with ``maxvio_global_per_layer`` and ``maxvio_global_floor``;
+    ``maxvio_global_train`` (+ ``_per_layer``): the same on training windows, so a
+    distribution shift shows as a gap, not as imbalance;
     ``dead_experts_per_layer`` (zero validation load); ``load_fraction [L][E]``;
     ``domain_fraction {domain: [L][E]}`` and ``domain_tokens``; ``specialisation_mi_per_layer``
     with its ``specialisation_mi_floor`` (:func:`specialisation`); ``batch_curve``.
