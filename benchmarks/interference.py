@@ -1,14 +1,14 @@
 """What logging the aux/LM gradient interference costs a training run.
 
-    python benchmarks/interference.py [--preset default] [--steps 200] [--every 10]
+    python benchmarks/interference.py [--preset default] [--calls 100] [--every 10]
 
-Trains the preset's model with the aux loss (global scope, coefficient 1e-2) for
-``--steps`` steps twice in this process, once measuring the interference every
-``--every`` steps (:meth:`sigmoid_moe.harness.train.TrainStep.measure_interference`) and
-once not, alternating the two for ``--rounds`` rounds after a compile-only warm-up, and
-prints the median ratio of their wall times (the step loop only: no evaluation or
-checkpoints), with the cost of one measurement in train steps. Single-threaded XLA, as
-the comparison's workers run.
+On the preset's model with the aux loss (global scope, coefficient 1e-2), in this
+process, single-threaded as the comparison's workers run: after a compile-only warm-up,
+``--calls`` pairs of one train step and one interference measurement
+(:meth:`sigmoid_moe.harness.train.TrainStep.measure_interference`) on the same batch,
+each timed on its own. Prints the median of the pairs' ratios (measurement / step: robust
+to load that drifts on a shared machine) and the overhead that makes at one measurement
+every ``--every`` steps.
 """
 
 from __future__ import annotations
@@ -36,51 +36,48 @@ from sigmoid_moe.harness.train import make_train_step, optimizer  # noqa: E402
 from sigmoid_moe.routing_bias import RoutingBias  # noqa: E402
 
 
-def loop(config, corpus, steps: int, every: int) -> float:
-    """Seconds for ``steps`` train steps, measuring interference every ``every`` (0: never)."""
+def pairs(config, corpus, calls: int) -> list[tuple[float, float]]:
+    """``(step seconds, measurement seconds)`` of ``calls`` alternating calls."""
     model = TransformerLM(config.model, rngs=nnx.Rngs(params=jax.random.key(0)))
     graphdef, params, bias = nnx.split(model, nnx.Param, RoutingBias)
     opt_state = optimizer(config.grad_clip, config.weight_decay).init(params)
     step_fn = make_train_step(graphdef, config)
-    batches = [
-        jnp.asarray(train_batch(corpus, i * config.batch_size, config.batch_size, 0))
-        for i in range(steps)
-    ]
-    start = time.perf_counter()
-    for step, tokens in enumerate(batches):
-        if every and step % every == 0:
-            jax.block_until_ready(step_fn.measure_interference(params, bias, tokens))
+    out = []
+    for step in range(calls + 2):
+        start = config.batch_size * step
+        tokens = jnp.asarray(train_batch(corpus, start, config.batch_size, 0))
+        t0 = time.perf_counter()
+        jax.block_until_ready(step_fn.measure_interference(params, bias, tokens))
+        t1 = time.perf_counter()
         params, bias, opt_state, metrics = step_fn(
             params, bias, opt_state, tokens, jnp.asarray(step, jnp.int32)
         )
         jax.block_until_ready(metrics)
-    return time.perf_counter() - start
+        t2 = time.perf_counter()
+        if step >= 2:  # the first two compile
+            out.append((t2 - t1, t1 - t0))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     base = PRESETS[args.preset].base
     model = dataclasses.replace(base.model, balance_loss_coef=1e-2)
     config = dataclasses.replace(base, model=model, interference_every=args.every)
     corpus = build_corpus(config.data, config.model.seq_len)
     print(f"cpu: {platform.processor() or platform.machine()}, load {os.getloadavg()}")
-    loop(config, corpus, 2, 1)  # compile both programs
-    ratios = []
-    for _ in range(args.rounds):
-        plain = loop(config, corpus, args.steps, 0)
-        logged = loop(config, corpus, args.steps, args.every)
-        ratios.append(logged / plain)
-        print(f"{args.steps} steps: {plain:.2f} s plain, {logged:.2f} s logging every {args.every}")
-    ratio = float(np.median(ratios))
-    per_measure = (ratio - 1) * args.every
+    timed = pairs(config, corpus, args.calls)
+    step = np.median([s for s, _ in timed])
+    ratio = np.median([m / s for s, m in timed])
+    q1, q3 = np.percentile([m / s for s, m in timed], [25, 75])
     print(
-        f"median ratio {ratio:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}): overhead "
-        f"{100 * (ratio - 1):.1f}%, one measurement ~{per_measure:.2f} train steps"
+        f"{len(timed)} pairs: train step {1e3 * step:.1f} ms (median), one measurement "
+        f"{ratio:.2f} train steps (median ratio; quartiles {q1:.2f}-{q3:.2f}); every "
+        f"{args.every} steps: {100 * ratio / args.every:.1f}% overhead on the step loop"
     )
 
 

@@ -55,9 +55,12 @@ SPREAD_NOTE = (
     "its value alone (1 seed, no spread)."
 )
 
+# matplotlib's tab20, its ten dark shades first, then the ten light ones: 20 distinct colours
 _COLOURS = (
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-    "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+    "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
 )  # fmt: skip
 _LINES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "8", "d", "H", "1")
@@ -65,7 +68,7 @@ _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "8", "d"
 
 def styles(names: Sequence[str]) -> dict[str, dict]:
     """One matplotlib style per strategy, distinct in colour *and* line style *and* marker
-    (colours cycle every 10, line styles every 4, markers every 16), so no two strategies
+    (colours cycle every 20, line styles every 4, markers every 16), so no two strategies
     look alike even where their curves coincide."""
     return {
         name: {
@@ -383,7 +386,12 @@ def _read_runs(groups) -> tuple[dict, dict, dict]:
 
 
 def _legend(ax, count: int) -> None:
-    ax.legend(fontsize=6, ncol=2 if count > 6 else 1)
+    """Inside the axes for a few strategies, to the right of them for many (where it
+    would hide curves)."""
+    if count <= 6:
+        ax.legend(fontsize=6)
+    else:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _plots(out: pathlib.Path, groups: dict, interference: dict, vio_by_step, first_bias) -> None:
@@ -396,7 +404,8 @@ def _plots(out: pathlib.Path, groups: dict, interference: dict, vio_by_step, fir
     first = next(iter(groups.values()))[0]
     title = _band_title(groups)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    wide = (10.5 if len(groups) > 6 else 8, 4.5)
+    fig, ax = plt.subplots(figsize=wide)
     for name, per_seed in vio_by_step.items():
         steps, vio = _aligned(per_seed)
         window = max(1, len(steps) // 50)
@@ -414,7 +423,7 @@ def _plots(out: pathlib.Path, groups: dict, interference: dict, vio_by_step, fir
     fig.savefig(out / "maxvio_steps.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=wide)
     for name, runs in groups.items():
         evals = [_read_jsonl(pathlib.Path(r["run_dir"]) / "eval.jsonl") for r in runs]
         steps, loss = _aligned([{e["step"]: e["val_loss"] for e in ev} for ev in evals])
@@ -448,7 +457,7 @@ def _plots(out: pathlib.Path, groups: dict, interference: dict, vio_by_step, fir
     fig.savefig(out / "load_heatmap.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=wide)
     for name, runs in groups.items():
         size = min(len(r["batch_curve"]["sizes"]) for r in runs)
         vio = np.array([r["batch_curve"]["maxvio"][:size] for r in runs], np.float64)
@@ -521,8 +530,8 @@ def _pareto_plot(plt, out, groups, style) -> None:
     """Validation loss against MaxVio_global: each strategy's mean with its seed spread in
     both directions; per gate the aux-loss sweep joined in coefficient order (thin) and
     its frontier of means (thick)."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
     fronts = _gate_frontiers(groups)
+    fig, ax = plt.subplots(figsize=(10.5 if len(groups) > 4 else 8, 5.5))
     for gate, names in fronts.items():
         points = []
         for name in sorted(names, key=lambda n: strategy_fields(groups[n][0])["aux_coef"]):
@@ -537,7 +546,7 @@ def _pareto_plot(plt, out, groups, style) -> None:
         s = strategy_fields(runs[0])
         if name in {n for names in fronts.values() for n in names}:
             continue
-        tag = f"u={s['bias_rate']:g}" if s["bias_rate"] > 0 else None
+        tag = f"{s['score_fn']} u={s['bias_rate']:g}" if s["bias_rate"] > 0 else None
         _errorbar(ax, runs, style[name], name, tag)
     first = next(iter(groups.values()))[0]
     ax.axvline(first["maxvio_global_floor"], color="k", ls=":", lw=0.8, label="uniform floor")
@@ -546,7 +555,7 @@ def _pareto_plot(plt, out, groups, style) -> None:
     seeds = min(len(runs) for runs in groups.values())
     spread = "± sd" if seeds >= SD_MIN_SEEDS else ("min/max" if seeds > 1 else "none, 1 seed")
     ax.set_title(f"Loss against balance: the aux-loss dilemma (bars: seed {spread})", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    _legend(ax, len(groups) + len(fronts) + 1)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
@@ -563,7 +572,8 @@ def _interference_plot(plt, out, interference, style, title) -> None:
         plt.close(fig)
         return
     layers = next(iter(interference.values()))[1].shape[2]
-    fig, axes = plt.subplots(2, layers, figsize=(4.5 * layers, 6), squeeze=False)
+    extra = 2.5 if len(interference) > 6 else 0  # room for the legend
+    fig, axes = plt.subplots(2, layers, figsize=(4.5 * layers + extra, 6), squeeze=False)
     for name, (steps, cos, ratio) in interference.items():
         for layer in range(layers):
             window = max(1, len(steps) // 20)
@@ -578,7 +588,7 @@ def _interference_plot(plt, out, interference, style, title) -> None:
                            yscale="log")  # fmt: skip
         axes[0, layer].title.set_fontsize(8)
         axes[1, layer].title.set_fontsize(8)
-    _legend(axes[0, 0], len(interference))
+    _legend(axes[0, -1], len(interference))
     fig.suptitle(f"Aux-loss against language-model gradient ({title})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "interference.png", dpi=110)

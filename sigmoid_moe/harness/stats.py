@@ -150,7 +150,7 @@ class Summary(NamedTuple):
         elif self.n == 1:
             text = format(self.mean, spec)
         elif self.rule == "sd":
-            text = f"{self.mean:{spec}} ± {self.sd:{spec}}"
+            text = f"{self.mean:{spec}} ± {self.sd:{spec.replace('+', '')}}"
         else:
             text = f"{self.mean:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
         if self.missing:
