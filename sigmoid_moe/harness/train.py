@@ -99,6 +99,8 @@ class TrainConfig:
       weight_decay: AdamW decoupled decay on matrices (not norms or the bias).
       grad_clip: global-norm gradient clipping.
       bias_rate: loss-free update rate ``u`` (0: no bias update). The paper uses 1e-3.
+        Checked here, where :func:`train` takes it (finite, ``>= 0``); the step then gets
+        ``u(step)`` from :meth:`bias_rate_fn` and uses it as is.
       bias_rule: ``"sign"`` (the paper), ``"sign_zero_mean"`` or ``"proportional"``.
       bias_rate_schedule: how ``u`` changes over the run: ``"constant"``, ``"cosine"``
         (decays to 0 at ``steps``), ``"freeze:N"`` (0 from step N) or ``"warmup:N"``
