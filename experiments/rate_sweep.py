@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from sigmoid_moe.harness import PRESETS, compare, default_strategies
+from sigmoid_moe.harness import PRESETS, compare
 from sigmoid_moe.harness.report import results_table
 
 
@@ -22,13 +22,12 @@ def main() -> None:
     parser.add_argument("--rates", default="1e-4,1e-3,1e-2")
     parser.add_argument("--rules", default="sign,sign_zero_mean,proportional")
     args = parser.parse_args()
-    base = dataclasses.replace(PRESETS["default"].base, steps=args.steps)
-    strategies = default_strategies(
-        bias_rates=[float(r) for r in args.rates.split(",")],
-        rules=args.rules.split(","),
-        aux_coefs=PRESETS["default"].aux_coefs,
+    preset = PRESETS["default"]
+    base = dataclasses.replace(preset.base, steps=args.steps)
+    strategies = preset.strategies(
+        bias_rates=[float(r) for r in args.rates.split(",")], rules=args.rules.split(",")
     )
-    results = compare(base, strategies, args.out, seeds=PRESETS["default"].seeds)
+    results = compare(base, strategies, args.out, seeds=preset.seeds)
     print(results_table(results))
 
 

@@ -97,6 +97,20 @@ def choice(choices: Sequence[str], noun: str) -> Callable[[str], str]:
     return parse
 
 
+def checked(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An ``argparse`` type from a check that returns the value or raises ValueError (its
+    message becomes the flag's error)."""
+
+    def parse(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
+
+
 @contextlib.contextmanager
 def usage_errors() -> Iterator[None]:
     """Inside: input validation. A ``ValueError``, ``TypeError`` or ``OSError`` raised

@@ -3,6 +3,10 @@
 MaxVio (LFB eq. 4, arXiv 2408.15664): ``(max_i load_i - mean load) / mean load``. Even a
 perfectly uniform random router shows MaxVio > 0 at a finite token count, so every
 reported MaxVio should stand next to :func:`uniform_maxvio_floor` for the same counts.
+
+Two summaries of a MaxVio_batch series (one value per step, host NumPy), shared by the
+balance lab and the training harness: :func:`steps_to_balance` (when the series gets
+near the floor and stays there) and :func:`trend` (whether its end is still moving).
 """
 
 from __future__ import annotations
@@ -16,12 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "BALANCE_FACTOR",
+    "BALANCE_WINDOW",
+    "TREND_LEVEL",
     "LoadStats",
+    "Trend",
     "coefficient_of_variation",
     "idle_experts",
     "load_fraction",
     "load_stats",
     "max_violation",
+    "steps_to_balance",
+    "trend",
     "uniform_maxvio_approx",
     "uniform_maxvio_floor",
 ]
@@ -128,3 +138,87 @@ def uniform_maxvio_floor(
         mean = counts.mean()
         vios.append((counts.max() - mean) / mean)
     return float(np.mean(vios))
+
+
+BALANCE_FACTOR = 3.0  # balanced: within this multiple of the uniform floor
+BALANCE_WINDOW = 20  # steps in the running mean that steps_to_balance reads
+TREND_LEVEL = 0.95  # two-sided level of the trend's interval
+
+
+def steps_to_balance(
+    maxvio_s, floor: float, *, factor: float = BALANCE_FACTOR, window: int = BALANCE_WINDOW
+) -> int | None:
+    """Steps until MaxVio_batch is balanced for good: the first step ``t`` such that the
+    running mean of the series over ``window`` consecutive steps is below ``factor *
+    floor`` for every window that ends at ``t`` or later. None ("never") when the last
+    window is not below it.
+
+    Args:
+      maxvio_s: ``[S]`` MaxVio_batch of steps 1..S (one value per step, e.g. the mean over
+        layers).
+      floor: :func:`uniform_maxvio_floor` at the step's token count.
+      factor, window: the threshold's multiple of the floor and the running-mean length
+        (the whole series when it is shorter).
+
+    Returns:
+      ``t`` in steps taken (``window`` at the earliest), or None.
+    """
+    vio = np.asarray(maxvio_s, np.float64).reshape(-1)
+    if vio.size == 0:
+        return None
+    window = max(1, min(int(window), vio.size))
+    running = np.convolve(vio, np.ones(window) / window, mode="valid")  # ends at window..S
+    above = np.flatnonzero(~(running < factor * floor))
+    if above.size and above[-1] == running.size - 1:
+        return None
+    first = 0 if above.size == 0 else int(above[-1]) + 1
+    return first + window
+
+
+class Trend(NamedTuple):
+    """The slope of a series' last windows (:func:`trend`)."""
+
+    slope: float  # change of the window mean per step (least squares over the windows)
+    low: float  # the slope's interval at TREND_LEVEL (t, windows - 2 degrees of freedom)
+    high: float
+    windows: int  # window means fitted
+    window: int  # steps per window
+
+    @property
+    def verdict(self) -> str:
+        """``"still falling"`` / ``"still rising"`` when the interval excludes 0, else
+        ``"flat"``."""
+        if self.high < 0:
+            return "still falling"
+        if self.low > 0:
+            return "still rising"
+        return "flat"
+
+
+def trend(values_s, *, window: int, windows: int = 5, level: float = TREND_LEVEL) -> Trend:
+    """Is the end of a series still moving? The least-squares slope of the means of its
+    last ``windows`` windows of ``window`` steps, against the windows' centre steps, with
+    its two-sided t interval at ``level`` (``windows - 2`` degrees of freedom).
+
+    Averaging each window first keeps the step-to-step noise (which is autocorrelated
+    under a bias feedback loop) out of the error; the fit assumes the window means'
+    deviations from a line are independent with one variance. Fewer windows are used when
+    the series is shorter; with fewer than 3 the interval is infinite (no verdict).
+    """
+    from scipy import stats
+
+    vals = np.asarray(values_s, np.float64).reshape(-1)
+    window = max(1, int(window))
+    count = min(int(windows), vals.size // window)
+    if count < 2:
+        return Trend(math.nan, -math.inf, math.inf, count, window)
+    tail = vals[vals.size - count * window :].reshape(count, window).mean(axis=1)
+    x = (np.arange(count) + 0.5) * window
+    x_c = x - x.mean()
+    slope = float(np.sum(x_c * (tail - tail.mean())) / np.sum(x_c**2))
+    if count < 3:
+        return Trend(slope, -math.inf, math.inf, count, window)
+    resid = tail - tail.mean() - slope * x_c
+    se = math.sqrt(float(np.sum(resid**2)) / (count - 2) / float(np.sum(x_c**2)))
+    half = float(stats.t.ppf(0.5 + level / 2, count - 2)) * se
+    return Trend(slope, slope - half, slope + half, count, window)

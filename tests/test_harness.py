@@ -86,12 +86,26 @@ def test_config_validation_names_the_argument():
         TrainConfig(model="big")
     with pytest.raises(ValueError, match="val_fraction"):
         DataConfig(val_fraction=0.9)
-    with pytest.raises(ValueError, match="bias_rate_schedule"):
+    with pytest.raises(ValueError, match="bias_rate_schedule: schedule 'linear'"):
         _config(bias_rate_schedule="linear")
+    with pytest.raises(ValueError, match="interference_every"):
+        _config(interference_every=-1)
+
+
+def test_a_rate_schedule_name_means_the_same_in_the_lab_and_the_harness():
+    """One meaning per name: "cosine" decays to 0 at the run's end in both (and freeze:N
+    and warmup:N are the same functions); the harness's u(step) is the lab's multiplier
+    times u."""
+    from sigmoid_moe.lab.cli import parse_schedule
+
+    for name in ("cosine", "freeze:10", "warmup:7"):
+        harness = _config(bias_rate=1e-3, bias_rate_schedule=name, steps=30).bias_rate_fn()
+        lab = parse_schedule(name, 30)
+        for step in (0, 5, 10, 15, 29, 30):
+            assert float(harness(step)) == pytest.approx(1e-3 * float(lab(step)), rel=1e-6)
     cosine = _config(bias_rate=1e-3, bias_rate_schedule="cosine").bias_rate_fn()
-    assert float(cosine(0)) == pytest.approx(1e-3) and float(cosine(TINY.steps)) == pytest.approx(
-        1e-4
-    )
+    assert float(cosine(0)) == pytest.approx(1e-3) and float(cosine(TINY.steps)) == 0.0
+    assert parse_schedule("constant", 30) is None
 
 
 def test_loss_goes_down(tmp_path, corpus):
@@ -126,8 +140,9 @@ def test_train_step_compiles_once_per_step_relevant_config():
     same = dict(
         seed=3,
         eval_every=7,
-        eval_windows=5,
         checkpoint_every=2,
+        interference_every=3,
+        weight_decay=0.0,
         data=DataConfig(code_bytes=1000, prose_bytes=1000),
         bias_rate=1e-2,
         model=aux,
@@ -142,7 +157,7 @@ def test_train_step_compiles_once_per_step_relevant_config():
     other = dict(
         grad_accum=2,
         bias_rule="proportional",
-        weight_decay=0.0,
+        grad_clip=0.5,
         model=dataclasses.replace(aux, balance_scope="micro"),
     )
     for field, value in other.items():
@@ -154,42 +169,58 @@ def test_train_step_compiles_once_per_step_relevant_config():
 
 
 def test_optimizer_with_the_rate_as_input_equals_optax_adamw_with_the_schedule():
-    """The step's optimizer takes the learning rate as an argument; its updates and state
-    structure are those of optax.adamw with the schedule, bit for bit."""
+    """The step's optimizer is optax.adamw under optax.inject_hyperparams, its learning rate
+    set in the state each step from the schedule's value: updates and state bit for bit
+    those of the same optimizer running the schedule itself, and the updates those of plain
+    optax.adamw with the schedule."""
     import jax
     import optax
 
-    from sigmoid_moe.harness.train import _optimizer
+    from sigmoid_moe.harness.train import optimizer, with_learning_rate
 
     config = _config(steps=12, warmup_steps=3, weight_decay=0.1)
     schedule = config.lr_schedule()
     mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    reference = optax.chain(
+    scheduled = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.inject_hyperparams(optax.adamw, static_args="mask")(
+            learning_rate=schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask
+        ),
+    )
+    plain = optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
         optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask),
     )
-    ours = _optimizer(config)
+    ours = optimizer(config.grad_clip, config.weight_decay, schedule(0))
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "n": jnp.ones(3)}
-    state_ref, state = reference.init(params), ours.init(params)
-    assert jax.tree.structure(state_ref) == jax.tree.structure(state)
-    p_ref = p_ours = params
+    state_ref, state_plain, state = scheduled.init(params), plain.init(params), ours.init(params)
+    # the same AdamW state (the scheduled one also counts its schedule's steps)
+    assert jax.tree.structure(state_ref[1].inner_state) == jax.tree.structure(state[1].inner_state)
+    p_ref = p_plain = p_ours = params
     for step in range(5):
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
         lr = jax.jit(schedule)(jnp.asarray(step, jnp.int32))
-        up_ref, state_ref = jax.jit(reference.update)(grads, state_ref, p_ref)
-        up, state = jax.jit(lambda g, s, p, lr: ours.update(g, s, p, learning_rate=lr))(
-            grads, state, p_ours, lr
-        )
+        up_ref, state_ref = jax.jit(scheduled.update)(grads, state_ref, p_ref)
+        up_plain, state_plain = jax.jit(plain.update)(grads, state_plain, p_plain)
+        up, state = jax.jit(ours.update)(grads, with_learning_rate(state, lr), p_ours)
         p_ref, p_ours = optax.apply_updates(p_ref, up_ref), optax.apply_updates(p_ours, up)
-        leaves = jax.tree.leaves((p_ref, state_ref)), jax.tree.leaves((p_ours, state))
+        p_plain = optax.apply_updates(p_plain, up_plain)
+        leaves = (
+            jax.tree.leaves((p_ref, state_ref[1].inner_state)),
+            jax.tree.leaves((p_ours, state[1].inner_state)),
+        )
+        assert state[1].hyperparams["learning_rate"] == lr
         for a, b in zip(*leaves, strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_ours), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
 def test_schedules_are_the_steps_inputs_with_the_values_of_the_optax_schedules():
     """The step's learning rate and bias rate are the optax schedules' values at that
-    step, so runs of different lengths share a program without changing their numbers."""
+    step, computed with the run's own numbers (no unit rate multiplied back in), so runs
+    of different lengths share a program without changing their numbers."""
     from flax import nnx
 
     from sigmoid_moe.harness.model import TransformerLM
@@ -203,13 +234,62 @@ def test_schedules_are_the_steps_inputs_with_the_values_of_the_optax_schedules()
     step = make_train_step(nnx.split(model, nnx.Param, RoutingBias)[0], config)
     peak, end, warm = 2e-3, 2e-3 * config.final_lr_fraction, 7
     for s in (0, 3, 7, 20, 39):
-        got = step.schedules(jnp.asarray(s, jnp.int32))
-        assert got["learning_rate"].dtype == got["unit_rate"].dtype == jnp.float32
+        got = step.rates(jnp.asarray(s, jnp.int32))
+        assert got["learning_rate"].dtype == got["bias_rate"].dtype == jnp.float32
         cosine = 0.5 * (1 + np.cos(np.pi * (s - warm) / (40 - warm)))
         want_lr = peak * s / warm if s < warm else end + (peak - end) * cosine
         np.testing.assert_allclose(got["learning_rate"], want_lr, rtol=1e-6, atol=1e-12)
-        want_unit = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * s / 40))  # decays to u / 10
-        np.testing.assert_allclose(got["unit_rate"], want_unit, rtol=1e-6)
+        want_u = 1e-2 * 0.5 * (1 + np.cos(np.pi * s / 40))  # decays to 0
+        # float32: relative 1e-6 of the peak (near the end 1 + cos cancels)
+        np.testing.assert_allclose(got["bias_rate"], want_u, rtol=1e-6, atol=1e-2 * 1e-6)
+
+
+def test_interference_is_logged_on_its_steps_and_changes_no_number(tmp_path, corpus):
+    """An aux-loss run logs the cosine and norm ratio of the aux and LM gradients on each
+    layer's router weights at steps 1, 1 + every, ...; the training numbers are those of
+    the same run without the logging, bit for bit. Checked against gradients computed
+    here from the logged run's first step."""
+    import jax
+    from flax import nnx
+
+    from sigmoid_moe.harness.model import TransformerLM
+    from sigmoid_moe.routing_bias import RoutingBias
+
+    aux = dataclasses.replace(TINY.model, balance_loss_coef=1e-2)
+    config = _config(model=aux, steps=4, interference_every=3, eval_every=4)
+    train(config, tmp_path / "logged", progress=False, corpus=corpus)
+    train(dataclasses.replace(config, interference_every=0), tmp_path / "plain",
+          progress=False, corpus=corpus)  # fmt: skip
+    logged, plain = _metrics(tmp_path / "logged"), _metrics(tmp_path / "plain")
+    assert [m["step"] for m in logged if "aux_lm_cosine" in m] == [1, 4]
+    assert not any("aux_lm_cosine" in m for m in plain)
+    for a, b in zip(logged, plain, strict=True):
+        assert {k: a[k] for k in b} == b  # every other number, bit for bit
+    # Step 1 by hand: gradients of the cross-entropy and of the aux loss (the global-scope
+    # balance loss the step adds) on each router weight, at the initial parameters.
+    model = TransformerLM(aux, rngs=nnx.Rngs(params=jax.random.key(config.seed)))
+    _, params, bias = nnx.split(model, nnx.Param, RoutingBias)
+    tokens = jnp.asarray(train_batch(corpus, 0, config.batch_size, config.seed), jnp.int32)
+
+    def losses(params):
+        import optax
+
+        from sigmoid_moe.losses import balance_loss
+
+        out = nnx.merge(nnx.graphdef(model), params, bias)(tokens[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:]).mean()
+        step_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+        balance = balance_loss(out.aux.expert_load, out.aux.router_prob, step_tokens, aux.top_k)
+        return ce, 1e-2 * jnp.sum(balance)
+
+    g_ce, g_aux = jax.jit(jax.jacrev(losses))(params)
+    for layer in range(aux.num_layers):
+        lm = np.asarray(g_ce["blocks"][layer]["moe"]["router_w_de"][...], np.float64).ravel()
+        ax = np.asarray(g_aux["blocks"][layer]["moe"]["router_w_de"][...], np.float64).ravel()
+        cosine = lm @ ax / np.linalg.norm(lm) / np.linalg.norm(ax)
+        ratio = np.linalg.norm(ax) / np.linalg.norm(lm)
+        assert logged[0]["aux_lm_cosine"][layer] == pytest.approx(cosine, abs=1e-4)
+        assert logged[0]["aux_lm_norm_ratio"][layer] == pytest.approx(ratio, rel=1e-4)
 
 
 def test_rerun_is_bit_identical(tmp_path, reference_run, corpus):
@@ -279,6 +359,8 @@ def test_cli_compare_writes_report_and_plots(cli_compare):
     status, out, stdout = cli_compare
     assert status == 0
     report = (out / "report.md").read_text()
+    # the tiny preset is a smoke test and says so first
+    assert report.splitlines()[0].startswith("**Smoke test, not evidence.**")
     for name in ("softmax+aux", "sigmoid+aux", CLI_LOSSFREE, "sigmoid+none"):
         assert name in report
     assert "MaxVio_global" in report and "floor" in report
@@ -287,6 +369,14 @@ def test_cli_compare_writes_report_and_plots(cli_compare):
     results = json.loads((out / "results.json").read_text())["results"]
     assert {r["kind"] for r in results} == {"aux loss", "loss-free bias", "none"}
     assert all(set(r["domain_fraction"]) == {"code", "prose"} for r in results)
+    for r in results:
+        # the validation-loss curve ends on the table's value: the same windows
+        evals = [json.loads(line) for line in open(pathlib.Path(r["run_dir"]) / "eval.jsonl")]
+        assert evals[-1]["step"] == CLI_STEPS and evals[-1]["val_loss"] == r["val_loss"]
+        assert evals[-1]["val_loss_per_domain"] == r["val_loss_per_domain"]
+        assert set(r["val_loss_per_domain"]) == {"code", "prose"}
+        logged = [m for m in _metrics(pathlib.Path(r["run_dir"])) if "aux_lm_cosine" in m]
+        assert bool(logged) == (r["kind"] == "aux loss")  # interference: aux runs only
     assert "| strategy |" in stdout
 
 

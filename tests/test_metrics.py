@@ -94,3 +94,51 @@ def test_floor_errors(args, match):
 def test_scalar_load_is_an_error():
     with pytest.raises(ValueError, match="load must have shape"):
         max_violation(jnp.int32(3))
+
+
+# --- steps to balance and the trend: the lab's and the harness's one definition ------------
+
+
+def test_steps_to_balance_hand_worked():
+    from sigmoid_moe.metrics import steps_to_balance
+
+    floor = 0.1  # threshold 3x: 0.3
+    #          steps 1  2    3    4    5    6    7    8
+    series = [1.0, 0.2, 0.2, 0.5, 0.2, 0.1, 0.2, 0.1]
+    # window 1: the last step at or above 0.3 is step 4, so balanced for good from step 5
+    assert steps_to_balance(series, floor, factor=3.0, window=1) == 5
+    # window 2, running means ending at steps 2..8: 0.6 0.2 0.35 0.35 0.15 0.15 0.15; the
+    # last one >= 0.3 ends at step 5, so from the window ending at step 6 on
+    assert steps_to_balance(series, floor, factor=3.0, window=2) == 6
+    # a run whose last window is not below: never; one that always is: its first window
+    assert steps_to_balance([*series, 0.9], floor, factor=3.0, window=1) is None
+    assert steps_to_balance([0.1] * 5, floor, factor=3.0, window=3) == 3
+    # collapsed routing sits far above the floor all along: never (not "its own plateau")
+    assert steps_to_balance([2.99] * 50, 0.15) is None
+    assert steps_to_balance([], floor) is None
+    # a window longer than the series: the whole series' mean
+    assert steps_to_balance([0.2, 0.2], floor, factor=3.0, window=20) == 2
+
+
+def test_trend_hand_worked():
+    from sigmoid_moe.metrics import trend
+
+    # window means 10, 8, 6, 4, 2 at centres 1, 3, 5, 7, 9 (window 2): slope exactly -1
+    falling = np.repeat([10.0, 8.0, 6.0, 4.0, 2.0], 2)
+    t = trend(falling, window=2)
+    assert (t.windows, t.window) == (5, 2) and t.slope == pytest.approx(-1.0)
+    assert t.low == t.high == pytest.approx(-1.0) and t.verdict == "still falling"
+    # window means 1, 3, 2, 3, 1: slope 0 (symmetric), residuals > 0 -> interval around 0
+    flat = trend(np.repeat([1.0, 3.0, 2.0, 3.0, 1.0], 4), window=4)
+    assert flat.slope == pytest.approx(0.0, abs=1e-12)
+    # residuals -1, 1, 0, 1, -1 -> s^2 = 4 / 3; sum of squared centres 4 * 40 = 160
+    se = np.sqrt(4 / 3 / 160)
+    assert flat.high == pytest.approx(3.182446305284263 * se)  # t(0.975, 3 dof)
+    assert flat.verdict == "flat"
+    rising = trend(np.arange(100.0) + np.sin(np.arange(100.0)), window=10)
+    assert rising.verdict == "still rising"
+    # only the last windows count: an early fall does not make a flat end "falling"
+    bent = np.concatenate([np.linspace(10, 1, 50), np.ones(50) + 0.1 * np.cos(np.arange(50))])
+    assert trend(bent, window=10).verdict == "flat"
+    short = trend([1.0, 2.0, 3.0], window=2)  # one window: no slope
+    assert short.windows == 1 and np.isnan(short.slope) and short.verdict == "flat"

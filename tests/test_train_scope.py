@@ -21,7 +21,7 @@ from sigmoid_moe import ExpertLoad, RoutingBias, expert_load, update_bias
 from sigmoid_moe.harness import PRESETS, build_corpus
 from sigmoid_moe.harness.data import train_batch
 from sigmoid_moe.harness.model import TransformerLM
-from sigmoid_moe.harness.train import TrainConfig, _optimizer, make_train_step
+from sigmoid_moe.harness.train import TrainConfig, make_train_step, optimizer
 
 # The whole module runs on one worker (pyproject: --dist loadgroup), so its module
 # fixtures are built once; tests/test_xdist_groups.py checks that the group is in effect.
@@ -53,7 +53,7 @@ def _config(grad_accum, scope, coef=0.0, rate=RATE) -> TrainConfig:
 def _steps(config, batches):
     model = TransformerLM(config.model, rngs=nnx.Rngs(params=jax.random.key(0)))
     graphdef, params, bias = nnx.split(model, nnx.Param, RoutingBias)
-    opt_state = _optimizer(config).init(params)
+    opt_state = optimizer(config.grad_clip, config.weight_decay).init(params)
     step_fn = make_train_step(graphdef, config)
     history = []
     for step, tokens in enumerate(batches):

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 
-from sigmoid_moe._cli_args import choice, integer, listed, output_dir, real, usage_errors
+from sigmoid_moe._cli_args import checked, choice, integer, listed, output_dir, real, usage_errors
 from sigmoid_moe.errors import NonFiniteError, Terminated, UsageError
 from sigmoid_moe.sharding import MeshConfig
 
@@ -86,7 +86,7 @@ def _spawn_processes(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from sigmoid_moe.harness.compare import check_runs, compare, default_strategies
+    from sigmoid_moe.harness.compare import check_runs, compare
     from sigmoid_moe.harness.data import build_corpus
     from sigmoid_moe.harness.presets import PRESETS
     from sigmoid_moe.harness.report import results_table
@@ -111,12 +111,11 @@ def _run_compare(args: argparse.Namespace) -> int:
         if args.data:
             changes["data"] = dataclasses.replace(base.data, paths=tuple(args.data))
         base = dataclasses.replace(base, **changes)
-        strategies = default_strategies(
-            bias_rates=args.bias_rates or preset.bias_rates,
-            rules=args.rules or preset.rules,
-            aux_coefs=args.aux_coefs or preset.aux_coefs,
-            scopes=args.balance_scope or preset.scopes,
-            softmax_baseline=preset.softmax_baseline,
+        strategies = preset.strategies(
+            bias_rates=args.bias_rates,
+            rules=args.rules,
+            aux_coefs=args.aux_coefs,
+            scopes=args.balance_scope,
         )
         if args.strategy:
             names = [strategy.name for strategy in strategies]
@@ -163,10 +162,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def add_compare_parser(sub) -> argparse.ArgumentParser:
     """Adds ``compare`` to the ``sigmoid-moe`` subparsers."""
+    from sigmoid_moe._rate_schedule import RATE_SCHEDULE_FORMS, check_rate_schedule
     from sigmoid_moe.balancing import BIAS_RULES
     from sigmoid_moe.harness.model import BALANCE_SCOPES
     from sigmoid_moe.harness.presets import PRESETS
-    from sigmoid_moe.harness.train import RATE_SCHEDULES
 
     rates = listed(real(positive=True), "numbers", "1e-3,1e-2")
     p = sub.add_parser(
@@ -245,8 +244,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--bias-rate-schedule",
-        choices=RATE_SCHEDULES,
-        help="constant rate, or cosine decay to a tenth over training",
+        type=checked(check_rate_schedule),
+        metavar="SCHEDULE",
+        help=f"how the bias rate changes over training: {RATE_SCHEDULE_FORMS} (cosine decays to 0)",
     )
     p.add_argument("--aux-coefs", type=rates, help="aux-loss coefficients, e.g. 1e-3,1e-2")
     p.add_argument(

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from sigmoid_moe._checks import require_choice, require_int
+from sigmoid_moe._checks import require_choice, require_float, require_int
 from sigmoid_moe.balancing import BIAS_RULES, BiasRule
 from sigmoid_moe.config import SCORE_FNS, ScoreFn
 from sigmoid_moe.harness.data import Corpus, build_corpus
@@ -28,6 +27,13 @@ from sigmoid_moe.harness.model import BALANCE_SCOPES, BalanceScope
 from sigmoid_moe.harness.run_files import read_jsonl
 from sigmoid_moe.harness.train import TrainConfig, train
 from sigmoid_moe.harness.workers import default_jobs, map_in_workers
+from sigmoid_moe.metrics import (
+    BALANCE_FACTOR,
+    BALANCE_WINDOW,
+    steps_to_balance,
+    trend,
+    uniform_maxvio_floor,
+)
 
 __all__ = ["Strategy", "check_runs", "compare", "default_strategies"]
 
@@ -60,12 +66,9 @@ class Strategy:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
         require_choice("score_fn", self.score_fn, SCORE_FNS)
-        for field in ("aux_coef", "bias_rate"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{field} must be a float, got {value!r}.")
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{field} must be a finite float >= 0, got {value}.")
+        # The comparison's boundary for its numbers: the trainer trusts them from here.
+        require_float("aux_coef", self.aux_coef)
+        require_float("bias_rate", self.bias_rate)
         require_choice("bias_rule", self.bias_rule, BIAS_RULES)
         require_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
 
@@ -97,22 +100,26 @@ def default_strategies(
     aux_coefs: Sequence[float] = (1e-3,),
     scopes: Sequence[str] = ("global",),
     softmax_baseline: bool = True,
+    softmax_lossfree_rates: Sequence[float] = (),
 ) -> list[Strategy]:
     """The comparison's strategies, at each balancing scope in ``scopes``.
 
     Per scope: softmax + aux (the Switch/GShard/Mixtral baseline) and sigmoid + aux per
-    ``aux_coefs``, sigmoid + loss-free bias per ``(rate, rule)``; then sigmoid with no
-    balancing. With more than one scope every name ends in ``@scope``.
+    ``aux_coefs``, sigmoid + loss-free bias per ``(rate, rule)``, softmax + loss-free bias
+    per ``(rate, rule)`` for the rates in ``softmax_lossfree_rates`` (the arm that
+    separates the gate from the balancing); then sigmoid with no balancing. With more
+    than one scope every name ends in ``@scope``. The numbers and rules are checked by
+    :class:`Strategy` (a repeat gives a repeated name, which :func:`check_runs` refuses);
+    a rate or coefficient of 0 belongs to no arm.
     """
-    for name, values in (("bias_rates", bias_rates), ("aux_coefs", aux_coefs)):
-        if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-            raise ValueError(f"{name} must be a non-empty list of finite values > 0, got {values}.")
-    for rule in rules:
-        require_choice("rule", rule, BIAS_RULES)
+    for name, values in {"bias_rates": bias_rates, "aux_coefs": aux_coefs, "rules": rules}.items():
+        if not values:
+            raise ValueError(f"{name} must be a non-empty list, got {values}.")
     if not scopes or len(set(scopes)) != len(scopes):
         raise ValueError(f"scopes must be a non-empty list without repeats, got {scopes}.")
-    for scope in scopes:
-        require_choice("balance_scope", scope, BALANCE_SCOPES)
+    for name, values in (("bias_rates", bias_rates), ("aux_coefs", aux_coefs)):
+        if 0 in values:
+            raise ValueError(f"{name} holds 0, which is no balancing; sigmoid+none runs anyway.")
     runs = []
     for scope in scopes:
         at = f"@{scope}" if len(scopes) > 1 else ""
@@ -124,10 +131,13 @@ def default_strategies(
             runs.append(
                 Strategy(f"sigmoid+aux({_fmt(coef)}){at}", "sigmoid", coef, balance_scope=scope)
             )
-        for rate in bias_rates:
-            for rule in rules:
-                name = f"sigmoid+lossfree({_fmt(rate)},{rule}){at}"
-                runs.append(Strategy(name, bias_rate=rate, bias_rule=rule, balance_scope=scope))
+        for gate, gate_rates in (("sigmoid", bias_rates), ("softmax", softmax_lossfree_rates)):
+            for rate in gate_rates:
+                for rule in rules:
+                    name = f"{gate}+lossfree({_fmt(rate)},{rule}){at}"
+                    runs.append(
+                        Strategy(name, gate, bias_rate=rate, bias_rule=rule, balance_scope=scope)
+                    )
     runs.append(Strategy("sigmoid+none"))
     return runs
 
@@ -136,40 +146,48 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
 
 
-def training_balance(metrics_path: pathlib.Path, steps: int) -> dict:
-    """MaxVio_batch over training, summarised so that steady state and the time it took
-    to get there are separate numbers.
+def training_balance(metrics_path: pathlib.Path, steps: int, floor: float) -> dict:
+    """MaxVio_batch over training, summarised so that steady state, whether it is still
+    moving, and the time it took to get there are separate numbers.
 
     ``steady_steps = max(10, steps // 10)``: ``maxvio_batch_steady`` is the mean over the
     last ``steady_steps`` steps (per layer and mean over layers) and
     ``maxvio_batch_late_std`` the standard deviation of the layer-mean there (late
-    jitter). ``steps_to_balance`` is the first step at which the running mean of the
-    layer-mean MaxVio_batch over ``steady_steps // 2`` steps is within 1.25x of the steady
-    value (``None`` if it never is). ``maxvio_batch_all`` is the mean over every step.
+    jitter). ``maxvio_batch_trend`` is :func:`sigmoid_moe.metrics.trend` of the layer-mean
+    over the last five windows of ``steady_steps`` (slope per step, its interval and
+    verdict: ``"still falling"`` when the interval is below 0). ``steps_to_balance`` is
+    :func:`sigmoid_moe.metrics.steps_to_balance` of the layer-mean against ``floor`` (the
+    uniform floor at the step's tokens): the first step after which its running mean over
+    ``BALANCE_WINDOW`` steps stays below ``BALANCE_FACTOR`` times the floor (None:
+    never). ``maxvio_batch_all`` is the mean over every step.
     """
     vio_sl = np.asarray([record["maxvio"] for record in read_jsonl(metrics_path)], np.float64)
     steady_steps = max(10, steps // 10)
     late = vio_sl[-steady_steps:]
     steady_l = late.mean(axis=0)
-    steady = float(steady_l.mean())
     mean_s = vio_sl.mean(axis=1)
-    window = max(1, steady_steps // 2)
-    running = np.convolve(mean_s, np.ones(window) / window, mode="valid")
-    reached = np.flatnonzero(running <= 1.25 * steady)
+    slope = trend(mean_s, window=steady_steps)
     return {
-        "maxvio_batch_steady": steady,
+        "maxvio_batch_steady": float(steady_l.mean()),
         "maxvio_batch_steady_per_layer": steady_l.tolist(),
         "maxvio_batch_late_std": float(late.mean(axis=1).std()),
         "maxvio_batch_all": float(mean_s.mean()),
+        "maxvio_batch_trend": {
+            "slope": slope.slope,
+            "low": slope.low,
+            "high": slope.high,
+            "windows": slope.windows,
+            "verdict": slope.verdict,
+        },
         "steady_steps": steady_steps,
-        "steps_to_balance": int(reached[0] + window) if reached.size else None,
+        "steps_to_balance": steps_to_balance(mean_s, floor),
+        "balance_factor": BALANCE_FACTOR,
+        "balance_window": BALANCE_WINDOW,
     }
 
 
 def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_change) -> dict:
     """Trains and evaluates one (strategy, seed) run; its result dict (see :func:`compare`)."""
-    from sigmoid_moe.metrics import uniform_maxvio_floor
-
     config = dataclasses.replace(strategy.apply(base), seed=seed)
     run_dir = pathlib.Path(out) / "runs" / _slug(strategy.name) / f"seed{seed}"
     started = time.perf_counter()
@@ -185,6 +203,7 @@ def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_cha
     with mesh_context(trained.mesh):
         measured = evaluate(trained.model, corpus, mesh=trained.mesh)
     model = config.model
+    floor = uniform_maxvio_floor(config.batch_size * model.seq_len, model.num_experts, model.top_k)
     result = {
         "name": strategy.name,
         "kind": strategy.kind,
@@ -192,10 +211,8 @@ def _run_one(base, strategy, seed, out, resume, progress, corpus, allow_data_cha
         "seed": seed,
         "run_dir": str(run_dir),
         "seconds": round(time.perf_counter() - started, 2),
-        **training_balance(run_dir / "metrics.jsonl", config.steps),
-        "maxvio_batch_floor": uniform_maxvio_floor(
-            config.batch_size * model.seq_len, model.num_experts, model.top_k
-        ),
+        **training_balance(run_dir / "metrics.jsonl", config.steps, floor),
+        "maxvio_batch_floor": floor,
         **measured,
     }
     if is_writer():

@@ -23,17 +23,17 @@ from sigmoid_moe.harness.data import Corpus
 from sigmoid_moe.harness.distributed import fetch, global_batch, replicated
 from sigmoid_moe.metrics import idle_experts, max_violation, uniform_maxvio_floor
 
-__all__ = ["batch_size_curve", "eval_subset", "evaluate", "specialisation", "validation_loss"]
+__all__ = [
+    "batch_size_curve",
+    "domain_losses",
+    "evaluate",
+    "specialisation",
+    "validation_loss",
+    "validation_losses",
+]
 
 EVAL_BATCH = 32
 CHUNK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def eval_subset(corpus: Corpus, num_windows: int) -> np.ndarray:
-    """``num_windows`` validation windows spread evenly over all domains (fixed)."""
-    n = corpus.val.shape[0]
-    index = np.unique(np.linspace(0, n - 1, min(num_windows, n)).round().astype(int))
-    return corpus.val[index]
 
 
 @nnx.jit
@@ -67,15 +67,40 @@ def _batches(windows: np.ndarray, mesh):
         yield chunk, real, np.arange(size) < real
 
 
+def _window_ce(model, windows: np.ndarray, mesh) -> np.ndarray:
+    """``[N]`` summed next-byte cross-entropy (nats) of each window."""
+    rows = []
+    for chunk, real, real_b in _batches(windows, mesh):
+        ce, _, _ = _forward(model, chunk, real_b, mesh)
+        rows.append(np.asarray(ce[:real], np.float64))
+    return np.concatenate(rows)
+
+
 def validation_loss(model, windows: np.ndarray, mesh=None) -> float:
     """Mean next-byte cross-entropy (nats) over ``windows [N, S+1]`` (``mesh``: the one the
     model lives on, None for one device)."""
-    total, count = 0.0, 0
-    for chunk, real, real_b in _batches(windows, mesh):
-        ce, _, _ = _forward(model, chunk, real_b, mesh)
-        total += float(ce[:real].sum())
-        count += real * (windows.shape[1] - 1)
-    return total / count
+    return float(_window_ce(model, windows, mesh).sum()) / (windows.size - windows.shape[0])
+
+
+def domain_losses(window_ce: np.ndarray, corpus: Corpus) -> dict[str, float]:
+    """Mean cross-entropy per byte of each domain's validation windows, from the windows'
+    summed cross-entropy ``[N_val]``."""
+    per_window = corpus.val.shape[1] - 1
+    return {
+        name: float(window_ce[corpus.val_domain == d].sum())
+        / (per_window * int(np.sum(corpus.val_domain == d)))
+        for d, name in enumerate(corpus.domains)
+    }
+
+
+def validation_losses(model, corpus: Corpus, mesh=None) -> dict:
+    """``{"val_loss", "val_loss_per_domain": {domain: loss}}`` over every validation window
+    of ``corpus`` (nats per byte): the windows :func:`evaluate` measures."""
+    window_ce = _window_ce(model, corpus.val, mesh)
+    return {
+        "val_loss": float(window_ce.sum()) / (corpus.val.size - corpus.val.shape[0]),
+        "val_loss_per_domain": domain_losses(window_ce, corpus),
+    }
 
 
 def _chunk_loads(ids_ltk: jax.Array, num_experts: int, size: int) -> jax.Array:
@@ -127,15 +152,16 @@ def batch_size_curve(ids_ltk: np.ndarray, num_experts: int, sizes=CHUNK_SIZES) -
 
 
 def _loads_and_ids(model, windows: np.ndarray, mesh):
-    """Cross-entropy sum, the summed ``[L, E]`` load and ``expert_ids [L, N, S, k]`` of
-    ``windows [N, S+1]``, as the layers returned them (bias frozen)."""
-    total, load_le, ids = 0.0, 0, []
+    """Each window's summed cross-entropy ``[N]``, the summed ``[L, E]`` load and
+    ``expert_ids [L, N, S, k]`` of ``windows [N, S+1]``, as the layers returned them (bias
+    frozen)."""
+    window_ce, load_le, ids = [], 0, []
     for chunk, real, real_b in _batches(windows, mesh):
         ce, chunk_load, chunk_ids = _forward(model, chunk, real_b, mesh)
-        total += float(ce[:real].sum())
+        window_ce.append(np.asarray(ce[:real], np.float64))
         load_le = load_le + np.asarray(chunk_load, np.int64)
         ids.append(np.asarray(chunk_ids)[:, :real])  # [L, real, S, k]
-    return total, load_le, np.concatenate(ids, axis=1)
+    return np.concatenate(window_ce), load_le, np.concatenate(ids, axis=1)
 
 
 def _mutual_information_bits(joint_lde: np.ndarray) -> np.ndarray:
@@ -188,16 +214,17 @@ def evaluate(model, corpus: Corpus, *, mesh=None, train_sample_seed: int = 0) ->
     The loads are the ones the layers return (exact int32, summed over batches) and the
     routing is the one they used (``MoEAux.expert_ids``); nothing is routed again.
 
-    Returns a JSON-ready dict: ``val_loss``, ``val_ppl`` (per byte), ``val_bits_per_byte``,
-    ``val_tokens``; ``maxvio_global`` (mean over layers) with ``maxvio_global_per_layer`` and
-    ``maxvio_global_floor``; ``maxvio_global_train`` (+ ``_per_layer``): the same on
-    training windows, so a distribution shift shows as a gap, not as imbalance;
+    Returns a JSON-ready dict: ``val_loss`` with ``val_loss_per_domain`` (nats per byte),
+    ``val_ppl`` (per byte), ``val_bits_per_byte``, ``val_tokens``; ``maxvio_global`` (mean
+    over layers) with ``maxvio_global_per_layer`` and ``maxvio_global_floor``;
+    ``maxvio_global_train`` (+ ``_per_layer``): the same on training windows, so a
+    distribution shift shows as a gap, not as imbalance;
     ``dead_experts_per_layer`` (zero validation load); ``load_fraction [L][E]``;
     ``domain_fraction {domain: [L][E]}`` and ``domain_tokens``; ``specialisation_mi_per_layer``
     with its ``specialisation_mi_floor`` (:func:`specialisation`); ``batch_curve``.
     ``mesh``: the one the model lives on (call it under ``distributed.mesh_context``).
     """
-    total, load_le, ids_lnsk = _loads_and_ids(model, corpus.val, mesh)
+    window_ce, load_le, ids_lnsk = _loads_and_ids(model, corpus.val, mesh)
     num_layers, n, s, top_k = ids_lnsk.shape
     num_experts = load_le.shape[-1]
     tokens = n * s
@@ -217,9 +244,10 @@ def evaluate(model, corpus: Corpus, *, mesh=None, train_sample_seed: int = 0) ->
     )
     _, train_load, _ = _loads_and_ids(model, corpus.train[sample], mesh)
     train_vio = np.asarray(max_violation(jnp.asarray(train_load)), np.float64)
-    val_loss = total / tokens
+    val_loss = float(window_ce.sum()) / tokens
     return {
         "val_loss": val_loss,
+        "val_loss_per_domain": domain_losses(window_ce, corpus),
         "val_ppl": float(np.exp(val_loss)),
         "val_bits_per_byte": val_loss / np.log(2),
         "val_tokens": int(tokens),

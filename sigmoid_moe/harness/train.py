@@ -7,13 +7,20 @@ arXiv 2412.19437 section 2.1.2)::
     params, opt_state = adamw(grads)                 # the bias is not a parameter
     bias_l += u(step) * rule(load_l)                 # global load of this batch, per layer
 
+With an auxiliary loss and ``interference_every > 0``, every so many steps a separate
+program measures how the aux-loss gradient on each layer's router weights relates to the
+language-model gradient there (their cosine and norm ratio: the interference LFB blames
+for the aux loss's cost), from the same parameters and batch as the step; the training
+numbers do not change.
+
 Everything that decides the numbers is in :class:`TrainConfig` and the seed, the batch
 at a step is a pure function of the data position, and the checkpoint holds the whole
 state, so a rerun and a resumed run reproduce the uninterrupted run's metrics bit for bit.
 
 Outputs under ``out_dir``: ``config.json``, ``data.json`` (source files and sha256),
 ``metrics.jsonl`` (one line per step: loss, per-layer load, MaxVio, bias, aux losses),
-``eval.jsonl`` (validation loss every ``eval_every`` steps) and ``checkpoints/``.
+``eval.jsonl`` (validation loss over every validation window, overall and per domain,
+every ``eval_every`` steps) and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import json
 import pathlib
 import shutil
 from collections.abc import Callable
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +42,7 @@ import optax
 from flax import nnx
 
 from sigmoid_moe._checks import require_choice, require_float, require_int
+from sigmoid_moe._rate_schedule import check_rate_schedule, rate_schedule
 from sigmoid_moe.balancing import BIAS_RULES, BiasRule
 from sigmoid_moe.errors import RunFileError
 from sigmoid_moe.harness.checkpoint import Checkpointer
@@ -48,7 +56,7 @@ from sigmoid_moe.harness.distributed import (
     run_mesh,
     sync_processes,
 )
-from sigmoid_moe.harness.evaluate import eval_subset, validation_loss
+from sigmoid_moe.harness.evaluate import validation_losses
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
 from sigmoid_moe.harness.run_files import (
     check_same_data,
@@ -58,15 +66,22 @@ from sigmoid_moe.harness.run_files import (
     truncate_jsonl,
     write_json,
 )
+from sigmoid_moe.layer import PARAM_AXES
 from sigmoid_moe.losses import balance_loss
 from sigmoid_moe.metrics import max_violation
 from sigmoid_moe.routing_bias import ExpertLoad, RoutingBias, routing_bias_update
 from sigmoid_moe.sharding import MeshConfig
 
-__all__ = ["TrainConfig", "TrainResult", "TrainStep", "make_train_step", "per_layer", "train"]
-
-RateSchedule = Literal["constant", "cosine"]
-RATE_SCHEDULES: tuple[str, ...] = get_args(RateSchedule)
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainStep",
+    "make_train_step",
+    "optimizer",
+    "per_layer",
+    "train",
+    "with_learning_rate",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +100,12 @@ class TrainConfig:
       weight_decay: AdamW decoupled decay on matrices (not norms or the bias).
       grad_clip: global-norm gradient clipping.
       bias_rate: loss-free update rate ``u`` (0: no bias update). The paper uses 1e-3.
+        Checked here, where :func:`train` takes it (finite, ``>= 0``); the step then gets
+        ``u(step)`` from :meth:`bias_rate_fn` and uses it as is.
       bias_rule: ``"sign"`` (the paper), ``"sign_zero_mean"`` or ``"proportional"``.
-      bias_rate_schedule: ``"constant"`` or ``"cosine"`` (``u`` decays to ``u / 10``).
+      bias_rate_schedule: how ``u`` changes over the run: ``"constant"``, ``"cosine"``
+        (decays to 0 at ``steps``), ``"freeze:N"`` (0 from step N) or ``"warmup:N"``
+        (:mod:`sigmoid_moe._rate_schedule`, shared with the lab).
       grad_accum: micro-batches per optimizer step (``batch_size / grad_accum``
         sequences each, run one after the other); the gradient is their mean, the bias
         moves once per step, from the loads combined by ``model.balance_scope``.
@@ -98,8 +117,12 @@ class TrainConfig:
         (:mod:`sigmoid_moe.harness.distributed`). It is the one setting a run may change
         when it resumes: the checkpoint is restored into the new mesh's shardings.
       seed: model init and data order.
-      eval_every: validation loss on ``eval_windows`` windows every so many steps.
+      eval_every: validation loss every so many steps, on every validation window (the
+        windows the comparison's table is measured on).
       checkpoint_every: steps between checkpoints (one is always written at the end).
+      interference_every: with an auxiliary loss, log the cosine and the norm ratio of the
+        aux-loss and language-model gradients on each layer's router weights every so
+        many steps (0: never). It costs a forward and two backward passes on those steps.
     """
 
     model: ModelConfig = ModelConfig()
@@ -113,22 +136,23 @@ class TrainConfig:
     grad_clip: float = 1.0
     bias_rate: float = 0.0
     bias_rule: BiasRule = "sign"
-    bias_rate_schedule: RateSchedule = "constant"
+    bias_rate_schedule: str = "constant"
     grad_accum: int = 1
     mesh: MeshConfig = MeshConfig()
     seed: int = 0
     eval_every: int = 50
-    eval_windows: int = 64
     checkpoint_every: int = 100
+    interference_every: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
             raise TypeError(f"model must be a ModelConfig, got {type(self.model).__name__}.")
         if not isinstance(self.data, DataConfig):
             raise TypeError(f"data must be a DataConfig, got {type(self.data).__name__}.")
-        for name in ("steps", "batch_size", "eval_every", "eval_windows", "checkpoint_every"):
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
             require_int(name, getattr(self, name), 1)
         require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("interference_every", self.interference_every, 0)
         require_int("grad_accum", self.grad_accum, 1)
         if self.batch_size % self.grad_accum:
             raise ValueError(
@@ -154,7 +178,10 @@ class TrainConfig:
         require_float("grad_clip", self.grad_clip, positive=True)
         require_float("bias_rate", self.bias_rate)
         require_choice("bias_rule", self.bias_rule, BIAS_RULES)
-        require_choice("bias_rate_schedule", self.bias_rate_schedule, RATE_SCHEDULES)
+        try:
+            check_rate_schedule(self.bias_rate_schedule)
+        except ValueError as err:
+            raise ValueError(f"bias_rate_schedule: {err}") from None
 
     @property
     def micro_batch_size(self) -> int:
@@ -179,18 +206,14 @@ class TrainConfig:
         return dataclasses.replace(self.model, expert_axis=self.mesh.expert_axis)
 
     def lr_schedule(self) -> optax.Schedule:
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            decay_steps=self.steps,
-            end_value=self.learning_rate * self.final_lr_fraction,
+        """``step -> learning rate``: linear warmup, then cosine decay to the final fraction."""
+        return _lr_schedule(
+            self.learning_rate, self.warmup_steps, self.final_lr_fraction, self.steps
         )
 
     def bias_rate_fn(self) -> optax.Schedule:
-        if self.bias_rate_schedule == "cosine":
-            return optax.cosine_decay_schedule(self.bias_rate, self.steps, alpha=0.1)
-        return optax.constant_schedule(self.bias_rate)
+        """``step -> u(step)``: ``bias_rate`` under ``bias_rate_schedule``."""
+        return rate_schedule(self.bias_rate_schedule, self.bias_rate, self.steps)
 
 
 class TrainResult(NamedTuple):
@@ -205,38 +228,39 @@ class TrainResult(NamedTuple):
     mesh: jax.sharding.Mesh | None = None
 
 
-def _optimizer(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
-    """Clipping and AdamW, whose learning rate is an argument of ``update``
-    (``learning_rate=``): the step takes it as an input, so runs with different schedules
-    share one program (:func:`make_train_step`)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+def _decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def optimizer(
+    grad_clip: float, weight_decay: float = 0.0, learning_rate: float = 0.0
+) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping, then ``optax.adamw`` (``b1 = 0.9``, ``b2 = 0.95``, decay on
+    matrices only) under ``optax.inject_hyperparams``.
+
+    Its numbers (learning rate, weight decay, betas) live in the state's ``hyperparams``,
+    initialised from these arguments; ``update`` reads them from the state. So the trainer
+    sets each step's learning rate there (:func:`with_learning_rate`), and one compiled
+    step serves every schedule and weight decay.
+    """
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        # optax.adamw's chain, its learning rate passed in instead of a schedule.
-        optax.chain(
-            optax.scale_by_adam(b1=0.9, b2=0.95),
-            optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-            _scale_by_learning_rate_arg(),
+        optax.clip_by_global_norm(grad_clip),
+        optax.inject_hyperparams(optax.adamw, static_args="mask")(
+            learning_rate=learning_rate,
+            b1=0.9,
+            b2=0.95,
+            weight_decay=weight_decay,
+            mask=_decay_mask,
         ),
     )
 
 
-def _scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
-    """``updates * -learning_rate``, the rate given to ``update``. The state is that of
-    ``optax.scale_by_learning_rate(schedule)`` (the update count), so checkpoints keep
-    their structure, and the product is the same float32 one."""
-
-    def init_fn(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None, *, learning_rate, **extra_args):
-        del params, extra_args
-        step_size = -learning_rate
-        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
-        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def with_learning_rate(opt_state: tuple, learning_rate) -> tuple:
+    """``opt_state`` of :func:`optimizer` with AdamW's learning rate set to ``learning_rate``
+    (the schedule's value at this step)."""
+    clip_state, adamw_state = opt_state
+    hyperparams = {**adamw_state.hyperparams, "learning_rate": learning_rate}
+    return clip_state, adamw_state._replace(hyperparams=hyperparams)
 
 
 def per_layer(state: nnx.State) -> jax.Array:
@@ -260,9 +284,9 @@ def _scoped_loads(loads: nnx.State, scope: str) -> nnx.State:
 
 
 def make_train_step(graphdef, config: TrainConfig) -> TrainStep:
-    """The pure step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
+    """The run's step ``(params, bias, opt_state, tokens [B, S+1], step) -> (params,
     bias, opt_state, metrics)``: a jitted program (donating params, bias and optimizer state)
-    with its numbers bound.
+    and the run's numbers.
 
     The batch runs as ``config.grad_accum`` micro-batches (a ``lax.scan``): their gradients
     are averaged into one optimizer step and their integer loads combined by the model's
@@ -270,15 +294,15 @@ def make_train_step(graphdef, config: TrainConfig) -> TrainStep:
     the auxiliary loss takes ``f_i`` from the counts of the whole step, which a forward
     pass over the micro-batches counts first (only when there are several and a loss).
 
-    One compiled program serves every run that differs only in numbers: the learning
-    rate and the bias rate of the step (each schedule's value, computed by a small jitted
-    program of its own) and the global-scope aux coefficient are inputs of the program,
-    not constants of it, and seed, data, length, schedules and evaluation or checkpoint
-    cadence do not enter it. So the seeds of a strategy, runs of any length, and the
-    loss-free, no-balancing and aux-loss runs of one model (global scope, one
-    micro-batch) compile once per process. A rate of 0 adds ``0 * delta`` to the bias
-    and a coefficient of 0 adds ``0 * balance`` to the loss: both exact, so the numbers
-    are those of a program without the term.
+    One compiled program serves every run that differs only in numbers: the step's
+    learning rate (in the optimizer state, :func:`with_learning_rate`), its bias rate
+    ``u(step)`` and the global-scope aux coefficient are inputs, each schedule's value
+    computed by a small jitted program of its own; seed, data, length, schedules, weight
+    decay and evaluation or checkpoint cadence do not enter it. So the seeds of a
+    strategy, runs of any length, and the loss-free, no-balancing and aux-loss runs of
+    one model (global scope, one micro-batch) compile once per process. A rate of 0 adds
+    ``0 * delta`` to the bias and a coefficient of 0 adds ``0 * balance`` to the loss: both
+    exact, so the numbers are those of a program without the term.
 
     Metrics: ``loss`` [], ``aux_loss``/``balance_loss`` ``[L]`` (the latter 0 when no aux
     loss is on), ``load [L, E]`` int32 (the whole step), ``maxvio [L]``, ``lr``,
@@ -287,74 +311,102 @@ def make_train_step(graphdef, config: TrainConfig) -> TrainStep:
     model_cfg = config.model
     global_scope = model_cfg.balance_scope == "global"
     coef = model_cfg.balance_loss_coef if global_scope else 0.0  # other scopes: in the layer
-    # The counting pass over the micro-batches is part of the program's structure.
-    counts_pass = global_scope and coef > 0 and config.grad_accum > 1
-    step_config = dataclasses.replace(
-        config,
-        model=dataclasses.replace(model_cfg, balance_loss_coef=0.0),
-        bias_rate=1.0,  # an input
-        data=DataConfig(),
-        seed=0,
-        eval_every=1,
-        eval_windows=1,
-        checkpoint_every=1,
-        **_NO_SCHEDULE,  # the schedules' values are inputs
+    shape = _StepShape(
+        grad_accum=config.grad_accum,
+        bias_rule=config.bias_rule,
+        grad_clip=config.grad_clip,
+        balance_scope=model_cfg.balance_scope,
+        top_k=model_cfg.top_k,
+        # The counting pass over the micro-batches is part of the program's structure.
+        counts_pass=global_scope and coef > 0 and config.grad_accum > 1,
     )
-    schedule_config = dataclasses.replace(
-        TrainConfig(),
-        **{name: getattr(config, name) for name in _NO_SCHEDULE},
-        bias_rate=1.0,  # the schedule's shape u(step) / u; the rate itself is an input
-    )
+    program, interference = _programs(graphdef, shape)
+    logs_interference = config.interference_every > 0 and model_cfg.balance_loss_coef > 0
     return TrainStep(
-        program=_train_step(graphdef, step_config, counts_pass),
-        schedules=_schedules(schedule_config),
-        numbers={"bias_rate": np.float32(config.bias_rate), "aux_coef": np.float32(coef)},
+        program=program,
+        rates=_rates(
+            config.learning_rate,
+            config.warmup_steps,
+            config.final_lr_fraction,
+            config.bias_rate,
+            config.bias_rate_schedule,
+            config.steps,
+        ),
+        aux_coef=np.float32(coef),
+        interference=interference if logs_interference else None,
     )
-
-
-# TrainConfig fields that only set the schedules' values, and neutral values for them.
-_NO_SCHEDULE = dict(
-    steps=1,
-    warmup_steps=0,
-    learning_rate=1.0,
-    final_lr_fraction=0.0,
-    bias_rate_schedule="constant",
-)
 
 
 class TrainStep(NamedTuple):
-    """A run's train step: ``program`` (the compiled step, shared by every run that differs
-    only in numbers) with the run's ``numbers`` and the ``schedules`` that give the step's
-    learning rate and bias-rate factor. Call it as the step itself."""
+    """A run's train step: the compiled ``program`` (shared by every run that differs only
+    in numbers), the run's ``rates`` (``step -> {"learning_rate", "bias_rate"}``, the optax
+    schedules' float32 values) and ``aux_coef``, and the ``interference`` program (None
+    when the run measures none). Call it as the step itself."""
 
     program: Callable
-    schedules: Callable
-    numbers: dict
+    rates: Callable
+    aux_coef: np.float32
+    interference: Callable | None = None
 
     def __call__(self, params, bias, opt_state, tokens, step):
-        # numpy float32 scalars, as the bound numbers: host values, placed like them.
-        values = {name: np.asarray(v) for name, v in self.schedules(step).items()}
-        return self.program({**self.numbers, **values}, params, bias, opt_state, tokens, step)
+        # numpy float32 scalars: host values, placed by the program like the state.
+        rates = {name: np.asarray(v) for name, v in self.rates(step).items()}
+        opt_state = with_learning_rate(opt_state, rates["learning_rate"])
+        inputs = {"bias_rate": rates["bias_rate"], "aux_coef": self.aux_coef}
+        return self.program(inputs, params, bias, opt_state, tokens, step)
+
+    def measure_interference(self, params, bias, tokens) -> dict:
+        """``{"aux_lm_cosine": [L], "aux_lm_norm_ratio": [L]}`` of the step that ``tokens``
+        would take from ``params`` (see :func:`make_train_step`); call it before the step,
+        which donates ``params``."""
+        return self.interference({"aux_coef": self.aux_coef}, params, bias, tokens)
 
 
 @functools.lru_cache(maxsize=32)
-def _schedules(config: TrainConfig) -> Callable:
-    """``step -> {"learning_rate", "unit_rate"}`` (float32): the AdamW schedule's value
-    and the bias-rate schedule's factor ``u(step) / u``, jitted (eager float32 ops round
-    some values differently)."""
-    lr, unit_rate = config.lr_schedule(), config.bias_rate_fn()
-    return jax.jit(lambda step: {"learning_rate": lr(step), "unit_rate": unit_rate(step)})
+def _rates(learning_rate, warmup_steps, final_lr_fraction, bias_rate, bias_schedule, steps):
+    """``step -> {"learning_rate", "bias_rate"}`` (float32): the AdamW schedule's value and
+    ``u(step)``, jitted (eager float32 ops round some values differently)."""
+    lr = _lr_schedule(learning_rate, warmup_steps, final_lr_fraction, steps)
+    u = rate_schedule(bias_schedule, bias_rate, steps)
+    return jax.jit(lambda step: {"learning_rate": lr(step), "bias_rate": u(step)})
+
+
+def _lr_schedule(learning_rate, warmup_steps, final_lr_fraction, steps) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=steps,
+        end_value=learning_rate * final_lr_fraction,
+    )
+
+
+class _StepShape(NamedTuple):
+    """What the compiled step depends on besides the model's graphdef."""
+
+    grad_accum: int
+    bias_rule: BiasRule
+    grad_clip: float
+    balance_scope: str
+    top_k: int
+    counts_pass: bool
+
+
+def _is_router_weight(path, variable) -> bool:
+    """A router weight: a parameter with the MoE layer's router axes
+    (``PARAM_AXES["router_w_de"]``, its logical-sharding metadata)."""
+    del path
+    return variable.get_metadata().get("out_sharding") == PARAM_AXES["router_w_de"]
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
-    tx = _optimizer(config)
-    model_cfg = config.model
-    scope, top_k = model_cfg.balance_scope, model_cfg.top_k
-    micro_batches = config.grad_accum
+def _programs(graphdef, shape: _StepShape) -> tuple[Callable, Callable]:
+    """The jitted train step and interference programs (each compiles on its first call)."""
+    tx = optimizer(shape.grad_clip)  # its numbers come from the state (inject_hyperparams)
+    scope, top_k, micro_batches = shape.balance_scope, shape.top_k, shape.grad_accum
     # Global scope: the step adds the aux loss (coef * balance, coef an input), from the
     # whole step's counts; with several micro-batches only when a counting pass runs.
-    global_aux = scope == "global" and (micro_batches == 1 or counts_pass)
+    global_aux = scope == "global" and (micro_batches == 1 or shape.counts_pass)
 
     def forward(params, bias, tokens):
         model = nnx.merge(graphdef, params, bias)
@@ -373,17 +425,21 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
             balance = jnp.where(coef > 0, global_balance, balance)
         return ce + jnp.sum(aux_loss), (ce, aux_loss, balance, loads)
 
-    def step_fn(numbers, params, bias, opt_state, tokens, step):
-        coef, lr = numbers["aux_coef"], numbers["learning_rate"]
-        rate = numbers["bias_rate"] * numbers["unit_rate"]  # u(step)
+    def micro_batches_of(params, bias, tokens):
+        """The step's micro-batches, its token count and (with a counting pass) the counts."""
         tokens = tokens.astype(jnp.int32)
         micro = tokens.reshape(micro_batches, -1, tokens.shape[-1])
         step_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
         counts_le = None
-        if counts_pass:
+        if shape.counts_pass:
             counts_le = jnp.sum(
                 jax.lax.map(lambda mb: forward(params, bias, mb)[0].aux.expert_load, micro), 0
             )
+        return micro, step_tokens, counts_le
+
+    def step_fn(inputs, params, bias, opt_state, tokens, step):
+        coef, rate = inputs["aux_coef"], inputs["bias_rate"]
+        micro, step_tokens, counts_le = micro_batches_of(params, bias, tokens)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(grads, mb):
@@ -393,15 +449,15 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, (ce, aux_loss, balance, loads) = jax.lax.scan(accumulate, zeros, micro)
         grads = jax.tree.map(lambda g: g / micro_batches, grads)
-        updates, opt_state = tx.update(grads, opt_state, params, learning_rate=lr)
+        updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         bias = routing_bias_update(
-            bias, _scoped_loads(loads, scope), rate=rate, rule=config.bias_rule, step=step
+            bias, _scoped_loads(loads, scope), rate=rate, rule=shape.bias_rule, step=step
         )
         load = per_layer(jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), loads))
         metrics = {
             "loss": jnp.mean(ce),
-            "lr": lr,
+            "lr": opt_state[1].hyperparams["learning_rate"],
             "bias_rate": rate,
             "aux_loss": jnp.mean(aux_loss, axis=0),
             "balance_loss": jnp.mean(balance, axis=0),
@@ -411,7 +467,36 @@ def _train_step(graphdef, config: TrainConfig, counts_pass: bool) -> Callable:
         }
         return params, bias, opt_state, replicated(metrics)
 
-    return jax.jit(step_fn, donate_argnums=(1, 2, 3))
+    def interference_fn(inputs, params, bias, tokens):
+        """Per layer, the cosine and the norm ratio ``|g_aux| / |g_lm|`` of the gradients of
+        the aux loss and of the cross-entropy on the router weights (one forward, one
+        backward for the two losses together, per micro-batch)."""
+        coef = inputs["aux_coef"]
+        micro, step_tokens, counts_le = micro_batches_of(params, bias, tokens)
+        router, rest = nnx.split_state(params, _is_router_weight, ...)
+        leaves, treedef = jax.tree.flatten(router)  # one [d, E] per layer, in layer order
+
+        def parts(leaves, mb):  # [2]: cross-entropy, summed aux loss
+            merged = nnx.merge_state(jax.tree.unflatten(treedef, leaves), rest)
+            _, (ce, aux_loss, _, _) = loss_fn(merged, bias, mb, counts_le, step_tokens, coef)
+            return jnp.stack([ce, jnp.sum(aux_loss)])
+
+        def accumulate(total, mb):  # sums over micro-batches: the step's gradient directions
+            return jax.tree.map(jnp.add, total, jax.jacrev(parts)(leaves, mb)), None
+
+        zeros = [jnp.zeros((2, *leaf.shape), leaf.dtype) for leaf in leaves]
+        jac, _ = jax.lax.scan(accumulate, zeros, micro)
+        g = jnp.stack([j.reshape(2, -1) for j in jac])  # [L, 2, d * E]
+        lm, aux = g[:, 0], g[:, 1]
+        lm_norm, aux_norm = jnp.linalg.norm(lm, axis=-1), jnp.linalg.norm(aux, axis=-1)
+        both = (lm_norm > 0) & (aux_norm > 0)
+        cosine = jnp.sum(lm * aux, axis=-1) / jnp.where(both, lm_norm * aux_norm, 1.0)
+        ratio = aux_norm / jnp.where(lm_norm > 0, lm_norm, 1.0)
+        return replicated(
+            {"aux_lm_cosine": jnp.where(both, cosine, 0.0), "aux_lm_norm_ratio": ratio}
+        )
+
+    return jax.jit(step_fn, donate_argnums=(1, 2, 3)), jax.jit(interference_fn)
 
 
 def _to_json(metrics: dict, step: int) -> dict:
@@ -509,7 +594,7 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
     # On a mesh the model is built inside jit, so each parameter is placed by its rules.
     model = build() if mesh is None else nnx.jit(build)()
     graphdef, params, bias = nnx.split(model, nnx.Param, RoutingBias)
-    tx = _optimizer(config)
+    tx = optimizer(config.grad_clip, config.weight_decay, config.lr_schedule()(0))
     opt_state = tx.init(params)
     position = 0
     metrics_path, eval_path = out / "metrics.jsonl", out / "eval.jsonl"
@@ -558,7 +643,6 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
             eval_path.write_text("")
 
     step_fn = make_train_step(graphdef, config)
-    subset = eval_subset(corpus, config.eval_windows)
     bar = _progress(config.steps, start, progress, desc)
     done = start
     try:
@@ -569,17 +653,22 @@ def _train(config, out_dir, mesh, resume, progress, corpus, on_step, desc, allow
                     (config.batch_size, config.model.seq_len + 1),
                     mesh,
                 )
+                interference = None
+                if step_fn.interference is not None and step % config.interference_every == 0:
+                    interference = step_fn.measure_interference(params, bias, tokens)
                 params, bias, opt_state, metrics = step_fn(
                     params, bias, opt_state, tokens, jnp.asarray(step, jnp.int32)
                 )
                 position += config.batch_size
                 done = step + 1
+                if interference is not None:  # steps 1, 1 + every, ...: before their update
+                    metrics = {**metrics, **interference}
                 record = _to_json(fetch(metrics), done)
                 require_finite(done, record)
                 evaluation = None
                 if done % config.eval_every == 0 or done == config.steps:
-                    val = validation_loss(nnx.merge(graphdef, params, bias), subset, mesh)
-                    evaluation = {"step": done, "val_loss": val}
+                    model = nnx.merge(graphdef, params, bias)
+                    evaluation = {"step": done, **validation_losses(model, corpus, mesh)}
                     require_finite(done, evaluation)  # before either log gets this step
                 mfile.write(json.dumps(record) + "\n")
                 if evaluation is not None:

@@ -1,13 +1,13 @@
 """Balance lab: bias-correction dynamics at DeepSeek-V3 scale, without a model.
 
-``simulate`` / ``sweep`` (:mod:`.simulate`) run routing + bias updates over synthetic
+``sweep`` (:mod:`.simulate`) runs routing + bias updates over synthetic
 (:mod:`.streams`) or explicit logits in one ``lax.scan``; :mod:`.rules` holds the control
 laws; :mod:`.report` the summaries, tables and plots; :mod:`.cli` the ``simulate`` command.
 """
 
 from sigmoid_moe.lab.report import Summary, markdown_table, save_plots, save_run, summarize
 from sigmoid_moe.lab.rules import RULES
-from sigmoid_moe.lab.simulate import Trajectory, grid, simulate, sweep
+from sigmoid_moe.lab.simulate import Trajectory, grid, sweep
 from sigmoid_moe.lab.streams import StreamConfig, StreamParams, init_stream, stream_logits
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "markdown_table",
     "save_plots",
     "save_run",
-    "simulate",
     "stream_logits",
     "summarize",
     "sweep",

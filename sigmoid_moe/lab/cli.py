@@ -12,49 +12,20 @@ import json
 import os
 import time
 
-from sigmoid_moe._cli_args import choice, integer, listed, output_dir, real, usage_errors
+from sigmoid_moe._cli_args import checked, choice, integer, listed, output_dir, real, usage_errors
+from sigmoid_moe._rate_schedule import RATE_SCHEDULE_FORMS, check_rate_schedule, rate_schedule
+from sigmoid_moe.metrics import BALANCE_FACTOR, BALANCE_WINDOW
 
 __all__ = ["add_simulate_parser", "parse_schedule", "run_simulate"]
 
 
-def _schedule_parts(text: str) -> tuple[str, int]:
-    """``(name, N)`` of a schedule spec (N is 0 for ``constant`` / ``cosine``)."""
-    name, sep, arg = str(text).partition(":")
-    if name in ("constant", "cosine") and not sep:
-        return name, 0
-    minimum = {"freeze": 0, "warmup": 1}.get(name)
-    if minimum is not None and arg.isdigit() and int(arg) >= minimum:
-        return name, int(arg)
-    raise ValueError(
-        f"schedule {text!r} is not understood; use constant, freeze:N (N >= 0), cosine or "
-        "warmup:N (N >= 1), with N a whole number of steps."
-    )
-
-
-def _schedule_flag(text: str) -> str:
-    try:
-        _schedule_parts(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 def parse_schedule(text: str, steps: int):
-    """``constant`` | ``freeze:N`` (V3: rate until N, then 0) | ``cosine`` | ``warmup:N``.
-
-    Returns an optax schedule ``step -> multiplier of the rate`` or None for constant;
-    ``ValueError`` for any other text.
-    """
-    import optax
-
-    name, n = _schedule_parts(text)
-    if name == "freeze":
-        return optax.piecewise_constant_schedule(1.0, {n: 0.0})
-    if name == "cosine":
-        return optax.cosine_decay_schedule(1.0, steps)
-    if name == "warmup":
-        return optax.linear_schedule(0.0, 1.0, n)
-    return None
+    """The rate multiplier ``step -> u(step) / u`` named by ``text`` (constant, cosine,
+    freeze:N, warmup:N: :mod:`sigmoid_moe._rate_schedule`, the harness's meanings), or None
+    for constant; ``ValueError`` for any other text."""
+    if check_rate_schedule(text) == "constant":
+        return None
+    return rate_schedule(text, 1.0, steps)
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,15 +59,17 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=listed(index, "integers", "0,1"), default=[0, 1])
     p.add_argument(
         "--schedule",
-        type=_schedule_flag,
+        type=checked(check_rate_schedule),
         default="constant",
-        help="constant | freeze:N | cosine | warmup:N",
+        help=f"how the rate changes over the steps: {RATE_SCHEDULE_FORMS} (cosine decays to 0)",
     )
     p.add_argument(
         "--threshold",
         type=real(positive=True),
-        default=0.2,
-        help="MaxVio_batch counted as balanced",
+        default=BALANCE_FACTOR,
+        help="MaxVio_batch counted as balanced, as a multiple of the uniform floor (steps to "
+        f"balance: its running mean over {BALANCE_WINDOW} steps stays below it; default "
+        f"{BALANCE_FACTOR:g})",
     )
     g = p.add_argument_group("stream")
     g.add_argument("--preference-std", type=std, default=1.0)
@@ -162,7 +135,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         )
     )
     seconds = time.perf_counter() - start
-    summary = summarize(trajectory, top_k=args.top_k, threshold=args.threshold)
+    summary = summarize(trajectory, top_k=args.top_k, factor=args.threshold)
     routed = len(rules) * args.steps * args.tokens
     meta = {
         "router": dataclasses.asdict(router),
@@ -181,10 +154,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         seeds,
         out,
         meta,
-        threshold=args.threshold,
+        factor=args.threshold,
         plots=not args.no_plots,
     )
-    print(markdown_table(summary, rules, rates, seeds, threshold=args.threshold))
+    print(markdown_table(summary, rules, rates, seeds, factor=args.threshold))
     print(
         f"{len(rules)} configs x {args.steps} steps x {args.tokens} tokens in {seconds:.1f} s "
         f"({routed / seconds:,.0f} routed tokens/s, compile included)"

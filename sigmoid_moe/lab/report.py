@@ -2,10 +2,14 @@
 
 Per configuration, from a :class:`~sigmoid_moe.lab.simulate.Trajectory` of S steps:
 
-- ``steps_to_balance``: first step with ``MaxVio_batch <= threshold`` (0.2), -1 if never.
+- ``steps_to_balance``: :func:`sigmoid_moe.metrics.steps_to_balance`, the training
+  harness's definition: the first step after which the running mean of MaxVio_batch over
+  ``window`` steps stays below ``factor`` times ``floor``; -1 if never.
 - ``steady_maxvio``: mean MaxVio_batch over the last 25% of steps (LFB eq. 4,
   arXiv 2408.15664), reported next to ``floor`` = :func:`sigmoid_moe.uniform_maxvio_floor`
   for the same tokens/experts/top-k: no rule can beat uniform random routing's noise.
+- ``steady_slope`` and ``still_falling``: :func:`sigmoid_moe.metrics.trend` over five
+  windows of that last 25% (slope per step; True when its 95% interval is below 0).
 - ``oscillation``: std over the last 25% of steps of each expert's centred bias
   ``b_i - mean_j b_j`` (a constant shift changes no selection), averaged over experts.
 - ``drift``: change of ``mean_j b_j`` from the first to the last step (the sign rule
@@ -23,7 +27,13 @@ from typing import NamedTuple
 import numpy as np
 
 from sigmoid_moe._extras import require_research
-from sigmoid_moe.metrics import uniform_maxvio_floor
+from sigmoid_moe.metrics import (
+    BALANCE_FACTOR,
+    BALANCE_WINDOW,
+    steps_to_balance,
+    trend,
+    uniform_maxvio_floor,
+)
 
 __all__ = ["Summary", "summarize", "markdown_table", "save_plots", "save_run"]
 
@@ -33,31 +43,43 @@ class Summary(NamedTuple):
 
     steps_to_balance: np.ndarray  # [C] int, -1 when never reached
     steady_maxvio: np.ndarray  # [C] float mean MaxVio_batch over the last 25%
+    steady_slope: np.ndarray  # [C] float its trend, MaxVio per step
+    still_falling: np.ndarray  # [C] bool the trend's 95% interval is below 0
     floor: np.ndarray  # [C] float uniform-routing MaxVio at the same sizes
     oscillation: np.ndarray  # [C] float std of the centred bias over the last 25%
     drift: np.ndarray  # [C] float mean bias, last step minus first
     bias_range: np.ndarray  # [C] float max - min bias at the last step
 
 
-def summarize(trajectory, *, top_k: int, threshold: float = 0.2) -> Summary:
-    """Computes :class:`Summary` for a trajectory with or without a leading C axis."""
+def summarize(
+    trajectory,
+    *,
+    top_k: int,
+    factor: float = BALANCE_FACTOR,
+    window: int = BALANCE_WINDOW,
+) -> Summary:
+    """Computes :class:`Summary` for a trajectory with or without a leading C axis;
+    ``factor`` and ``window`` define "balanced" (:func:`~sigmoid_moe.metrics.steps_to_balance`)."""
     vio_cs = np.asarray(trajectory.max_violation, np.float64)
     load_cse = np.asarray(trajectory.load)
     bias_cse = np.asarray(trajectory.bias, np.float64)
     steps, num_experts = load_cse.shape[-2], load_cse.shape[-1]
     tail = max(1, steps // 4)
-    reached = vio_cs <= threshold
-    first = np.argmax(reached, axis=-1)
-    steps_to_balance = np.where(reached.any(axis=-1), first, -1)
+    tokens = int(load_cse[(0,) * (load_cse.ndim - 1)].sum()) // top_k  # exact: k per token
+    floor = uniform_maxvio_floor(tokens, num_experts, top_k)
+    rows = vio_cs.reshape(-1, steps)
+    reach = [steps_to_balance(v, floor, factor=factor, window=window) for v in rows]
+    trends = [trend(v, window=max(1, tail // 5)) for v in rows]
+    batch = vio_cs.shape[:-1]
     centred = bias_cse - bias_cse.mean(axis=-1, keepdims=True)
     oscillation = centred[..., -tail:, :].std(axis=-2).mean(axis=-1)
     mean_bias = bias_cse.mean(axis=-1)
-    tokens = int(load_cse[(0,) * (load_cse.ndim - 1)].sum()) // top_k  # exact: k per token
-    floor = uniform_maxvio_floor(tokens, num_experts, top_k)
     return Summary(
-        steps_to_balance=steps_to_balance,
+        steps_to_balance=np.array([-1 if r is None else r for r in reach]).reshape(batch),
         steady_maxvio=vio_cs[..., -tail:].mean(axis=-1),
-        floor=np.full(vio_cs.shape[:-1], floor),
+        steady_slope=np.array([t.slope for t in trends]).reshape(batch),
+        still_falling=np.array([t.verdict == "still falling" for t in trends]).reshape(batch),
+        floor=np.full(batch, floor),
         oscillation=oscillation,
         drift=mean_bias[..., -1] - mean_bias[..., 0],
         bias_range=bias_cse[..., -1, :].max(axis=-1) - bias_cse[..., -1, :].min(axis=-1),
@@ -70,20 +92,22 @@ def markdown_table(
     rates: Sequence[float],
     seeds: Sequence[int],
     *,
-    threshold: float = 0.2,
+    factor: float = BALANCE_FACTOR,
 ) -> str:
-    """One Markdown row per configuration."""
+    """One Markdown row per configuration (``factor``: the multiple of the floor that
+    :func:`summarize` counted as balanced)."""
     head = (
-        f"| rule | rate | seed | steps to MaxVio<={threshold:g} | steady MaxVio | "
-        "uniform floor | oscillation | drift | bias range |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| rule | rate | seed | steps to balance (<{factor:g}x floor) | steady MaxVio | "
+        "trend /100 steps | uniform floor | oscillation | drift | bias range |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for c, (rule, rate, seed) in enumerate(zip(rules, rates, seeds, strict=True)):
         reach = int(summary.steps_to_balance[c])
         rows.append(
             f"| {rule} | {rate:g} | {seed} | {reach if reach >= 0 else 'never'} | "
-            f"{summary.steady_maxvio[c]:.3f} | {summary.floor[c]:.3f} | "
+            f"{summary.steady_maxvio[c]:.3f} | {100 * summary.steady_slope[c]:+.4f}"
+            f"{' still falling' if summary.still_falling[c] else ''} | {summary.floor[c]:.3f} | "
             f"{summary.oscillation[c]:.2e} | {summary.drift[c]:+.2e} | "
             f"{summary.bias_range[c]:.3f} |"
         )
@@ -145,12 +169,12 @@ def save_run(
     out_dir: str,
     meta: dict,
     *,
-    threshold: float = 0.2,
+    factor: float = BALANCE_FACTOR,
     plots: bool = True,
 ) -> list[str]:
     """Writes ``summary.md``, ``summary.json``, ``trajectory.npz`` and (optionally) plots."""
     os.makedirs(out_dir, exist_ok=True)
-    table = markdown_table(summary, rules, rates, seeds, threshold=threshold)
+    table = markdown_table(summary, rules, rates, seeds, factor=factor)
     paths = [
         os.path.join(out_dir, name) for name in ("summary.md", "summary.json", "trajectory.npz")
     ]

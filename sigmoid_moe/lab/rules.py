@@ -153,8 +153,8 @@ def _next(
     config: RouterConfig,
 ) -> jax.Array:
     if rule in ("sign", "sign_zero_mean", "proportional"):
-        # The schedule value is traced, so it enters update_bias as a callable of the step.
-        return update_bias(c_e, load_e, rate=lambda _: u, rule=rule, step=step)
+        # u was checked where the sweep took it; traced here, update_bias uses it as is.
+        return update_bias(c_e, load_e, rate=u, rule=rule)
     if rule == "negated":
         return c_e - u * _sign_delta(load_e)
     if rule == "multiplicative":

@@ -4,8 +4,8 @@ Each step ``t``: logits of a batch (generated from ``fold_in(key, t)`` or read f
 explicit ``[S, T, E]`` array) are routed with :func:`sigmoid_moe.route` under the current
 control (bias), the exact load is counted with :func:`sigmoid_moe.expert_load`, and the
 control moves by the rule (:mod:`sigmoid_moe.lab.rules`) at rate
-``u_t = rate * schedule(t)``. :func:`sweep` runs many ``(rule, rate, seed)``
-configurations as one jitted ``vmap`` of the same scan.
+``u_t = rate * schedule(t)``. :func:`sweep` runs ``(rule, rate, seed)`` configurations,
+one or many, as one jitted ``vmap`` of the same scan.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sigmoid_moe.lab.rules import RULES, initial_control, routed, rule_indices, 
 from sigmoid_moe.lab.streams import StreamConfig, init_stream, stream_logits
 from sigmoid_moe.metrics import max_violation
 
-__all__ = ["Trajectory", "grid", "simulate", "sweep"]
+__all__ = ["Trajectory", "grid", "sweep"]
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -98,11 +98,6 @@ def _trajectory(
 
 
 @functools.partial(jax.jit, static_argnames=("stream", "router", "steps", "schedule", "compiled"))
-def _one(rule_index, rate, key, logits_ste, **static) -> Trajectory:
-    return _trajectory(rule_index, rate, key, logits_ste, **static)
-
-
-@functools.partial(jax.jit, static_argnames=("stream", "router", "steps", "schedule", "compiled"))
 def _many(rule_index_c, rate_c, key_c, logits_ste, **static) -> Trajectory:
     run = functools.partial(_trajectory, **static)
     return jax.vmap(run, in_axes=(0, 0, 0, None))(rule_index_c, rate_c, key_c, logits_ste)
@@ -123,52 +118,6 @@ def _check_rate(rate: float) -> float:
     return float(rate)
 
 
-def simulate(
-    stream: StreamConfig | jax.Array,
-    router: RouterConfig,
-    *,
-    rule: str = "sign",
-    rate: float = 1e-3,
-    seed: int | jax.Array = 0,
-    steps: int | None = None,
-    schedule: Schedule | None = None,
-    compiled: Sequence[str] | None = None,
-) -> Trajectory:
-    """One configuration's trajectory (jitted; one ``lax.scan`` over the steps).
-
-    Args:
-      stream: a :class:`StreamConfig` (logits generated inside the scan from
-        ``fold_in(key, step)``) or explicit logits ``[S, T, E]``.
-      router: the routing rules (``score_fn="softmax"`` for softmax gating).
-      rule: one of :data:`sigmoid_moe.lab.rules.RULES`.
-      rate: ``u >= 0`` (multiplied by ``schedule(step)`` when given).
-      seed: an int or a JAX key; it draws the stream's fixed parts and per-step samples.
-      steps: S, required for a generated stream.
-      schedule: optax-style ``step -> multiplier``, e.g.
-        ``optax.piecewise_constant_schedule(1.0, {1000: 0.0})`` (DeepSeek-V3's freeze).
-      compiled: rules to compile as ``lax.switch`` branches (default: just ``rule``);
-        pass the sweep's tuple to get the sweep's exact program.
-
-    Returns:
-      A :class:`Trajectory` without the configuration axis.
-    """
-    steps = _check(stream, router, steps)
-    compiled = tuple(compiled) if compiled is not None else (rule,)
-    (index,) = rule_indices([rule], compiled)
-    is_config = isinstance(stream, StreamConfig)
-    return _one(
-        jnp.int32(index),
-        jnp.float32(_check_rate(rate)),
-        _as_key(seed),
-        None if is_config else jnp.asarray(stream, jnp.float32),
-        stream=stream if is_config else None,
-        router=router,
-        steps=steps,
-        schedule=schedule,
-        compiled=compiled,
-    )
-
-
 def grid(
     rules: Sequence[str], rates: Sequence[float], seeds: Sequence[int]
 ) -> tuple[list[str], list[float], list[int]]:
@@ -186,15 +135,28 @@ def sweep(
     seeds: Sequence[int],
     steps: int | None = None,
     schedule: Schedule | None = None,
+    compiled: Sequence[str] | None = None,
 ) -> Trajectory:
-    """Many configurations as ONE jitted ``vmap`` of the scan.
+    """Configurations as ONE jitted ``vmap`` of the scan (one configuration is a sweep of
+    one).
 
-    ``rules``, ``rates`` and ``seeds`` are equally long (configuration ``c`` is
-    ``(rules[c], rates[c], seeds[c])``; :func:`grid` builds a product). The rules enter as
-    an integer index into ``lax.switch`` over the distinct rules present, so under
-    ``vmap`` every present rule's branch is evaluated and the wanted one selected.
-    The stream (generated or explicit) is the same function for all; each seed draws its
-    own samples, so configurations sharing a seed see the same logits.
+    Args:
+      stream: a :class:`StreamConfig` (logits generated inside the scan from
+        ``fold_in(key, step)``) or explicit logits ``[S, T, E]``.
+      router: the routing rules (``score_fn="softmax"`` for softmax gating).
+      rules, rates, seeds: equally long; configuration ``c`` is ``(rules[c], rates[c],
+        seeds[c])`` (:func:`grid` builds a product). A rule is one of
+        :data:`sigmoid_moe.lab.rules.RULES`, a rate ``u >= 0``, a seed an int or a JAX key
+        (it draws the stream's fixed parts and per-step samples: configurations sharing a
+        seed see the same logits).
+      steps: S, required for a generated stream.
+      schedule: optax-style ``step -> multiplier`` of every rate, e.g.
+        ``optax.piecewise_constant_schedule(1.0, {1000: 0.0})`` (DeepSeek-V3's freeze);
+        :func:`sigmoid_moe.lab.cli.parse_schedule` builds the named ones.
+      compiled: the rules compiled as ``lax.switch`` branches (default: the distinct rules
+        present, in :data:`RULES` order). The rules enter as an integer index, so under
+        ``vmap`` every compiled branch is evaluated and the wanted one selected; pass a
+        larger sweep's rules to get that sweep's exact program for a part of it.
 
     Returns:
       A :class:`Trajectory` with a leading axis ``C = len(rules)``.
@@ -205,7 +167,9 @@ def sweep(
             f"rules, rates and seeds must be equally long and non-empty, got lengths "
             f"{len(rules)}, {len(rates)}, {len(seeds)}; use grid(...) for a product."
         )
-    compiled = tuple(r for r in RULES if r in set(rules))
+    if compiled is None:
+        compiled = tuple(r for r in RULES if r in set(rules))
+    compiled = tuple(compiled)
     index_c = jnp.asarray(rule_indices(rules, compiled), jnp.int32)
     rate_c = jnp.asarray([_check_rate(u) for u in rates], jnp.float32)
     key_c = jnp.stack([_as_key(s) for s in seeds])
