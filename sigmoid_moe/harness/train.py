@@ -56,7 +56,7 @@ from sigmoid_moe.harness.distributed import (
     run_mesh,
     sync_processes,
 )
-from sigmoid_moe.harness.evaluate import validation_losses
+from sigmoid_moe.harness.evaluate import validation_loss, validation_losses
 from sigmoid_moe.harness.model import ModelConfig, TransformerLM
 from sigmoid_moe.harness.run_files import (
     check_same_data,
