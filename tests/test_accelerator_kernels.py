@@ -250,3 +250,25 @@ def test_grouped_swiglu_refuses_what_it_cannot_run():
         grouped_swiglu(x, copies, w_in, w_out, kernel="dense")
     with pytest.raises(ValueError, match="46 copies for 5 tokens"):
         grouped_swiglu(x[:5], copies, w_in, w_out)
+    # Shapes, dtypes and sizes are refused naming the argument, never by the kernels (the
+    # native one raised an XLA runtime error; a short rows_e ran, a zero block divided).
+    with pytest.raises(ValueError, match="w_in_edf must be"):
+        grouped_swiglu(x, copies, w_in[:, :5], w_out)
+    with pytest.raises(ValueError, match="x_td must be"):
+        grouped_swiglu(x[None], copies, w_in, w_out)
+    with pytest.raises(TypeError, match="w_out_efd must have x_td's dtype"):
+        grouped_swiglu(x, copies, w_in, w_out.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"assignments.rows_e must have shape \(4,\)"):
+        grouped_swiglu(x, copies._replace(rows_e=copies.rows_e[:3]), w_in, w_out)
+    with pytest.raises(ValueError, match=r"assignments.rank_a must have shape \(46,\)"):
+        grouped_swiglu(x, copies._replace(rank_a=copies.rank_a[:3]), w_in, w_out)
+    with pytest.raises(TypeError, match="assignments.placed_a must be bool"):
+        grouped_swiglu(x, copies._replace(placed_a=copies.rank_a), w_in, w_out)
+    with pytest.raises(TypeError, match="assignments must be an ExpertAssignments"):
+        grouped_swiglu(x, tuple(copies), w_in, w_out)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        grouped_swiglu(x, copies, w_in, w_out, kernel="blocked", block_size=0)
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        grouped_swiglu(x, copies, w_in, w_out, kernel="batched", capacity=2.5)
+    with pytest.raises(ValueError, match="rows_per_expert must be >= 1"):
+        grouped_swiglu(x, copies, w_in, w_out, rows_per_expert=0)
