@@ -85,7 +85,13 @@ KERNELS: tuple[str, ...] = ("auto", "blocked", "batched", "ragged_dot", "triton"
 
 
 class ExpertAssignments(NamedTuple):
-    """Where each token copy goes, token-major: copy ``a = t * k + j`` of token ``t``."""
+    """Where each token copy goes, token-major: copy ``a = t * k + j`` of token ``t``.
+
+    The placed copies of expert ``e`` hold the ranks ``0 .. rows_e[e] - 1``, once each.
+    :func:`grouped_swiglu` does not compute a placed copy whose expert is outside
+    ``[0, E)`` or whose rank is outside ``[0, rows_e[e])`` (or ``[0, capacity)``): it adds
+    0, instead of landing among another expert's rows.
+    """
 
     expert_a: jax.Array  # [T*k] int32 expert of each copy (any value where not placed)
     rank_a: jax.Array  # [T*k] int32 rank among its expert's placed copies, 0 .. rows_e - 1
@@ -136,6 +142,7 @@ def grouped_swiglu(
         rows_per_expert = -(-num_copies // num_experts)
     else:
         require_int("rows_per_expert", rows_per_expert, 1)
+    assignments = _in_range(assignments, capacity)
     run = _Run(num_tokens, capacity, block_size, rows_per_expert)
     if kernel != "auto":
         return run(kernel, x_td, assignments, w_in_edf, w_out_efd)
@@ -200,6 +207,20 @@ def _check_args(x_td, assignments, w_in_edf, w_out_efd, kernel, capacity, block_
         if kind is not None and not jnp.issubdtype(jnp.result_type(value), kind):
             expected = "bool" if kind is jnp.bool_ else "integer"
             raise TypeError(f"assignments.{name} must be {expected}, got {jnp.result_type(value)}.")
+
+
+def _in_range(assignments: ExpertAssignments, capacity: int | None) -> ExpertAssignments:
+    """Only copies that have a row of their own stay placed (see :class:`ExpertAssignments`):
+    an expert in ``[0, E)`` and a rank below its ``rows_e`` and the capacity."""
+    rows_e = assignments.rows_e.astype(jnp.int32)
+    if capacity is not None:
+        rows_e = jnp.minimum(rows_e, capacity)
+    num_experts = rows_e.shape[0]
+    expert_a, rank_a = assignments.expert_a, assignments.rank_a
+    has_expert = (expert_a >= 0) & (expert_a < num_experts)
+    has_row = (rank_a >= 0) & (rank_a < rows_e[jnp.where(has_expert, expert_a, 0)])
+    placed_a = assignments.placed_a & has_expert & has_row
+    return assignments._replace(placed_a=placed_a, rows_e=rows_e)
 
 
 class _Run(NamedTuple):

@@ -272,3 +272,30 @@ def test_grouped_swiglu_refuses_what_it_cannot_run():
         grouped_swiglu(x, copies, w_in, w_out, kernel="batched", capacity=2.5)
     with pytest.raises(ValueError, match="rows_per_expert must be >= 1"):
         grouped_swiglu(x, copies, w_in, w_out, rows_per_expert=0)
+
+
+@pytest.mark.parametrize(
+    "kernel, capacity",
+    [("blocked", 9), ("batched", 9), ("blocked", None), ("ragged_dot", None), ("triton", None)],
+)
+def test_grouped_swiglu_skips_copies_without_a_row_of_their_own(kernel, capacity):
+    """A placed copy ranked at or past the capacity, past its expert's rows_e, or of an
+    expert outside [0, E) adds 0: it does not land among another expert's rows (it did:
+    with capacity 9 expert 0's copies 9.. took expert 1's slots and blocks)."""
+    from sigmoid_moe._dispatch_common import rank_within_expert
+    from sigmoid_moe.expert_kernels import ExpertAssignments, grouped_swiglu
+
+    x, ids, weights, w_in, w_out, mask, _ = (jnp.asarray(a) for a in _problem())
+    x, weights, w_in, w_out = (a.astype(jnp.float32) for a in (x, weights, w_in, w_out))
+    expert_a = ids.reshape(-1).at[5].set(E).at[6].set(-1)  # no such experts
+    rank_a, rows_e = rank_within_expert(expert_a, jnp.repeat(mask, K), E)
+    placed_a = rank_a >= 0
+    rank_a = rank_a.at[8].set(rows_e[expert_a[8]])  # one past its expert's rows
+    copies = ExpertAssignments(expert_a, rank_a, placed_a, weights.reshape(-1), rows_e)
+    assert int(rows_e[0]) > 9  # expert 0 overflows the capacity
+    rowed_a = placed_a & (rank_a < (rows_e[expert_a.clip(0, E - 1)] if capacity is None else 9))
+    rowed_a = rowed_a & (expert_a >= 0) & (expert_a < E)
+    rowed_a = rowed_a.at[8].set(False)
+    want = grouped_swiglu(x, copies._replace(placed_a=rowed_a), w_in, w_out, kernel="ragged_dot")
+    got = grouped_swiglu(x, copies, w_in, w_out, kernel=kernel, capacity=capacity)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
