@@ -47,8 +47,10 @@ XLA:GPU rewrites it into a zero-padded dense dot unless a cuDNN fusion takes it 
 recent cuDNN, sm80+), which only a GPU compile shows. A tile kernel cannot become dense.
 ``ragged_dot`` stays selectable (for the cuDNN fusion); so do the batched slot buffers.
 
-Differentiation: every kernel in reverse mode; ``"batched"`` and ``"ragged_dot"`` also in
-forward mode (the others are ``custom_vjp`` functions). Under ``"auto"`` the lowering keeps
+Differentiation: every kernel in reverse mode, and reverse over reverse (a gradient
+differentiated again) but ``"ragged_dot"`` (JAX has no rule for its gradient's
+gradient); ``"batched"`` and ``"ragged_dot"`` also in forward mode (the others are
+``custom_vjp`` functions). Under ``"auto"`` the lowering keeps
 one platform's kernel, and the CPU kernel's ``custom_vjp`` and the accelerator kernels' one
 ``custom_vjp`` (:mod:`sigmoid_moe._grouped_matmul`, one residual layout for Triton and
 Megablox) are the only two sets of residuals the traced program holds.

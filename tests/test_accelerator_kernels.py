@@ -126,6 +126,9 @@ def test_problem_covers_the_tile_edge_cases():
 # only the float32 summation order differs, which can flip one bf16 rounding: within 2^-8
 # (one bf16 ulp; measured 0 here).
 F32_BOUND, BF16_ORACLE_BOUND, BF16_RAGGED_BOUND = 1e-6, 2e-2, 2**-8
+# A float32 Hessian-vector product against another kernel's: two passes, each summing in
+# another order than the other kernel's, so within 2 * F32_BOUND (measured <= 3.9e-7).
+HVP_F32_BOUND = 2 * F32_BOUND
 
 
 @pytest.mark.parametrize("kernel", ["triton", "megablox"])
@@ -299,3 +302,33 @@ def test_grouped_swiglu_skips_copies_without_a_row_of_their_own(kernel, capacity
     want = grouped_swiglu(x, copies._replace(placed_a=rowed_a), w_in, w_out, kernel="ragged_dot")
     got = grouped_swiglu(x, copies, w_in, w_out, kernel=kernel, capacity=capacity)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "megablox"])
+def test_interpreted_kernel_gradient_can_be_differentiated(kernel):
+    """Reverse over reverse (a Hessian-vector product) through the tile kernels, against
+    the batched slot buffers' plain autodiff (capacity E / k drops nothing here). Was an
+    AssertionError from inside Pallas: the grouped matmuls had no derivative rule, so the
+    second pass asked Pallas to differentiate a kernel."""
+    from sigmoid_moe import capacity_moe
+
+    x, ids, weights, w_in, w_out, mask, ct = (
+        jnp.asarray(a, jnp.float32) if a.dtype.kind == "f" else jnp.asarray(a) for a in _problem()
+    )
+    primals = (x, weights, w_in, w_out)
+
+    def hvp(dispatch):
+        def loss(x, weights, w_in, w_out):
+            y = dispatch(x, ids, weights, w_in, w_out, mask).y_td
+            return jnp.sum(jnp.sin(y) * ct)
+
+        def directional(*p):  # <grad L(p), p0>: its gradient is H p0
+            return sum(jnp.vdot(g, v) for g, v in zip(jax.grad(loss, (0, 1, 2, 3))(*p), primals))
+
+        return jax.jit(jax.grad(directional, (0, 1, 2, 3)))(*primals)
+
+    got = hvp(functools.partial(dropless_moe, kernel=kernel))
+    want = hvp(functools.partial(capacity_moe, capacity_factor=E / K, kernel="batched"))
+    for name, a, b in zip(("x", "weights", "w_in", "w_out"), got, want, strict=True):
+        error = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+        assert error <= HVP_F32_BOUND, (name, error)
