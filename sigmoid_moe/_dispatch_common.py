@@ -15,6 +15,7 @@ from sigmoid_moe._checks import check_token_mask, require_array, require_int
 __all__ = [
     "check_block_size",
     "check_dispatch_args",
+    "check_expert_args",
     "check_kernel",
     "combine_rows",
     "gather_rows",
@@ -26,22 +27,21 @@ __all__ = [
 
 def check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, token_mask_t):
     """Shapes and dtypes of the one dispatch signature; raises naming the argument."""
+    check_expert_args(x_td, w_in_edf, w_out_efd)
     for name, value, hint in (
-        ("x_td", x_td, "[tokens, d_model]"),
         ("expert_ids_tk", expert_ids_tk, "[tokens, k]"),
         ("weights_tk", weights_tk, "[tokens, k]"),
-        ("w_in_edf", w_in_edf, "[E, d_model, 2*d_ff]"),
-        ("w_out_efd", w_out_efd, "[E, d_ff, d_model]"),
     ):
         require_array(name, value, hint)
-    if not jnp.issubdtype(jnp.result_type(x_td), jnp.floating):
-        raise TypeError(f"x_td must be floating, got dtype {jnp.result_type(x_td)}.")
-    if jnp.ndim(x_td) != 2:
-        raise ValueError(f"x_td must be [tokens, d_model], got shape {jnp.shape(x_td)}.")
-    num_tokens, d_model = jnp.shape(x_td)
+    num_tokens = jnp.shape(x_td)[0]
     if jnp.ndim(expert_ids_tk) != 2 or jnp.shape(expert_ids_tk)[0] != num_tokens:
         raise ValueError(
             f"expert_ids_tk must be [tokens={num_tokens}, k], got {jnp.shape(expert_ids_tk)}."
+        )
+    if jnp.shape(expert_ids_tk)[1] < 1:
+        raise ValueError(
+            f"expert_ids_tk must have k >= 1 columns (one per chosen expert), got shape "
+            f"{jnp.shape(expert_ids_tk)}."
         )
     if not jnp.issubdtype(jnp.result_type(expert_ids_tk), jnp.integer):
         raise TypeError(f"expert_ids_tk must be integer, got {jnp.result_type(expert_ids_tk)}.")
@@ -50,9 +50,34 @@ def check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, to
             f"weights_tk {jnp.shape(weights_tk)} must match expert_ids_tk "
             f"{jnp.shape(expert_ids_tk)}."
         )
-    if jnp.ndim(w_in_edf) != 3 or jnp.shape(w_in_edf)[1] != d_model or jnp.shape(w_in_edf)[2] % 2:
+    if token_mask_t is not None:
+        check_token_mask(token_mask_t, (num_tokens,), "token_mask_t")
+
+
+def check_expert_args(x_td, w_in_edf, w_out_efd) -> None:
+    """The tokens ``[T, d_model]`` (floating) and the experts' weights ``[E, d_model,
+    2*d_ff]``, ``[E, d_ff, d_model]`` with ``E >= 1`` and ``d_ff >= 1``; raises naming the
+    argument."""
+    for name, value, hint in (
+        ("x_td", x_td, "[tokens, d_model]"),
+        ("w_in_edf", w_in_edf, "[E, d_model, 2*d_ff]"),
+        ("w_out_efd", w_out_efd, "[E, d_ff, d_model]"),
+    ):
+        require_array(name, value, hint)
+    if not jnp.issubdtype(jnp.result_type(x_td), jnp.floating):
+        raise TypeError(f"x_td must be floating, got dtype {jnp.result_type(x_td)}.")
+    if jnp.ndim(x_td) != 2:
+        raise ValueError(f"x_td must be [tokens, d_model], got shape {jnp.shape(x_td)}.")
+    d_model = jnp.shape(x_td)[1]
+    if (
+        jnp.ndim(w_in_edf) != 3
+        or jnp.shape(w_in_edf)[1] != d_model
+        or jnp.shape(w_in_edf)[2] % 2
+        or min(jnp.shape(w_in_edf)[0], jnp.shape(w_in_edf)[2]) < 1
+    ):
         raise ValueError(
-            f"w_in_edf must be [E, d_model={d_model}, 2*d_ff], got {jnp.shape(w_in_edf)}."
+            f"w_in_edf must be [E, d_model={d_model}, 2*d_ff] with E >= 1 and d_ff >= 1, "
+            f"got {jnp.shape(w_in_edf)}."
         )
     num_experts, _, two_ff = jnp.shape(w_in_edf)
     if jnp.shape(w_out_efd) != (num_experts, two_ff // 2, d_model):
@@ -60,8 +85,6 @@ def check_dispatch_args(x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, to
             f"w_out_efd must be [E, d_ff, d_model] = {(num_experts, two_ff // 2, d_model)}, "
             f"got {jnp.shape(w_out_efd)}."
         )
-    if token_mask_t is not None:
-        check_token_mask(token_mask_t, (num_tokens,), "token_mask_t")
 
 
 def check_block_size(block_size) -> None:

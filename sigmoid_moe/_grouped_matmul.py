@@ -189,7 +189,16 @@ _PLATFORMS = {
 }
 
 
-def _gmm(kernel: str, lhs, rhs, tiles, *, transpose_rhs: bool = False):
+# The grouped matmuls are bilinear, so each one's VJP is the other two: with these rules a
+# gradient of tiled_swiglu can itself be differentiated (Hessian-vector products), and
+# no rule ever asks Pallas to differentiate a kernel (it cannot: its JVP of a kernel that
+# reads its program ids fails).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _gmm(kernel: str, lhs, rhs, tiles, transpose_rhs: bool):
+    """``[R, N]``: tile ``b`` of ``lhs`` times ``rhs[e_b]`` (``rhs[e_b]^T`` with
+    ``transpose_rhs``); zeros past the used tiles."""
     branches = {
         platform: functools.partial(backend.gmm, transpose_rhs=transpose_rhs)
         for platform, backend in _PLATFORMS[kernel].items()
@@ -197,9 +206,39 @@ def _gmm(kernel: str, lhs, rhs, tiles, *, transpose_rhs: bool = False):
     return jax.lax.platform_dependent(lhs, rhs, tiles, **branches)
 
 
+def _gmm_fwd(kernel, lhs, rhs, tiles, transpose_rhs):
+    return _gmm(kernel, lhs, rhs, tiles, transpose_rhs), (lhs, rhs, tiles)
+
+
+def _gmm_bwd(kernel, transpose_rhs, residuals, dout):
+    lhs, rhs, tiles = residuals
+    dlhs = _gmm(kernel, dout, rhs, tiles, transpose_rhs=not transpose_rhs)
+    drhs = _tgmm(kernel, dout, lhs, tiles) if transpose_rhs else _tgmm(kernel, lhs, dout, tiles)
+    return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tgmm(kernel: str, lhs, rhs, tiles):
+    """``[E, K, N]``: for each expert, its tiles of ``lhs [R, K]`` transposed times theirs
+    of ``rhs [R, N]``, summed."""
     branches = {platform: backend.tgmm for platform, backend in _PLATFORMS[kernel].items()}
     return jax.lax.platform_dependent(lhs, rhs, tiles, **branches)
+
+
+def _tgmm_fwd(kernel, lhs, rhs, tiles):
+    return _tgmm(kernel, lhs, rhs, tiles), (lhs, rhs, tiles)
+
+
+def _tgmm_bwd(kernel, residuals, dout):
+    lhs, rhs, tiles = residuals
+    dlhs = _gmm(kernel, rhs, dout, tiles, transpose_rhs=True)
+    return dlhs, _gmm(kernel, lhs, dout, tiles, transpose_rhs=False), None
+
+
+_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
 
 
 # --------------------------------------------------------------------------- the SwiGLU
@@ -207,8 +246,8 @@ def _tgmm(kernel: str, lhs, rhs, tiles):
 
 def _forward(kernel, x_td, w_in_edf, w_out_efd, tiles):
     rows_rd = gather_rows(x_td, tiles.src_r)
-    h_rf2 = _gmm(kernel, rows_rd, w_in_edf, tiles)
-    return _gmm(kernel, swiglu(h_rf2), w_out_efd, tiles), h_rf2
+    h_rf2 = _gmm(kernel, rows_rd, w_in_edf, tiles, transpose_rhs=False)
+    return _gmm(kernel, swiglu(h_rf2), w_out_efd, tiles, transpose_rhs=False), h_rf2
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -216,7 +255,8 @@ def tiled_swiglu(kernel: str, x_td, w_in_edf, w_out_efd, tiles: TileLayout) -> j
     """``o_rd [R, d]``: row ``r`` through its tile's expert, ``SwiGLU_e(x[src_r])``.
 
     Empty rows (token ``T``) give zeros. Differentiable in ``x_td`` and both weights, in
-    reverse mode (a ``custom_vjp``). ``kernel`` is one of :data:`KERNELS`; all operands
+    reverse mode (a ``custom_vjp``), also nested (its backward is made of differentiable
+    grouped matmuls). ``kernel`` is one of :data:`KERNELS`; all operands
     share one dtype.
     """
     return _forward(kernel, x_td, w_in_edf, w_out_efd, tiles)[0]

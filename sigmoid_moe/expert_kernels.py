@@ -47,8 +47,10 @@ XLA:GPU rewrites it into a zero-padded dense dot unless a cuDNN fusion takes it 
 recent cuDNN, sm80+), which only a GPU compile shows. A tile kernel cannot become dense.
 ``ragged_dot`` stays selectable (for the cuDNN fusion); so do the batched slot buffers.
 
-Differentiation: every kernel in reverse mode; ``"batched"`` and ``"ragged_dot"`` also in
-forward mode (the others are ``custom_vjp`` functions). Under ``"auto"`` the lowering keeps
+Differentiation: every kernel in reverse mode, and reverse over reverse (a gradient
+differentiated again) but ``"ragged_dot"`` (JAX has no rule for its gradient's
+gradient); ``"batched"`` and ``"ragged_dot"`` also in forward mode (the others are
+``custom_vjp`` functions). Under ``"auto"`` the lowering keeps
 one platform's kernel, and the CPU kernel's ``custom_vjp`` and the accelerator kernels' one
 ``custom_vjp`` (:mod:`sigmoid_moe._grouped_matmul`, one residual layout for Triton and
 Megablox) are the only two sets of residuals the traced program holds.
@@ -62,7 +64,14 @@ import jax
 import jax.numpy as jnp
 
 from sigmoid_moe import _grouped_matmul
-from sigmoid_moe._dispatch_common import combine_rows, gather_rows, vary, varying
+from sigmoid_moe._checks import require_array, require_int
+from sigmoid_moe._dispatch_common import (
+    check_expert_args,
+    combine_rows,
+    gather_rows,
+    vary,
+    varying,
+)
 from sigmoid_moe.blocked_ffn import (
     auto_block_size,
     block_layout,
@@ -78,7 +87,13 @@ KERNELS: tuple[str, ...] = ("auto", "blocked", "batched", "ragged_dot", "triton"
 
 
 class ExpertAssignments(NamedTuple):
-    """Where each token copy goes, token-major: copy ``a = t * k + j`` of token ``t``."""
+    """Where each token copy goes, token-major: copy ``a = t * k + j`` of token ``t``.
+
+    The placed copies of expert ``e`` hold the ranks ``0 .. rows_e[e] - 1``, once each.
+    :func:`grouped_swiglu` does not compute a placed copy whose expert is outside
+    ``[0, E)`` or whose rank is outside ``[0, rows_e[e])`` (or ``[0, capacity)``): it adds
+    0, instead of landing among another expert's rows.
+    """
 
     expert_a: jax.Array  # [T*k] int32 expert of each copy (any value where not placed)
     rank_a: jax.Array  # [T*k] int32 rank among its expert's placed copies, 0 .. rows_e - 1
@@ -116,25 +131,21 @@ def grouped_swiglu(
     Returns:
       ``[T, d_model]`` in ``x_td``'s dtype, accumulated in float32; a token with no placed
       copy gets exactly 0.
+
+    Raises:
+      TypeError, ValueError: naming the argument, for a kernel it does not know, weights
+        of another shape or dtype than ``x_td``'s, assignments of other lengths than
+        ``T * k`` (``E`` for ``rows_e``), or sizes that are not ints ``>= 1``.
     """
+    _check_args(x_td, assignments, w_in_edf, w_out_efd, kernel, capacity, block_size)
     num_tokens = x_td.shape[0]
     num_copies, num_experts = assignments.expert_a.shape[0], w_in_edf.shape[0]
-    if kernel not in KERNELS:
-        options = ", ".join(repr(k) for k in KERNELS)
-        raise ValueError(f"kernel={kernel!r} is not a routed-expert kernel; choose {options}.")
-    if kernel == "batched" and capacity is None:
-        raise ValueError(
-            "kernel='batched' computes [E, C] slot buffers and needs capacity=C (capacity "
-            "dispatch); use 'ragged_dot', 'triton', 'megablox' or 'blocked' without one."
-        )
-    if num_tokens == 0 or num_copies % num_tokens:
-        raise ValueError(
-            f"assignments hold {num_copies} copies for {num_tokens} tokens; they must be "
-            "T * k copies of T >= 1 tokens, token-major."
-        )
     if rows_per_expert is None:
         rows_per_expert = -(-num_copies // num_experts)
-    run = _Run(num_tokens, capacity, block_size, max(1, rows_per_expert))
+    else:
+        require_int("rows_per_expert", rows_per_expert, 1)
+    assignments = _in_range(assignments, capacity)
+    run = _Run(num_tokens, capacity, block_size, rows_per_expert)
     if kernel != "auto":
         return run(kernel, x_td, assignments, w_in_edf, w_out_efd)
     accelerator = "batched" if capacity is not None else "accelerator"
@@ -145,6 +156,73 @@ def grouped_swiglu(
     return jax.lax.platform_dependent(
         x_td, assignments, w_in_edf, w_out_efd, cpu=on("blocked"), default=on(accelerator)
     )
+
+
+def _check_args(x_td, assignments, w_in_edf, w_out_efd, kernel, capacity, block_size):
+    """:func:`grouped_swiglu`'s arguments; raises naming the argument."""
+    if kernel not in KERNELS:
+        options = ", ".join(repr(k) for k in KERNELS)
+        raise ValueError(f"kernel={kernel!r} is not a routed-expert kernel; choose {options}.")
+    if kernel == "batched" and capacity is None:
+        raise ValueError(
+            "kernel='batched' computes [E, C] slot buffers and needs capacity=C (capacity "
+            "dispatch); use 'ragged_dot', 'triton', 'megablox' or 'blocked' without one."
+        )
+    if capacity is not None:
+        require_int("capacity", capacity, 1)
+    if block_size is not None:
+        require_int("block_size", block_size, 1)
+    check_expert_args(x_td, w_in_edf, w_out_efd)
+    for name, w in (("w_in_edf", w_in_edf), ("w_out_efd", w_out_efd)):
+        if jnp.result_type(w) != jnp.result_type(x_td):
+            raise TypeError(
+                f"{name} must have x_td's dtype {jnp.result_type(x_td)}, got "
+                f"{jnp.result_type(w)}; cast it with {name}.astype(x_td.dtype)."
+            )
+    if not isinstance(assignments, ExpertAssignments):
+        raise TypeError(
+            f"assignments must be an ExpertAssignments, got {type(assignments).__name__}."
+        )
+    for name in ExpertAssignments._fields:
+        hint = "[E]" if name == "rows_e" else "[T * k]"
+        require_array(f"assignments.{name}", getattr(assignments, name), hint)
+    num_tokens, num_experts = jnp.shape(x_td)[0], jnp.shape(w_in_edf)[0]
+    num_copies = jnp.size(assignments.expert_a)
+    if num_tokens == 0 or num_copies == 0 or num_copies % num_tokens:
+        raise ValueError(
+            f"assignments hold {num_copies} copies for {num_tokens} tokens; they must be "
+            "T * k copies of T >= 1 tokens, token-major."
+        )
+    # Field: (its length, its dtype kind; None: any numeric dtype).
+    fields = {
+        "expert_a": (num_copies, jnp.integer),
+        "rank_a": (num_copies, jnp.integer),
+        "placed_a": (num_copies, jnp.bool_),
+        "weight_a": (num_copies, None),
+        "rows_e": (num_experts, jnp.integer),
+    }
+    for name, (size, kind) in fields.items():
+        value = getattr(assignments, name)
+        if jnp.shape(value) != (size,):
+            shape = jnp.shape(value)
+            raise ValueError(f"assignments.{name} must have shape {(size,)}, got {shape}.")
+        if kind is not None and not jnp.issubdtype(jnp.result_type(value), kind):
+            expected = "bool" if kind is jnp.bool_ else "integer"
+            raise TypeError(f"assignments.{name} must be {expected}, got {jnp.result_type(value)}.")
+
+
+def _in_range(assignments: ExpertAssignments, capacity: int | None) -> ExpertAssignments:
+    """Only copies that have a row of their own stay placed (see :class:`ExpertAssignments`):
+    an expert in ``[0, E)`` and a rank below its ``rows_e`` and the capacity."""
+    rows_e = assignments.rows_e.astype(jnp.int32)
+    if capacity is not None:
+        rows_e = jnp.minimum(rows_e, capacity)
+    num_experts = rows_e.shape[0]
+    expert_a, rank_a = assignments.expert_a, assignments.rank_a
+    has_expert = (expert_a >= 0) & (expert_a < num_experts)
+    has_row = (rank_a >= 0) & (rank_a < rows_e[jnp.where(has_expert, expert_a, 0)])
+    placed_a = assignments.placed_a & has_expert & has_row
+    return assignments._replace(placed_a=placed_a, rows_e=rows_e)
 
 
 class _Run(NamedTuple):

@@ -126,6 +126,9 @@ def test_problem_covers_the_tile_edge_cases():
 # only the float32 summation order differs, which can flip one bf16 rounding: within 2^-8
 # (one bf16 ulp; measured 0 here).
 F32_BOUND, BF16_ORACLE_BOUND, BF16_RAGGED_BOUND = 1e-6, 2e-2, 2**-8
+# A float32 Hessian-vector product against another kernel's: two passes, each summing in
+# another order than the other kernel's, so within 2 * F32_BOUND (measured <= 3.9e-7).
+HVP_F32_BOUND = 2 * F32_BOUND
 
 
 @pytest.mark.parametrize("kernel", ["triton", "megablox"])
@@ -250,3 +253,82 @@ def test_grouped_swiglu_refuses_what_it_cannot_run():
         grouped_swiglu(x, copies, w_in, w_out, kernel="dense")
     with pytest.raises(ValueError, match="46 copies for 5 tokens"):
         grouped_swiglu(x[:5], copies, w_in, w_out)
+    # Shapes, dtypes and sizes are refused naming the argument, never by the kernels (the
+    # native one raised an XLA runtime error; a short rows_e ran, a zero block divided).
+    with pytest.raises(ValueError, match="w_in_edf must be"):
+        grouped_swiglu(x, copies, w_in[:, :5], w_out)
+    with pytest.raises(ValueError, match="x_td must be"):
+        grouped_swiglu(x[None], copies, w_in, w_out)
+    with pytest.raises(TypeError, match="w_out_efd must have x_td's dtype"):
+        grouped_swiglu(x, copies, w_in, w_out.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"assignments.rows_e must have shape \(4,\)"):
+        grouped_swiglu(x, copies._replace(rows_e=copies.rows_e[:3]), w_in, w_out)
+    with pytest.raises(ValueError, match=r"assignments.rank_a must have shape \(46,\)"):
+        grouped_swiglu(x, copies._replace(rank_a=copies.rank_a[:3]), w_in, w_out)
+    with pytest.raises(TypeError, match="assignments.placed_a must be bool"):
+        grouped_swiglu(x, copies._replace(placed_a=copies.rank_a), w_in, w_out)
+    with pytest.raises(TypeError, match="assignments must be an ExpertAssignments"):
+        grouped_swiglu(x, tuple(copies), w_in, w_out)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        grouped_swiglu(x, copies, w_in, w_out, kernel="blocked", block_size=0)
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        grouped_swiglu(x, copies, w_in, w_out, kernel="batched", capacity=2.5)
+    with pytest.raises(ValueError, match="rows_per_expert must be >= 1"):
+        grouped_swiglu(x, copies, w_in, w_out, rows_per_expert=0)
+
+
+@pytest.mark.parametrize(
+    "kernel, capacity",
+    [("blocked", 9), ("batched", 9), ("blocked", None), ("ragged_dot", None), ("triton", None)],
+)
+def test_grouped_swiglu_skips_copies_without_a_row_of_their_own(kernel, capacity):
+    """A placed copy ranked at or past the capacity, past its expert's rows_e, or of an
+    expert outside [0, E) adds 0: it does not land among another expert's rows (it did:
+    with capacity 9 expert 0's copies 9.. took expert 1's slots and blocks)."""
+    from sigmoid_moe._dispatch_common import rank_within_expert
+    from sigmoid_moe.expert_kernels import ExpertAssignments, grouped_swiglu
+
+    x, ids, weights, w_in, w_out, mask, _ = (jnp.asarray(a) for a in _problem())
+    x, weights, w_in, w_out = (a.astype(jnp.float32) for a in (x, weights, w_in, w_out))
+    expert_a = ids.reshape(-1).at[5].set(E).at[6].set(-1)  # no such experts
+    rank_a, rows_e = rank_within_expert(expert_a, jnp.repeat(mask, K), E)
+    placed_a = rank_a >= 0
+    rank_a = rank_a.at[8].set(rows_e[expert_a[8]])  # one past its expert's rows
+    copies = ExpertAssignments(expert_a, rank_a, placed_a, weights.reshape(-1), rows_e)
+    assert int(rows_e[0]) > 9  # expert 0 overflows the capacity
+    rowed_a = placed_a & (rank_a < (rows_e[expert_a.clip(0, E - 1)] if capacity is None else 9))
+    rowed_a = rowed_a & (expert_a >= 0) & (expert_a < E)
+    rowed_a = rowed_a.at[8].set(False)
+    want = grouped_swiglu(x, copies._replace(placed_a=rowed_a), w_in, w_out, kernel="ragged_dot")
+    got = grouped_swiglu(x, copies, w_in, w_out, kernel=kernel, capacity=capacity)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "megablox"])
+def test_interpreted_kernel_gradient_can_be_differentiated(kernel):
+    """Reverse over reverse (a Hessian-vector product) through the tile kernels, against
+    the batched slot buffers' plain autodiff (capacity E / k drops nothing here). Was an
+    AssertionError from inside Pallas: the grouped matmuls had no derivative rule, so the
+    second pass asked Pallas to differentiate a kernel."""
+    from sigmoid_moe import capacity_moe
+
+    x, ids, weights, w_in, w_out, mask, ct = (
+        jnp.asarray(a, jnp.float32) if a.dtype.kind == "f" else jnp.asarray(a) for a in _problem()
+    )
+    primals = (x, weights, w_in, w_out)
+
+    def hvp(dispatch):
+        def loss(x, weights, w_in, w_out):
+            y = dispatch(x, ids, weights, w_in, w_out, mask).y_td
+            return jnp.sum(jnp.sin(y) * ct)
+
+        def directional(*p):  # <grad L(p), p0>: its gradient is H p0
+            return sum(jnp.vdot(g, v) for g, v in zip(jax.grad(loss, (0, 1, 2, 3))(*p), primals))
+
+        return jax.jit(jax.grad(directional, (0, 1, 2, 3)))(*primals)
+
+    got = hvp(functools.partial(dropless_moe, kernel=kernel))
+    want = hvp(functools.partial(capacity_moe, capacity_factor=E / K, kernel="batched"))
+    for name, a, b in zip(("x", "weights", "w_in", "w_out"), got, want, strict=True):
+        error = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+        assert error <= HVP_F32_BOUND, (name, error)

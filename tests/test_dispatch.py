@@ -590,3 +590,16 @@ def test_auto_block_size():
         512,
         512,
     ]
+
+
+@pytest.mark.parametrize("dispatch", [dropless_moe, capacity_moe])
+def test_degenerate_shapes_are_refused_naming_the_argument(dispatch):
+    """No expert, no choice per token, or experts of width 0: a ValueError naming the
+    argument (were ZeroDivisionError, IndexError, or Megablox's slice error)."""
+    x, ids, weights, w_in, w_out, _ = _problem(1, 4, 4, 3, 2, 1)
+    with pytest.raises(ValueError, match=r"w_in_edf must be .* E >= 1"):
+        dispatch(x, ids, weights, w_in[:0], w_out[:0])
+    with pytest.raises(ValueError, match=r"w_in_edf must be .* d_ff >= 1"):
+        dispatch(x, ids, weights, w_in[..., :0], w_out[:, :0])
+    with pytest.raises(ValueError, match="expert_ids_tk must have k >= 1"):
+        dispatch(x, ids[:, :0], weights[:, :0], w_in, w_out)
