@@ -170,7 +170,7 @@ def _notebook(source: pathlib.Path) -> str:
     return nbformat.writes(jupytext.read(source))
 
 
-def _generate(app) -> None:
+def _generate(app, config) -> None:
     shutil.rmtree(DOCS / "_autosummary", ignore_errors=True)  # no stubs of names gone since
     _write_if_changed(DOCS / "api.md", _api_page())
     for source in sorted((ROOT / "notebooks").glob("*.py")):
@@ -178,5 +178,6 @@ def _generate(app) -> None:
 
 
 def setup(app) -> None:
-    # Before autosummary looks for its directives (priority 500) at the same event.
-    app.connect("builder-inited", _generate, priority=100)
+    # At config-inited, before Sphinx lists the source files: autosummary (builder-inited)
+    # only generates stubs for pages it found then, and a clean clone has no api.md yet.
+    app.connect("config-inited", _generate)

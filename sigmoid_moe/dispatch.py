@@ -188,9 +188,10 @@ def capacity_moe(
     Kernels (:func:`sigmoid_moe.expert_kernels.grouped_swiglu`; equal up to float
     rounding; ``kernel="auto"`` is chosen per platform when lowered: ``"blocked"`` on CPU,
     ``"batched"`` elsewhere):
-      ``"batched"``: the dense ``[E, C, d_model]`` slot buffer through one batched
+
+    - ``"batched"``: the dense ``[E, C, d_model]`` slot buffer through one batched
       matmul per projection, ``E * C`` rows (``capacity_factor`` times the useful work).
-      ``"blocked"``: the kept copies in expert-contiguous row blocks through
+    - ``"blocked"``: the kept copies in expert-contiguous row blocks through
       :func:`sigmoid_moe.blocked_ffn.blocked_expert_ffn` in blocks of at most ``C`` rows;
       empty slots cost nothing. Reverse-mode autodiff only (no ``jax.jvp``).
       ``block_size=None`` lets the kernel choose

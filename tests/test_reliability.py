@@ -347,6 +347,9 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
+# The signal may land in another gc callback first (hypothesis keeps one); Python prints it
+# there as "Exception ignored" and the command line's handler delivers it again.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(
     tmp_path, monkeypatch, ctrl_c_raises
 ):
@@ -776,6 +779,7 @@ def test_sigterm_during_a_save_finishes_the_checkpoint_then_stops(tmp_path, monk
     ckpt.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
 def test_ctrl_c_inside_a_gc_callback_is_not_lost(ctrl_c_raises):
     # JAX runs a garbage-collector callback; an exception raised inside one is printed as
     # "Exception ignored in ..." and dropped, so Ctrl-C arriving there used to be lost. The
