@@ -65,6 +65,7 @@ from typing import NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sigmoid_moe._dispatch_common import (
@@ -399,13 +400,9 @@ def expert_parallel_moe(
     )
     if capacity_factor is not None:
         local_moe = functools.partial(local_moe, capacity_factor=capacity_factor)
-    body = jax.shard_map(
-        local_moe,
-        mesh=mesh,
-        in_specs=(tok, tok, tok, P(expert_axis), P(expert_axis), tok),
-        out_specs=(tok, P(), P()),
-    )
-    y_td, dropped, load_e = body(
+    in_specs = (tok, tok, tok, P(expert_axis), P(expert_axis), tok)
+    body = jax.shard_map(local_moe, mesh=mesh, in_specs=in_specs, out_specs=(tok, P(), P()))
+    args = (
         x_td,
         expert_ids_tk.astype(jnp.int32),
         weights_tk,
@@ -413,4 +410,15 @@ def expert_parallel_moe(
         w_out_efd,
         jnp.asarray(token_mask_t).astype(bool),
     )
+    y_td, dropped, load_e = body(*_explicitly_resharded(args, in_specs, mesh))
     return ExpertParallelOut(y_td=y_td, dropped=dropped, expert_load=load_e)
+
+
+def _explicitly_resharded(args, specs, mesh):
+    """``args`` moved to ``specs`` where ``mesh`` has Explicit axes (``jax.make_mesh``'s
+    default): there the sharding is part of an array's type and ``shard_map`` takes an
+    argument only as its spec says, so the data flow's own resharding is written out
+    (differentiably: the gradient is resharded back). Auto axes are left to ``shard_map``."""
+    if AxisType.Explicit not in tuple(mesh.axis_types):
+        return args
+    return tuple(jax.reshard(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs))

@@ -179,3 +179,51 @@ def test_lowering_check_detects_the_padded_exchange():
     """The same check on capacity EP, whose all_to_all moves an [E, C, d] buffer."""
     text = _export("cuda", 4.0).mlir_module()
     assert _FLOAT_EXCHANGE.search(text) and "ragged_all_to_all" not in text
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 8.0])
+def test_explicit_mesh_axes_match_one_device(capacity_factor):
+    """``jax.make_mesh``'s default axes are Explicit: the sharding is in each array's type
+    and shard_map refuses an argument whose sharding is not its spec (was a ValueError from
+    inside shard_map). Replicated inputs, passed as mesh= or under jax.set_mesh: outputs
+    and gradients equal the single-device path."""
+    problem = _problem()
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), (AxisType.Explicit,) * 2)
+    ep = functools.partial(
+        expert_parallel_moe, capacity_factor=capacity_factor, kernel="blocked", block_size=2
+    )
+    (_, y_ref), grads_ref = _value_and_grads(
+        functools.partial(dropless_moe, kernel="ragged_dot"), problem
+    )
+    for how in ("mesh=", "set_mesh"):
+        if how == "mesh=":
+            (_, y_td), grads = _value_and_grads(functools.partial(ep, mesh=mesh), problem)
+        else:
+            with jax.set_mesh(mesh):
+                (_, y_td), grads = _value_and_grads(ep, problem)
+        np.testing.assert_allclose(np.asarray(y_td), np.asarray(y_ref), atol=TOL, rtol=TOL)
+        for got, want in zip(grads, grads_ref, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=TOL)
+
+
+def test_explicit_abstract_mesh_lowers_for_an_accelerator():
+    """An AbstractMesh with Explicit axes (no devices) lowers for cuda as the Auto one does."""
+    mesh = AbstractMesh((2, 4), ("data", "expert"), (AxisType.Explicit,) * 2)
+    x_td, ids_tk, weights_tk, w_in, w_out, mask_t = _problem()
+
+    def forward(x_td, weights_tk, w_in, w_out):
+        return expert_parallel_moe(
+            x_td, ids_tk, weights_tk, w_in, w_out, mask_t, mesh=mesh, capacity_factor=None
+        ).y_td
+
+    exported = jax.export.export(
+        jax.jit(forward),
+        platforms=("cuda",),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(c) for c in _CUSTOM_CALLS],
+    )(
+        *(
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P()))
+            for a in (x_td, weights_tk, w_in, w_out)
+        )
+    )
+    assert "ragged_all_to_all" in exported.mlir_module()
