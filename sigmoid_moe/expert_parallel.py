@@ -421,4 +421,6 @@ def _explicitly_resharded(args, specs, mesh):
     (differentiably: the gradient is resharded back). Auto axes are left to ``shard_map``."""
     if AxisType.Explicit not in tuple(mesh.axis_types):
         return args
-    return tuple(jax.reshard(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs))
+    return tuple(
+        jax.reshard(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs, strict=True)
+    )

@@ -323,7 +323,10 @@ def test_interpreted_kernel_gradient_can_be_differentiated(kernel):
             return jnp.sum(jnp.sin(y) * ct)
 
         def directional(*p):  # <grad L(p), p0>: its gradient is H p0
-            return sum(jnp.vdot(g, v) for g, v in zip(jax.grad(loss, (0, 1, 2, 3))(*p), primals))
+            return sum(
+                jnp.vdot(g, v)
+                for g, v in zip(jax.grad(loss, (0, 1, 2, 3))(*p), primals, strict=True)
+            )
 
         return jax.jit(jax.grad(directional, (0, 1, 2, 3)))(*primals)
 
