@@ -7,7 +7,9 @@ Pure array functions; no Flax. :func:`expert_parallel_moe` has the dispatch sign
 * tokens ``[T, d]`` are split over *every* mesh axis (``T / n_devices`` per device: data
   parallel over ``data``, and each member of an expert group routes its own tokens);
 * expert weights ``[E, ...]`` are split over the expert axis (``E / n_expert`` local
-  experts per device) and replicated over the others.
+  experts per device) and replicated over the others; with ``expert_axis=None`` every
+  device holds every expert and dispatches its own tokens, with no exchange (data
+  parallelism: the expert kernels see local tokens, not all-gathered ones).
 
 Per device (``n`` = expert-axis size, ``E_l = E / n``, ``T_l`` local tokens, ``k``):
 
@@ -81,8 +83,10 @@ from sigmoid_moe.dispatch import (
     DroplessKernel,
     Kernel,
     capacity,
+    capacity_moe,
     capacity_slots,
     combine_slots,
+    dropless_moe,
 )
 from sigmoid_moe.expert_kernels import ExpertAssignments, grouped_swiglu
 from sigmoid_moe.ragged_exchange import dropless_receive_rows, expert_exchange, ragged_all_to_all
@@ -331,7 +335,7 @@ def expert_parallel_moe(
     token_mask_t: jax.Array | None = None,
     *,
     mesh=None,
-    expert_axis: str = "expert",
+    expert_axis: str | None = "expert",
     capacity_factor: float | None = 1.25,
     kernel: Kernel = "auto",
     block_size: int | None = None,
@@ -347,7 +351,13 @@ def expert_parallel_moe(
       token_mask_t: optional ``[T]`` bool, False for padding.
       mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``, to lower without devices);
         default the one set by ``jax.set_mesh``.
-      expert_axis: the mesh axis the experts are split over.
+      expert_axis: the mesh axis the experts are split over; ``None``: every device holds
+        every expert (data parallelism) and computes its own tokens by
+        :func:`sigmoid_moe.dropless_moe` / :func:`sigmoid_moe.capacity_moe`, with no
+        exchange. Dropless, that equals the single-device result; with a capacity, each
+        device has ``capacity(T_l, k, E, factor)`` slots per expert for its own tokens.
+        Under plain GSPMD the dispatch's layout is global and the expert kernels (custom
+        calls) get all-gathered inputs: every device would compute every token.
       capacity_factor: ``None`` for dropless EP through the ragged exchange; a float for
         capacity EP with ``ceil(factor * T_l * k / E)`` slots per (sender, expert).
       kernel: the local experts' kernel (:mod:`sigmoid_moe.expert_kernels`). Dropless:
@@ -374,7 +384,10 @@ def expert_parallel_moe(
     mesh = _resolve_mesh(mesh)
     num_tokens = x_td.shape[0]
     num_experts = w_in_edf.shape[0]
-    num_shards = check_expert_axis(dict(mesh.shape), expert_axis, num_experts)
+    if expert_axis is None:
+        num_shards = 1
+    else:
+        num_shards = check_expert_axis(dict(mesh.shape), expert_axis, num_experts)
     num_devices = mesh.size
     if num_tokens % num_devices:
         raise ValueError(
@@ -390,17 +403,27 @@ def expert_parallel_moe(
         token_mask_t = jnp.ones((num_tokens,), bool)
     token_axes = tuple(mesh.axis_names)
     tok = P(token_axes)
-    local_moe = functools.partial(
-        _dropless_local_moe if capacity_factor is None else _capacity_local_moe,
-        expert_axis=expert_axis,
-        num_shards=num_shards,
-        token_axes=token_axes,
-        kernel=kernel,
-        block_size=block_size,
-    )
-    if capacity_factor is not None:
-        local_moe = functools.partial(local_moe, capacity_factor=capacity_factor)
-    in_specs = (tok, tok, tok, P(expert_axis), P(expert_axis), tok)
+    if expert_axis is None:
+        local_moe = functools.partial(
+            _replicated_local_moe,
+            token_axes=token_axes,
+            capacity_factor=capacity_factor,
+            kernel=kernel,
+            block_size=block_size,
+        )
+    else:
+        local_moe = functools.partial(
+            _dropless_local_moe if capacity_factor is None else _capacity_local_moe,
+            expert_axis=expert_axis,
+            num_shards=num_shards,
+            token_axes=token_axes,
+            kernel=kernel,
+            block_size=block_size,
+        )
+        if capacity_factor is not None:
+            local_moe = functools.partial(local_moe, capacity_factor=capacity_factor)
+    experts = P(expert_axis) if expert_axis is not None else P()
+    in_specs = (tok, tok, tok, experts, experts, tok)
     body = jax.shard_map(local_moe, mesh=mesh, in_specs=in_specs, out_specs=(tok, P(), P()))
     args = (
         x_td,
@@ -412,6 +435,36 @@ def expert_parallel_moe(
     )
     y_td, dropped, load_e = body(*_explicitly_resharded(args, in_specs, mesh))
     return ExpertParallelOut(y_td=y_td, dropped=dropped, expert_load=load_e)
+
+
+def _replicated_local_moe(
+    x_td,
+    expert_ids_tk,
+    weights_tk,
+    w_in_edf,
+    w_out_efd,
+    mask_t,
+    *,
+    token_axes: tuple[str, ...],
+    capacity_factor: float | None,
+    kernel: str,
+    block_size: int | None,
+):
+    """The per-device body with every expert on every device (``expert_axis=None``): the
+    single-device dispatch of the local tokens; drops and loads ``psum``-ed."""
+    args = (x_td, expert_ids_tk, weights_tk, w_in_edf, w_out_efd, mask_t)
+    if capacity_factor is None:
+        out = dropless_moe(*args, kernel=kernel, block_size=block_size)
+    else:
+        out = capacity_moe(
+            *args, capacity_factor=capacity_factor, kernel=kernel, block_size=block_size
+        )
+    num_experts = w_in_edf.shape[0]
+    valid_tk = mask_t[:, None] & (expert_ids_tk >= 0) & (expert_ids_tk < num_experts)
+    expert_a = jnp.where(valid_tk, expert_ids_tk, 0).reshape(-1)
+    count_e = jnp.zeros((num_experts,), jnp.int32).at[expert_a].add(valid_tk.reshape(-1))
+    dropped = jax.lax.psum(out.dropped.astype(jnp.int32), token_axes)
+    return out.y_td, dropped, jax.lax.psum(count_e, token_axes)
 
 
 def _explicitly_resharded(args, specs, mesh):

@@ -85,6 +85,19 @@ def _dispatch(config: MoEConfig, *args) -> tuple[jax.Array, jax.Array]:
             block_size=config.block_size,
         )
         return out.y_td, out.dropped
+    mesh = jax.sharding.get_abstract_mesh()
+    num_tokens = args[0].shape[0]
+    if config.dispatch == "dropless" and mesh.size > 1 and num_tokens % mesh.size == 0:
+        # Every device holds every expert: each computes its own tokens (equal to the global
+        # dispatch), instead of GSPMD all-gathering the tokens into the expert kernels.
+        out = expert_parallel_moe(
+            *args,
+            expert_axis=None,
+            capacity_factor=None,
+            kernel=config.kernel,
+            block_size=config.block_size,
+        )
+        return out.y_td, out.dropped
     if config.dispatch == "capacity":
         return capacity_moe(
             *args,

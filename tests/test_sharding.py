@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,39 @@ def test_sharded_layer_matches_unsharded(mesh_name, inputs, dispatch, kernel):
     bias = layer.bias_e[...]
     assert bias.dtype == jnp.float32 and bias.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(bias), bias_ref)
+
+
+@pytest.mark.parametrize("inputs", ["unsharded", "data"])
+def test_data_parallel_dropless_layer_computes_local_tokens_only(inputs):
+    """A (data=8, expert=1) mesh, every expert on every device (expert_axis=None): each
+    device computes its own 8 tokens. Under plain GSPMD the global dispatch layout sent
+    all-gathered tokens into the expert kernel, so every device computed all 64. Outputs,
+    every gradient, the loads and the updated bias equal the unsharded layer's."""
+    cfg = _config(block_size=3)
+    mesh = make_mesh(8, 1)
+    x_bsd, ct_bsd, mask_bs = _inputs()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
+        layer = nnx.jit(lambda: MoELayer(cfg, rngs=nnx.Rngs(0)))()
+        replicated = logical_sharding(mesh, ("router_exp",))
+        layer.bias_e[...] = jax.device_put(jnp.asarray(_starving_bias("1x8")), replicated)
+        args = _place(inputs, mesh, [x_bsd, ct_bsd, mask_bs])
+        hlo = _forward_grads.lower(layer, *args).compile().as_text()
+        y_bsd, aux, grads = _forward_grads(layer, *args)
+    # The expert kernel (the native custom call, or the block scan's while loop) works on
+    # a device's 8 tokens [8, 16], never on all 64 [64, 16] (gathered or replicated).
+    kernel_ops = [
+        line
+        for line in hlo.splitlines()
+        if "sigmoid_moe_expert_ffn" in line or re.search(r"= \(.*\) while\(", line)
+    ]
+    assert kernel_ops and not [line for line in kernel_ops if "f32[64,16]" in line]
+    y_ref, aux_ref, grads_ref, bias_ref = _oracle("1x8")
+    np.testing.assert_allclose(np.asarray(y_bsd), np.asarray(y_ref), atol=TOL, rtol=TOL)
+    np.testing.assert_array_equal(np.asarray(aux.expert_load), np.asarray(aux_ref.expert_load))
+    got = _grad_leaves(grads)
+    for path, grad in got.items():
+        np.testing.assert_allclose(grad, grads_ref[path], atol=TOL, rtol=TOL, err_msg=path)
+    np.testing.assert_array_equal(np.asarray(layer.bias_e[...]), bias_ref)
 
 
 @pytest.mark.parametrize("kernel", ["batched", "blocked"])
