@@ -189,10 +189,11 @@ def run(command: str, func: Callable[[], int]) -> int:
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """Inside (main thread): SIGINT raises ``KeyboardInterrupt`` and SIGTERM/SIGHUP raise
-    :class:`~sigmoid_moe.errors.Terminated`, never inside a garbage-collector callback
-    (JAX runs one; an exception raised there is printed as "Exception ignored" and lost),
-    where the signal is delivered again a moment later. A signal the process ignores
-    (``nohup``, a background job) stays ignored."""
+    :class:`~sigmoid_moe.errors.Terminated`, never where Python would print the exception as
+    "Exception ignored" and drop it: during a garbage collection (its callbacks, JAX runs
+    one, and the weakref callbacks and finalizers it calls) or in a ``__del__``. There the
+    signal is delivered again a moment later. A signal the process ignores (``nohup``, a
+    background job) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -206,16 +207,28 @@ def signals_as_exceptions() -> Iterator[None]:
         if handler in (default, None):
             previous[signum] = handler
             signal.signal(signum, _raiser(raised))
+    gc.callbacks.append(_track_collection)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        gc.callbacks.remove(_track_collection)
+
+
+# True from a collection's "start" to its "stop": the weakref callbacks and finalizers the
+# collector runs in between cannot raise either.
+_collecting = False
+
+
+def _track_collection(phase: str, info) -> None:
+    global _collecting
+    _collecting = phase == "start"
 
 
 def _raiser(exception: type[BaseException]) -> Callable:
     def handler(signum: int, frame) -> None:
-        if _in_gc_callback(frame):
+        if _collecting or _cannot_raise(frame):
             threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
             return
         raise KeyboardInterrupt if exception is KeyboardInterrupt else exception(signum)
@@ -223,10 +236,12 @@ def _raiser(exception: type[BaseException]) -> Callable:
     return handler
 
 
-def _in_gc_callback(frame) -> bool:
+def _cannot_raise(frame) -> bool:
+    """Whether ``frame`` runs inside a gc callback or a ``__del__``, where Python prints an
+    exception as "Exception ignored" and drops it."""
     callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
     while frame is not None:
-        if frame.f_code in callbacks:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
             return True
         frame = frame.f_back
     return False

@@ -779,34 +779,57 @@ def test_sigterm_during_a_save_finishes_the_checkpoint_then_stops(tmp_path, monk
     ckpt.close()
 
 
-def test_ctrl_c_inside_a_gc_callback_is_not_lost(ctrl_c_raises):
-    # JAX runs a garbage-collector callback; an exception raised inside one is printed as
-    # "Exception ignored in ..." and dropped, so Ctrl-C arriving there used to be lost. The
-    # command line's handler delivers it again just after the callback.
+@pytest.mark.parametrize("where", ["gc callback", "weakref callback", "__del__"])
+def test_ctrl_c_where_python_drops_exceptions_is_not_lost(ctrl_c_raises, where):
+    """An exception raised in a gc callback (JAX runs one), in a weakref callback or
+    finalizer that a collection runs, or in a ``__del__``, is printed as "Exception ignored
+    in ..." and dropped, so Ctrl-C arriving there used to be lost. The command line's
+    handler delivers it again a moment later, outside."""
     import gc
+    import weakref
 
     from sigmoid_moe._cli_args import signals_as_exceptions
 
+    # Armed inside the handler's block only: a collection that starts on its own before it
+    # would take the signal under the test runner's handler.
     armed, raised = [], []
 
-    def callback(phase, info):
-        # Armed inside the handler's block only: a collection that starts on its own
-        # before it would take the signal under the test runner's handler.
-        if phase == "start" and armed and not raised:
+    def interrupt(*_):
+        if armed and not raised:
             raised.append(True)
             signal.raise_signal(signal.SIGINT)  # its handler runs in this frame
 
-    gc.callbacks.append(callback)
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    class Finalized:
+        def __del__(self):
+            interrupt()
+
+    def gc_callback(phase, info):
+        if phase == "start":
+            interrupt()
+
+    if where == "gc callback":
+        gc.callbacks.append(gc_callback)
+    garbage = Cycle()
+    ref = weakref.ref(garbage, interrupt)  # called when the collector frees the cycle
+    del garbage
     try:
         with signals_as_exceptions(), pytest.raises(KeyboardInterrupt):
             armed.append(True)
-            gc.collect()
+            if where == "__del__":
+                Finalized()  # freed at once, by reference counting: no collection
+            else:
+                gc.collect()
             assert raised
             time.sleep(5)  # the signal delivered again arrives here
     finally:
-        gc.callbacks.remove(callback)
+        if gc_callback in gc.callbacks:
+            gc.callbacks.remove(gc_callback)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
+    assert ref is not None
 
 def test_ctrl_c_in_the_console_command_is_exit_130_with_one_line():
     proc = _command("demo", "--tokens", "256", "--experts", "8", "--steps", "100000000")
