@@ -831,6 +831,7 @@ def test_ctrl_c_where_python_drops_exceptions_is_not_lost(ctrl_c_raises, where):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert ref is not None
 
+
 def test_ctrl_c_in_the_console_command_is_exit_130_with_one_line():
     proc = _command("demo", "--tokens", "256", "--experts", "8", "--steps", "100000000")
     try:
