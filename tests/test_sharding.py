@@ -196,9 +196,12 @@ def test_data_parallel_dropless_layer_computes_local_tokens_only(inputs):
     np.testing.assert_array_equal(np.asarray(layer.bias_e[...]), bias_ref)
 
 
-@pytest.mark.parametrize("kernel", ["batched", "blocked"])
-def test_capacity_drops_match_per_device_capacity_moe(kernel):
-    """A tight capacity drops per sending device exactly as capacity_moe on its shard."""
+@pytest.mark.parametrize(
+    "kernel, expert_axis", [("batched", "expert"), ("blocked", "expert"), ("blocked", None)]
+)
+def test_capacity_drops_match_per_device_capacity_moe(kernel, expert_axis):
+    """A tight capacity drops per sending device exactly as capacity_moe on its shard,
+    experts split over the expert axis or (expert_axis=None) held by every device."""
     e, k, tokens, d, f = 8, 2, 64, 16, 8
     keys = jax.random.split(jax.random.key(2), 4)
     x_td = jax.random.normal(keys[0], (tokens, d))
@@ -207,9 +210,16 @@ def test_capacity_drops_match_per_device_capacity_moe(kernel):
     w_out_efd = jax.random.normal(keys[3], (e, f, d)) * 0.3
     mesh = make_mesh(data=2, expert=4)
     run = functools.partial(
-        expert_parallel_moe, mesh=mesh, capacity_factor=1.0, kernel=kernel, block_size=2
+        expert_parallel_moe,
+        mesh=mesh,
+        expert_axis=expert_axis,
+        capacity_factor=1.0,
+        kernel=kernel,
+        block_size=2,
     )
     out = jax.jit(run)(x_td, routing.expert_ids, routing.weights, w_in_edf, w_out_efd)
+    want_load = np.bincount(np.asarray(routing.expert_ids).reshape(-1), minlength=e)
+    np.testing.assert_array_equal(np.asarray(out.expert_load), want_load)
     per_device = tokens // mesh.size
     ys, dropped = [], 0
     for i in range(mesh.size):  # device order of P(("data", "expert")) is row-major
