@@ -214,6 +214,7 @@ def signals_as_exceptions() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         gc.callbacks.remove(_track_collection)
+        _track_collection("stop", None)  # left during a collection: it sends no "stop" now
 
 
 # True from a collection's "start" to its "stop": the weakref callbacks and finalizers the

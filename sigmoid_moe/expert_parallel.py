@@ -433,7 +433,17 @@ def expert_parallel_moe(
         w_out_efd,
         jnp.asarray(token_mask_t).astype(bool),
     )
-    y_td, dropped, load_e = body(*_explicitly_resharded(args, in_specs, mesh))
+    if _all_explicit(mesh):
+        # The sharding is part of an array's type here, and shard_map takes an argument only
+        # as its spec says: the data flow's own resharding is written out, differentiably,
+        # and the output goes back to the input's sharding (global view in, global view out).
+        args = tuple(
+            jax.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, in_specs, strict=True)
+        )
+        y_td, dropped, load_e = body(*args)
+        y_td = jax.reshard(y_td, NamedSharding(mesh, jax.typeof(x_td).sharding.spec))
+    else:  # Auto axes (shard_map reshards itself), or a mix, which it takes as it is
+        y_td, dropped, load_e = body(*args)
     return ExpertParallelOut(y_td=y_td, dropped=dropped, expert_load=load_e)
 
 
@@ -467,13 +477,6 @@ def _replicated_local_moe(
     return out.y_td, dropped, jax.lax.psum(count_e, token_axes)
 
 
-def _explicitly_resharded(args, specs, mesh):
-    """``args`` moved to ``specs`` where ``mesh`` has Explicit axes (``jax.make_mesh``'s
-    default): there the sharding is part of an array's type and ``shard_map`` takes an
-    argument only as its spec says, so the data flow's own resharding is written out
-    (differentiably: the gradient is resharded back). Auto axes are left to ``shard_map``."""
-    if AxisType.Explicit not in tuple(mesh.axis_types):
-        return args
-    return tuple(
-        jax.reshard(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs, strict=True)
-    )
+def _all_explicit(mesh) -> bool:
+    """Whether every axis of ``mesh`` is Explicit (``jax.make_mesh``'s default)."""
+    return all(t == AxisType.Explicit for t in mesh.axis_types)

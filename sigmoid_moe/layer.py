@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType
 
 from sigmoid_moe._checks import check_token_mask
 from sigmoid_moe.balancing import expert_load
@@ -86,10 +87,18 @@ def _dispatch(config: MoEConfig, *args) -> tuple[jax.Array, jax.Array]:
         )
         return out.y_td, out.dropped
     mesh = jax.sharding.get_abstract_mesh()
+    types = set(mesh.axis_types)
     num_tokens = args[0].shape[0]
-    if config.dispatch == "dropless" and mesh.size > 1 and num_tokens % mesh.size == 0:
-        # Every device holds every expert: each computes its own tokens (equal to the global
-        # dispatch), instead of GSPMD all-gathering the tokens into the expert kernels.
+    # Every device holds every expert: each computes its own tokens (equal to the global
+    # dispatch), instead of GSPMD all-gathering the tokens into the expert kernels. Not
+    # inside the caller's own shard_map (Manual axes: the tokens are already local), nor on
+    # a mesh mixing Auto and Explicit axes.
+    if (
+        config.dispatch == "dropless"
+        and mesh.size > 1
+        and num_tokens % mesh.size == 0
+        and types in ({AxisType.Auto}, {AxisType.Explicit})
+    ):
         out = expert_parallel_moe(
             *args,
             expert_axis=None,

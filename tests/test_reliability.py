@@ -832,6 +832,31 @@ def test_ctrl_c_where_python_drops_exceptions_is_not_lost(ctrl_c_raises, where):
     assert ref is not None
 
 
+def test_ctrl_c_after_a_handler_block_left_during_a_collection(ctrl_c_raises):
+    """A block left while the collector runs (a generator in a reference cycle, closed by
+    gc.collect) sees that collection's start but not its stop; a later block must still
+    raise at once, not defer the signal for ever."""
+    import gc
+
+    from sigmoid_moe._cli_args import signals_as_exceptions
+
+    def holds_the_handler(box):
+        with signals_as_exceptions():
+            yield
+
+    box = []
+    generator = holds_the_handler(box)
+    next(generator)
+    box.append(generator)  # generator -> its frame -> box -> generator
+    del generator, box
+    gc.collect()
+    started = time.monotonic()
+    with signals_as_exceptions(), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert time.monotonic() - started < 1
+
+
 def test_ctrl_c_in_the_console_command_is_exit_130_with_one_line():
     proc = _command("demo", "--tokens", "256", "--experts", "8", "--steps", "100000000")
     try:

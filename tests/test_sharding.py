@@ -25,6 +25,7 @@ from sigmoid_moe import (
     RoutingBias,
     apply_routing_bias_update,
     capacity_moe,
+    dropless_moe,
     expert_parallel_moe,
     logical_sharding,
     make_mesh,
@@ -194,6 +195,49 @@ def test_data_parallel_dropless_layer_computes_local_tokens_only(inputs):
     for path, grad in got.items():
         np.testing.assert_allclose(grad, grads_ref[path], atol=TOL, rtol=TOL, err_msg=path)
     np.testing.assert_array_equal(np.asarray(layer.bias_e[...]), bias_ref)
+
+
+@pytest.mark.parametrize("how", ["explicit axes", "inside the caller's shard_map"])
+def test_data_parallel_layer_on_explicit_axes_and_inside_shard_map(how):
+    """The data-parallel layer on a jax.make_mesh mesh (Explicit axes: the output keeps the
+    input's sharding, so it reshapes back), and called per shard inside the caller's own
+    shard_map (Manual axes: the tokens are local already, no second shard_map): the
+    unsharded layer's output."""
+    cfg = MoEConfig(d_model=16, d_ff=8, router=RouterConfig(num_experts=8, top_k=2))
+    x_bsd = jax.random.normal(jax.random.key(1), (4, 8, 16))
+    y_ref, _ = MoELayer(cfg, rngs=nnx.Rngs(0))(x_bsd)
+    kind = AxisType.Explicit if how == "explicit axes" else AxisType.Auto
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), (kind, kind))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for_mesh(mesh)):
+        layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+        if how == "explicit axes":
+            y_bsd = nnx.jit(lambda layer, x: layer(x)[0])(layer, x_bsd)
+        else:
+            graph, state = nnx.split(layer)
+            y_bsd = jax.shard_map(
+                lambda state, x: nnx.merge(graph, state)(x)[0],
+                in_specs=(P(), P("data")),
+                out_specs=P("data"),
+            )(state, x_bsd)
+    np.testing.assert_allclose(np.asarray(y_bsd), np.asarray(y_ref), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("types", ["Auto,Explicit", "Explicit,Auto"])
+def test_expert_parallelism_on_a_mesh_mixing_auto_and_explicit_axes(types):
+    """A mesh with Auto and Explicit axes goes to shard_map as it is (no reshard naming an
+    Auto axis): dropless EP equals the single-device dispatch."""
+    e, k, tokens, d, f = 8, 2, 64, 16, 8
+    keys = jax.random.split(jax.random.key(3), 4)
+    x_td = jax.random.normal(keys[0], (tokens, d))
+    routing = route(jax.random.normal(keys[1], (tokens, e)), None, RouterConfig(e, k))
+    w_in_edf = jax.random.normal(keys[2], (e, d, 2 * f)) * 0.3
+    w_out_efd = jax.random.normal(keys[3], (e, f, d)) * 0.3
+    axis_types = tuple(getattr(AxisType, name) for name in types.split(","))
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types)
+    args = (x_td, routing.expert_ids, routing.weights, w_in_edf, w_out_efd)
+    out = jax.jit(functools.partial(expert_parallel_moe, mesh=mesh, capacity_factor=None))(*args)
+    want = dropless_moe(*args, kernel="ragged_dot")
+    np.testing.assert_allclose(np.asarray(out.y_td), np.asarray(want.y_td), atol=TOL, rtol=TOL)
 
 
 @pytest.mark.parametrize(
