@@ -319,11 +319,16 @@ def _dropless_local_moe(
         axis_name=expert_axis,
     )
     y_td = combine_rows(gather_rows(back_pd, row_tk.reshape(-1)), weights_tk, valid_tk, x_td.dtype)
-    # Integer psums: exact, so every replica holds the same global counts.
-    count_e = jnp.zeros((num_experts,), jnp.int32).at[expert_a].add(valid_tk.reshape(-1))
-    load_e = jax.lax.psum(count_e, token_axes)
     no_expert = jax.lax.psum(jnp.sum(real_tk & ~valid_tk, dtype=jnp.int32), token_axes)
-    return y_td, no_expert, load_e
+    return y_td, no_expert, _global_load(expert_a, valid_tk, num_experts, token_axes)
+
+
+def _global_load(expert_a, valid_tk, num_experts: int, token_axes) -> jax.Array:
+    """``[E]`` int32 valid copies per expert over the whole mesh (``expert_a``: each copy's
+    expert, any value where not valid). Integer psums: exact, so every replica holds the
+    same global counts."""
+    count_e = jnp.zeros((num_experts,), jnp.int32).at[expert_a].add(valid_tk.reshape(-1))
+    return jax.lax.psum(count_e, token_axes)
 
 
 def expert_parallel_moe(
@@ -472,9 +477,8 @@ def _replicated_local_moe(
     num_experts = w_in_edf.shape[0]
     valid_tk = mask_t[:, None] & (expert_ids_tk >= 0) & (expert_ids_tk < num_experts)
     expert_a = jnp.where(valid_tk, expert_ids_tk, 0).reshape(-1)
-    count_e = jnp.zeros((num_experts,), jnp.int32).at[expert_a].add(valid_tk.reshape(-1))
     dropped = jax.lax.psum(out.dropped.astype(jnp.int32), token_axes)
-    return out.y_td, dropped, jax.lax.psum(count_e, token_axes)
+    return out.y_td, dropped, _global_load(expert_a, valid_tk, num_experts, token_axes)
 
 
 def _all_explicit(mesh) -> bool:
